@@ -1,0 +1,123 @@
+"""Additive and affine coupling (NICE / RealNVP / Glow) and the coupling network of official Glow.
+
+The input splits along channels into (x_a, x_b); x_a passes through unchanged and conditions the
+transform of x_b. The network is official Glow's: conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm
+-> ReLU -> zero-initialized conv3x3, so every coupling starts as the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowdiag.layers.actnorm import ActNorm
+
+
+class ZeroConv2d(nn.Module):
+    """3x3 conv initialized to zero, output scaled by exp(3 · logs) as official Glow's Conv2dZeros."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) * torch.exp(3.0 * self.logs)
+
+
+class CouplingNet(nn.Module):
+    """The conditioner: `layers` is a flat sequence so the ActNorm init can walk it in order."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False)
+        conv_mid = nn.Conv2d(hidden, hidden, 1, bias=False)
+        for conv in (conv_in, conv_mid):
+            nn.init.normal_(conv.weight, std=0.05)  # official Glow's default_initializer
+        self.layers = nn.ModuleList(
+            [
+                conv_in,
+                ActNorm(hidden, eps),
+                nn.ReLU(),
+                conv_mid,
+                ActNorm(hidden, eps),
+                nn.ReLU(),
+                ZeroConv2d(hidden, out_channels),
+            ]
+        )
+
+    def run(self, x: Tensor, stop: int | None = None) -> Tensor:
+        """Apply `layers[:stop]` (all of them by default); ActNorm's log-det is not part of the flow."""
+        for layer in self.layers[:stop]:
+            x = layer(x)[0] if isinstance(layer, ActNorm) else layer(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x)
+
+
+class _Coupling(nn.Module):
+    def __init__(self, channels: int, hidden: int, out_factor: int, eps: float) -> None:
+        super().__init__()
+        self.channels = channels
+        self.n_a = channels // 2
+        self.net = CouplingNet(self.n_a, out_factor * (channels - self.n_a), hidden, eps)
+
+    def split_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[:, : self.n_a], x[:, self.n_a :]
+
+
+class AdditiveCoupling(_Coupling):
+    """z_b = x_b + t(x_a); volume-preserving, so the log-det is zeros(B)."""
+
+    def __init__(self, channels: int, hidden: int, eps: float = 1e-6) -> None:
+        super().__init__(channels, hidden, 1, eps)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_a, x_b = self.split_input(x)
+        z = torch.cat([x_a, x_b + self.net(x_a)], dim=1)
+        return z, x.new_zeros(x.shape[0])
+
+    def reverse(self, z: Tensor) -> Tensor:
+        z_a, z_b = self.split_input(z)
+        return torch.cat([z_a, z_b - self.net(z_a)], dim=1)
+
+
+class AffineCoupling(_Coupling):
+    """Official Glow: z_b = (x_b + t) · sigmoid(s + 2). The paper: z_b = x_b · exp(s) + t."""
+
+    def __init__(self, channels: int, hidden: int, eps: float = 1e-6, scale: str = "sigmoid") -> None:
+        super().__init__(channels, hidden, 2, eps)
+        if scale not in ("sigmoid", "exp"):
+            raise ValueError(f"affine scale must be 'sigmoid' or 'exp', not {scale!r}")
+        self.scale = scale
+
+    def _shift_and_log_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.net(x_a)
+        shift, raw = h[:, 0::2], h[:, 1::2]
+        log_scale = F.logsigmoid(raw + 2.0) if self.scale == "sigmoid" else raw
+        return shift, log_scale
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_a, x_b = self.split_input(x)
+        shift, log_scale = self._shift_and_log_scale(x_a)
+        if self.scale == "sigmoid":
+            z_b = (x_b + shift) * torch.exp(log_scale)
+        else:
+            z_b = x_b * torch.exp(log_scale) + shift
+        return torch.cat([x_a, z_b], dim=1), log_scale.sum(dim=(1, 2, 3))
+
+    def reverse(self, z: Tensor) -> Tensor:
+        z_a, z_b = self.split_input(z)
+        shift, log_scale = self._shift_and_log_scale(z_a)
+        if self.scale == "sigmoid":
+            x_b = z_b * torch.exp(-log_scale) - shift
+        else:
+            x_b = (z_b - shift) * torch.exp(-log_scale)
+        return torch.cat([z_a, x_b], dim=1)
+
+
+Coupling = AdditiveCoupling | AffineCoupling

@@ -1,0 +1,100 @@
+"""Cumulative ActNorm init (Algorithm 1): M minibatches equal the standard init on their
+concatenation, every ActNorm is normalized on its own input, and the value counts are reported."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor
+
+from flowdiag.init import cumulative_actnorm_init
+from flowdiag.model import dequantize
+
+from .flows import tiny_glow, tiny_images
+
+
+def _batches(m: int, batch: int, size: int = 8) -> list[Tensor]:
+    x = dequantize(tiny_images(m * batch, size=size, seed=3), 8).double()
+    return list(x.split(batch))
+
+
+def _actnorm_params(model) -> dict[str, Tensor]:
+    return {name: torch.cat([n.log_scale.flatten(), n.tau.flatten()]) for name, n in model.actnorms()}
+
+
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize(("m", "batch"), [(4, 2), (16, 1), (3, 5)])
+def test_m_minibatches_equal_standard_init_on_concatenation(coupling: str, m: int, batch: int) -> None:
+    cumulative = tiny_glow(coupling, init=False, image_size=8, n_levels=3)
+    standard = copy.deepcopy(cumulative)
+    batches = _batches(m, batch)
+    cumulative_actnorm_init(cumulative, batches)
+    standard(torch.cat(batches))  # every uninitialized ActNorm initializes itself: standard Glow init
+    got, want = _actnorm_params(cumulative), _actnorm_params(standard)
+    assert got.keys() == want.keys() and len(got) == 3 * 2 * 3  # L=3, K=2, 3 ActNorms per step, incl. the coupling nets
+    for name in got:
+        assert torch.allclose(got[name], want[name], rtol=1e-9, atol=1e-9), name
+
+
+def test_m_equals_one_is_standard_init() -> None:
+    cumulative = tiny_glow(init=False, image_size=8, n_levels=3)
+    standard = copy.deepcopy(cumulative)
+    (batch,) = _batches(1, 4)
+    cumulative_actnorm_init(cumulative, [batch])
+    standard(batch)
+    for (name, a), (_, b) in zip(cumulative.actnorms(), standard.actnorms(), strict=True):
+        assert torch.equal(a.log_scale, b.log_scale) and torch.equal(a.tau, b.tau), name
+
+
+def test_every_actnorm_output_is_normalized_on_the_init_data() -> None:
+    eps = 1e-2  # large, so var / (var + eps) is far from 1 and a wrong eps would show
+    model = tiny_glow(init=False, image_size=8, n_levels=3, actnorm_eps=eps)
+    batches = _batches(6, 2)
+    cumulative_actnorm_init(model, batches)
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    hooks = [
+        norm.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out[0])))
+        for name, norm in model.actnorms()
+    ]
+    with torch.no_grad():
+        model(torch.cat(batches))
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(model.actnorms())
+    for name, (x, z) in seen.items():
+        var_in = x.var(dim=(0, 2, 3), unbiased=False)
+        assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros_like(var_in), atol=1e-9), name
+        expected = var_in / (var_in + eps)
+        assert torch.allclose(z.var(dim=(0, 2, 3), unbiased=False), expected, rtol=1e-8, atol=1e-12), name
+
+
+def test_reports_how_many_values_each_actnorm_saw() -> None:
+    model = tiny_glow(init=False, image_size=8, n_levels=3)
+    m, batch = 5, 2
+    stats = cumulative_actnorm_init(model, _batches(m, batch))
+    by_name = {s.name: s for s in stats}
+    assert len(stats) == len(model.actnorms())
+    # level 0 runs at 4x4, level 1 at 2x2, level 2 at 1x1 (coupling nets at the same size)
+    for level, pixels in enumerate([16, 4, 1]):
+        for name, stat in by_name.items():
+            if name.startswith(f"levels.{level}."):
+                assert stat.n_values == m * batch * pixels, name
+    top = by_name["levels.2.steps.0.actnorm"]
+    assert top.log_scale_min <= top.log_scale_max
+    assert top.min_input_var >= 0
+
+
+def test_single_value_per_channel_gives_the_eps_scale() -> None:
+    """Batch 1 at 1x1 spatial size: var = 0, so sigma = 1/sqrt(eps) -- the paper's failure mode."""
+    model = tiny_glow(init=False, image_size=8, n_levels=3, actnorm_eps=1e-6)
+    stats = cumulative_actnorm_init(model, _batches(1, 1))
+    top = next(s for s in stats if s.name == "levels.2.steps.0.actnorm")
+    assert top.n_values == 1 and top.min_input_var == 0.0
+    assert top.log_scale_max == pytest.approx(-0.5 * torch.log(torch.tensor(1e-6)).item())
+
+
+def test_needs_a_minibatch() -> None:
+    with pytest.raises(ValueError):
+        cumulative_actnorm_init(tiny_glow(init=False), [])

@@ -1,0 +1,183 @@
+"""One suite for every flow layer and for whole small Glows: shape, round trip, the autograd
+Jacobian, gradients, and state_dict round trips. Everything in float64."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from flowdiag.layers import ActNorm, AdditiveCoupling, AffineCoupling, InvConvLU, InvConvPlain
+from flowdiag.model import Glow, dequantize
+
+from .flows import perturb_zero_convs, tiny_glow, tiny_images
+
+
+def _initialized_actnorm() -> ActNorm:
+    norm = ActNorm(4).double()
+    norm(torch.randn(3, 4, 2, 2, dtype=torch.float64) * 2 + 1)  # standard data init
+    return norm
+
+
+def _coupling(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        layer = factory().double()
+        perturb_zero_convs(layer, scale=0.3)
+        layer(torch.randn(3, 4, 2, 2, dtype=torch.float64))  # initializes the net's ActNorms
+        return layer
+
+    return build
+
+
+LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "actnorm": _initialized_actnorm,
+    "invconv_lu": lambda: InvConvLU(4).double(),
+    "invconv_plain": lambda: InvConvPlain(4).double(),
+    "additive": _coupling(lambda: AdditiveCoupling(4, hidden=8)),
+    "affine_sigmoid": _coupling(lambda: AffineCoupling(4, hidden=8, scale="sigmoid")),
+    "affine_exp": _coupling(lambda: AffineCoupling(4, hidden=8, scale="exp")),
+}
+
+GLOWS: dict[str, Callable[[], Glow]] = {
+    f"glow_{coupling}_{conv}": (lambda coupling=coupling, conv=conv: tiny_glow(coupling, conv))
+    for coupling in ("additive", "affine")
+    for conv in ("lu", "plain")
+}
+GLOWS["glow_affine_exp"] = lambda: tiny_glow("affine", "lu", affine_scale="exp")
+
+
+def _glow_input(n: int) -> Tensor:
+    return dequantize(tiny_images(n, seed=1), 8).double()
+
+
+def _flat(zs: list[Tensor]) -> Tensor:
+    return torch.cat([z.flatten(1) for z in zs], dim=1)
+
+
+# --- single layers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_shape_and_finite(name: str) -> None:
+    layer = LAYERS[name]()
+    x = torch.randn(5, 4, 2, 2, dtype=torch.float64)
+    z, logdet = layer(x)
+    assert z.shape == x.shape
+    assert logdet is not None and logdet.shape == (5,)
+    assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_round_trip(name: str) -> None:
+    layer = LAYERS[name]()
+    x = torch.randn(5, 4, 2, 2, dtype=torch.float64)
+    z, _ = layer(x)
+    assert not torch.allclose(z, x), "the layer should not be the identity in this test"
+    assert torch.allclose(layer.reverse(z), x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_logdet_matches_autograd_jacobian(name: str) -> None:
+    layer = LAYERS[name]()
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    _, logdet = layer(x)
+    for i in range(x.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda xi: layer(xi)[0].flatten(), x[i : i + 1])
+        expected = torch.linalg.slogdet(jac.reshape(16, 16)).logabsdet
+        assert torch.allclose(logdet[i], expected, rtol=1e-6, atol=1e-9), (name, logdet[i], expected)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_every_parameter_gets_a_gradient(name: str) -> None:
+    layer = LAYERS[name]()
+    z, logdet = layer(torch.randn(3, 4, 2, 2, dtype=torch.float64))
+    ((z**2).sum() - logdet.sum()).backward()
+    for pname, param in layer.named_parameters():
+        assert param.grad is not None, pname
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_state_dict_round_trip(name: str) -> None:
+    torch.manual_seed(1)
+    layer = LAYERS[name]()
+    torch.manual_seed(2)  # a different random init for the copy, so only the state_dict can agree
+    fresh = type(layer)(*_ctor_args(layer)).double()
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64) * 5  # other data: no re-initialization allowed
+    z, logdet = layer(x)
+    z2, logdet2 = fresh(x)
+    assert torch.equal(z, z2) and torch.equal(logdet, logdet2)
+
+
+def _ctor_args(layer: nn.Module) -> tuple:
+    if isinstance(layer, ActNorm):
+        return (layer.channels,)
+    if isinstance(layer, InvConvLU | InvConvPlain):
+        return (layer.channels,)
+    if isinstance(layer, AffineCoupling):
+        return (layer.channels, 8, 1e-6, layer.scale)
+    return (layer.channels, 8)
+
+
+# --- whole Glows -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", GLOWS)
+def test_glow_round_trip_and_shapes(name: str) -> None:
+    model = GLOWS[name]()
+    x = _glow_input(4)
+    zs, logdet = model(x)
+    assert [tuple(z.shape) for z in zs] == [(4, 2, 2, 2), (4, 8, 1, 1)]
+    assert logdet.shape == (4,)
+    assert torch.allclose(model.reverse(zs), x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", GLOWS)
+def test_glow_logdet_matches_autograd_jacobian(name: str) -> None:
+    model = GLOWS[name]()
+    x = _glow_input(2)
+    _, logdet = model(x)
+    for i in range(2):
+        jac = torch.autograd.functional.jacobian(lambda xi: _flat(model(xi)[0]).flatten(), x[i : i + 1])
+        expected = torch.linalg.slogdet(jac.reshape(16, 16)).logabsdet
+        assert torch.allclose(logdet[i], expected, rtol=1e-6), (name, logdet[i], expected)
+
+
+@pytest.mark.parametrize("name", GLOWS)
+def test_glow_every_parameter_gets_a_gradient(name: str) -> None:
+    model = GLOWS[name]()
+    model.log_prob(_glow_input(4)).sum().backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is not None, pname
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", GLOWS)
+def test_glow_state_dict_round_trip_keeps_log_prob(name: str) -> None:
+    model = GLOWS[name]()
+    fresh = Glow(model.config).double()  # uninitialized, other random weights
+    fresh.load_state_dict(copy.deepcopy(model.state_dict()))
+    other = _glow_input(3) * 0.1  # data that would give other ActNorm parameters on re-init
+    assert all(norm.is_initialized for _, norm in fresh.actnorms())
+    assert torch.equal(model.log_prob(other), fresh.log_prob(other))
+
+
+@pytest.mark.parametrize("name", GLOWS)
+def test_glow_sample_is_finite_and_inverts(name: str) -> None:
+    model = GLOWS[name]()
+    x = model.sample(3, temperature=0.5)
+    assert x.shape == (3, 1, 4, 4) and torch.isfinite(x).all()
+    zs, _ = model(x)
+    assert torch.allclose(model.reverse(zs), x, atol=1e-5)
+
+
+def test_glow_lists_flow_layers_in_forward_order() -> None:
+    model = tiny_glow()
+    names = [name for name, _ in model.flow_layers()]
+    assert names[:3] == ["levels.0.steps.0.actnorm", "levels.0.steps.0.invconv", "levels.0.steps.0.coupling"]
+    assert len(names) == 3 * 2 * 2
+    assert not any(".net." in name for name in names)
