@@ -1,0 +1,261 @@
+"""Run an ablation grid as one Optuna study: one trial per cell, resumable, shared by N workers.
+
+Protocol (measured safe on SQLite and PostgreSQL, see storage.py):
+- the launching process *syncs* the grid: RUNNING trials whose heartbeat went stale are failed and
+  re-queued; every cell with no COMPLETE, WAITING or RUNNING trial is queued as a WAITING trial
+  whose params are the cell values;
+- each worker pops WAITING trials through `study.optimize`, which claims a trial atomically and
+  keeps its heartbeat; a worker whose `ask()` found the queue empty got a sampler trial instead and
+  discards it (pruned, no cell), so no cell ever runs twice;
+- workers wait while other machines' trials are RUNNING, so a killed one is picked up again here
+  once its heartbeat is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from flowdiag.ablation.grid import Grid, cell_key, cell_slug
+from flowdiag.ablation.storage import make_storage
+from flowdiag.config import DataConfig
+from flowdiag.data import ImageData, load_dataset
+from flowdiag.errors import UserError
+from flowdiag.options import OPTIONS_BY_NAME
+from flowdiag.trainer import ProgressSink, RunResult, train
+
+STUDY_KIND = "ablation"
+POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    grid: Grid
+    out: Path
+    storage_url: str
+    study_name: str
+    workers: int = 1
+
+
+# --- the study ---------------------------------------------------------------------------------
+
+
+def open_study(storage_url: str, study_name: str, kind: str, fixed_json: str, axes: list[str]) -> optuna.Study:
+    """Create or load the study; refuse one made with other fixed settings (never mix them)."""
+    study = optuna.create_study(
+        study_name=study_name, storage=make_storage(storage_url), load_if_exists=True, direction="minimize"
+    )
+    attrs = study.user_attrs
+    if "kind" not in attrs:
+        study.set_user_attr("kind", kind)
+        study.set_user_attr("fixed", fixed_json)
+        study.set_user_attr("axes", sorted(axes))
+        return study
+    if attrs["kind"] != kind:
+        raise UserError(f"study {study_name!r} is a {attrs['kind']} study, not {kind}: use another --study")
+    if attrs["fixed"] != fixed_json or sorted(attrs["axes"]) != sorted(axes):
+        old, new = json.loads(attrs["fixed"]), json.loads(fixed_json)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "axis") != new.get(k, "axis"))
+        details = ", ".join(f"{k}: {old.get(k, 'axis')} -> {new.get(k, 'axis')}" for k in changed) or "grid axes"
+        raise UserError(
+            f"study {study_name!r} was made with other fixed settings ({details}); "
+            "use another --study or --out to keep both"
+        )
+    return study
+
+
+def _distribution(name: str, value: Any) -> BaseDistribution:
+    """Single-point distributions: they stay compatible when the grid grows."""
+    option = OPTIONS_BY_NAME[name]
+    if option.kind == "choice":
+        return CategoricalDistribution(option.choices)
+    if value is None:
+        raise UserError(f"{option.cli_flag}: 'none' cannot be one value of a grid axis")
+    if isinstance(value, int):
+        return IntDistribution(value, value)
+    return FloatDistribution(value, value)
+
+
+def sync_grid(study: optuna.Study, cells: list[dict[str, Any]]) -> int:
+    """Re-queue stale trials and queue every cell that has no live trial; returns how many were queued."""
+    fail_stale_trials(study)
+    live = {
+        t.user_attrs.get("cell")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))
+    }
+    queued = 0
+    for cell in cells:
+        key = cell_key(cell)
+        if key in live:
+            continue
+        study.add_trial(
+            create_trial(
+                state=TrialState.WAITING,
+                params=cell,
+                distributions={name: _distribution(name, value) for name, value in cell.items()},
+                user_attrs={"cell": key},
+            )
+        )
+        queued += 1
+    return queued
+
+
+def cell_trials(study: optuna.Study, cells: list[dict[str, Any]]) -> dict[str, FrozenTrial | None]:
+    """The COMPLETE trial of each cell (None where it has none yet), in grid order."""
+    done = {
+        t.user_attrs["cell"]: t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "cell" in t.user_attrs
+    }
+    return {cell_key(cell): done.get(cell_key(cell)) for cell in cells}
+
+
+# --- one trial ---------------------------------------------------------------------------------
+
+
+def trial_value(result: RunResult) -> float:
+    """Best held-out bpd, else the last training bpd; a diverged run is +inf (a result, not a failure)."""
+    for value in (result.best_eval_bpd, result.final_bpd):
+        if result.status == "completed" and math.isfinite(value):
+            return value
+    return math.inf
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def record_result(trial: optuna.Trial, result: RunResult) -> None:
+    trial.set_user_attr("status", result.status)
+    trial.set_user_attr("nan_onset_step", result.nan_onset_step)
+    trial.set_user_attr("nan_onset_layer", result.nan_onset_layer)
+    trial.set_user_attr("hdf5_path", str(result.h5_path))
+    trial.set_user_attr("best_bpd", _finite_or_none(result.best_eval_bpd))
+    trial.set_user_attr("final_bpd", _finite_or_none(result.final_bpd))
+    trial.set_user_attr("step2_peak_max_abs", result.step2_peak if not math.isnan(result.step2_peak) else None)
+    trial.set_user_attr("steps", result.steps)
+
+
+def fresh_run_dir(out: Path, slug: str, trial_number: int) -> Path:
+    """The cell's run folder; a killed earlier attempt's folder moves to .stale/, out of the report."""
+    run_dir = out / "runs" / slug
+    if run_dir.exists():
+        stale = out / ".stale" / f"{slug}-before-trial{trial_number}"
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(run_dir), str(stale))
+    return run_dir
+
+
+class StorageProgress:
+    """A ProgressSink for worker processes: the trial's step, written to the study every few seconds."""
+
+    def __init__(self, trial: optuna.Trial, every_seconds: float = 3.0) -> None:
+        self.trial, self.every, self.last = trial, every_seconds, 0.0
+
+    def start(self, total_steps: int, description: str) -> None:
+        self.trial.set_user_attr("progress_total", total_steps)
+
+    def advance(self, step: int, bpd: float, steps_per_second: float) -> None:
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            self.trial.set_user_attr("progress_step", step)
+
+    def stop(self) -> None:
+        pass
+
+
+class CellObjective:
+    """The Optuna objective: train the trial's cell into its own folder and record the result."""
+
+    def __init__(
+        self,
+        spec: AblationSpec,
+        progress: Callable[[optuna.Trial], ProgressSink] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.progress = progress or StorageProgress
+        self._data: dict[DataConfig, ImageData] = {}
+
+    def data_for(self, config: DataConfig) -> ImageData:
+        if config not in self._data:
+            self._data[config] = load_dataset(config)
+        return self._data[config]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if "cell" not in trial.user_attrs:  # the queue was empty when this worker asked: not a cell
+            trial.study.stop()
+            raise optuna.TrialPruned("no grid cell left")
+        cell = json.loads(trial.user_attrs["cell"])
+        config = self.spec.grid.config_for(cell)
+        run_dir = fresh_run_dir(self.spec.out, cell_slug(cell), trial.number)
+        result = train(config, run_dir, data=self.data_for(config.data), progress=self.progress(trial))
+        record_result(trial, result)
+        if result.status == "interrupted":
+            raise KeyboardInterrupt  # the trial ends FAIL, so the next run does this cell again
+        return trial_value(result)
+
+
+def _stop_when_queue_empty(study: optuna.Study, _: FrozenTrial) -> None:
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.stop()
+
+
+def work(
+    spec: AblationSpec,
+    objective: CellObjective | None = None,
+    after_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> None:
+    """One worker: run queued cells until none is waiting and none is running anywhere."""
+    study = optuna.load_study(study_name=spec.study_name, storage=make_storage(spec.storage_url))
+    objective = objective or CellObjective(spec)
+    while True:
+        fail_stale_trials(study)
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            callbacks = [_stop_when_queue_empty] + ([after_trial] if after_trial else [])
+            study.optimize(objective, callbacks=callbacks, catch=(Exception,))
+        elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            time.sleep(POLL_SECONDS)  # another worker's cell: wait, in case its heartbeat goes stale
+        else:
+            return
+
+
+def _worker_process(spec: AblationSpec) -> None:
+    try:
+        work(spec)
+    except KeyboardInterrupt:
+        pass
+
+
+def start_workers(spec: AblationSpec) -> list[multiprocessing.process.BaseProcess]:
+    """Worker processes (spawned: each gets its own storage engine and its own torch threads)."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker_process, args=(spec,), daemon=False) for _ in range(spec.workers)]
+    for process in processes:
+        process.start()
+    return processes
+
+
+def prepare(spec: AblationSpec) -> tuple[optuna.Study, int]:
+    """Open (or resume) the study and queue what is left; nothing runs yet."""
+    # Fail fast on data problems, before anything is written.
+    for data_config in {spec.grid.config_for(cell).data for cell in spec.grid.cells}:
+        load_dataset(data_config)
+    try:
+        spec.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --out {spec.out} ({error.strerror}); choose another folder") from None
+    study = open_study(spec.storage_url, spec.study_name, STUDY_KIND, spec.grid.fixed_json(), list(spec.grid.axes))
+    queued = sync_grid(study, spec.grid.cells)
+    return study, queued

@@ -1,0 +1,162 @@
+"""`flowdiag bench`: what diagnostics and the cumulative init cost on this device and model size.
+
+- step time with diagnostics off and on (median over interleaved blocks, so drift in machine load
+  hits both alike), and the overhead in %;
+- cumulative ActNorm init time and peak memory for several M, against M plain forward passes;
+- HDF5 bytes per recorded step.
+Benchmarks are commands, not tests: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from flowdiag.config import RunConfig
+from flowdiag.data import ImageData, load_dataset
+from flowdiag.init import cumulative_actnorm_init
+from flowdiag.model import Glow, dequantize
+from flowdiag.store import RunWriter
+from flowdiag.trainer import RUN_FILE, Trainer, resolve_device
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    median_off_s: float
+    median_on_s: float
+
+    @property
+    def overhead_percent(self) -> float:
+        return 100.0 * (self.median_on_s - self.median_off_s) / self.median_off_s
+
+
+@dataclass(frozen=True)
+class InitCost:
+    m: int
+    init_s: float
+    forward_s: float  # M plain no-grad forward passes
+    init_peak_bytes: int  # CUDA: max allocated; CPU: growth of the process's peak RSS
+    forward_peak_bytes: int
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    device: str
+    n_parameters: int
+    steps: StepTiming
+    init: list[InitCost]
+    hdf5_bytes_per_step: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_times(trainer: Trainer, writer: RunWriter, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        _sync(trainer.device)
+        start = time.perf_counter()
+        trainer.one_step(writer)
+        _sync(trainer.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_steps(
+    config: RunConfig, data: ImageData, steps: int, blocks: int, workdir: Path
+) -> tuple[StepTiming, float]:
+    """Median step time off/on, and HDF5 bytes per step of the diagnostics-on run."""
+    trainers, writers = {}, {}
+    for diagnostics in (False, True):
+        cfg = replace(config, train=replace(config.train, diagnostics=diagnostics, flush_every=steps))
+        trainers[diagnostics] = Trainer(cfg, workdir / f"diagnostics_{diagnostics}", data=data)
+        writers[diagnostics] = trainers[diagnostics].open()
+        _step_times(trainers[diagnostics], writers[diagnostics], min(5, steps))  # warm-up, not counted
+    samples: dict[bool, list[float]] = {False: [], True: []}
+    writers[True].flush()
+    size_before = (trainers[True].out_dir / RUN_FILE).stat().st_size
+    steps_recorded = 0
+    for block in range(blocks):
+        for diagnostics in (False, True) if block % 2 == 0 else (True, False):
+            samples[diagnostics] += _step_times(trainers[diagnostics], writers[diagnostics], steps)
+        steps_recorded += steps
+    writers[True].flush()
+    grown = (trainers[True].out_dir / RUN_FILE).stat().st_size - size_before
+    for writer in writers.values():
+        writer.close()
+    timing = StepTiming(statistics.median(samples[False]), statistics.median(samples[True]))
+    return timing, grown / steps_recorded
+
+
+def _measure(config: RunConfig, data: ImageData, m: int, mode: str) -> tuple[float, int]:
+    """Seconds and CUDA peak bytes of the cumulative init over M minibatches (`init`), or of M plain
+    no-grad forward passes through an already initialized model (`forward`)."""
+    device = resolve_device(config.train.device)
+    torch.manual_seed(0)
+    model = Glow(config.model).to(device)
+    order = torch.randperm(len(data.train))
+    b = config.train.batch_size
+    batches = []
+    for i in range(m):
+        start = (i * b) % len(order)
+        batches.append(dequantize(data.train[order[start : start + b]].to(device), config.data.n_bits))
+    if mode == "forward":
+        cumulative_actnorm_init(model, batches[:1])
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    began = time.perf_counter()
+    with torch.no_grad():
+        if mode == "init":
+            cumulative_actnorm_init(model, batches)
+        else:
+            for x in batches:
+                model(x)
+    _sync(device)
+    seconds = time.perf_counter() - began
+    return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _cpu_worker(config_json: str, data: ImageData, m: int, mode: str, queue: multiprocessing.Queue) -> None:
+    """One measurement in a fresh process, so its peak RSS belongs to that measurement alone."""
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds, _ = _measure(RunConfig.from_json(config_json), data, m, mode)
+    queue.put((seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) * 1024))
+
+
+def _measure_anywhere(config: RunConfig, data: ImageData, m: int, mode: str) -> tuple[float, int]:
+    if resolve_device(config.train.device).type == "cuda":
+        return _measure(config, data, m, mode)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_cpu_worker, args=(config.to_json(), data, m, mode, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def init_cost(config: RunConfig, data: ImageData, m: int) -> InitCost:
+    init_s, init_peak = _measure_anywhere(config, data, m, "init")
+    forward_s, forward_peak = _measure_anywhere(config, data, m, "forward")
+    return InitCost(m, init_s, forward_s, int(init_peak), int(forward_peak))
+
+
+def run_bench(config: RunConfig, *, steps: int = 20, blocks: int = 6, init_ms: tuple[int, ...] = (1, 16, 256)) -> BenchResult:
+    data = load_dataset(config.data)
+    model_cfg = replace(config.model, in_channels=data.channels, image_size=data.image_size)
+    config = replace(config, model=model_cfg)
+    with tempfile.TemporaryDirectory(prefix="flowdiag-bench-") as tmp:
+        timing, bytes_per_step = time_steps(config, data, steps, blocks, Path(tmp))
+    n_parameters = sum(p.numel() for p in Glow(model_cfg).parameters())
+    costs = [init_cost(config, data, m) for m in init_ms]
+    return BenchResult(str(resolve_device(config.train.device)), n_parameters, timing, costs, bytes_per_step)

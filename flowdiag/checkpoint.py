@@ -1,0 +1,31 @@
+"""Checkpoints and replay bundles: torch files that carry the full config as JSON (nanoGPT-style)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowdiag.errors import UserError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+REPLAY_NAME = "replay.pt"
+
+
+def save_atomically(payload: dict[str, Any], path: Path) -> None:
+    """Write next to the target and rename, so a kill mid-write never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_payload(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"no {what} at {path}: check the run folder")
+    try:
+        # weights_only=False: the payload holds RNG states and plain dicts written by flowdiag itself.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise UserError(f"{path} is not a readable {what} ({type(error).__name__}): re-run the training") from None

@@ -1,0 +1,43 @@
+"""The `flowdiag` command: a thin typer app over library functions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from flowdiag import __version__
+from flowdiag.cli.ablate import ablate_command
+from flowdiag.cli.bench import bench_command
+from flowdiag.cli.train import replay_command, train_command
+from flowdiag.cli.tune import tune_lambda_command
+
+app = typer.Typer(
+    name="flowdiag",
+    help="Glow at small batch sizes: the paper's two stabilizers, per-layer divergence records, ablations, reports.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flowdiag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """flowdiag: why does my Glow diverge, and what stops it."""
+
+
+app.command("train")(train_command)
+app.command("replay")(replay_command)
+app.command("bench")(bench_command)
+app.command("ablate")(ablate_command)
+app.command("tune-lambda")(tune_lambda_command)

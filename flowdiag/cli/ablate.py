@@ -1,0 +1,175 @@
+"""`flowdiag ablate`: the main job."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import optuna
+import typer
+from optuna.trial import TrialState
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flowdiag.ablation.grid import build_grid, cell_key, cell_slug
+from flowdiag.ablation.runner import AblationSpec, CellObjective, prepare, start_workers, work
+from flowdiag.ablation.storage import default_storage_url
+from flowdiag.ablation.summary import CellRow, extra_axes, summarize
+from flowdiag.cli.common import console, fail, user_errors_exit_2
+from flowdiag.cli.options import with_trainer_options
+from flowdiag.errors import UserError
+
+DEFAULT_OUT = Path("runs/ablation")
+
+
+class Board:
+    """Rich progress: trials done / total, and the steps of each running trial."""
+
+    def __init__(self, total_cells: int) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.overall = self.progress.add_task("[bold]cells", total=total_cells, note="")
+        self.trials: dict[int, TaskID] = {}
+
+    def set_done(self, done: int) -> None:
+        self.progress.update(self.overall, completed=done)
+
+    def trial_step(self, number: int, name: str, step: int, total: int, note: str = "") -> None:
+        if number not in self.trials:
+            self.trials[number] = self.progress.add_task(f"  {name}", total=total, note=note)
+        self.progress.update(self.trials[number], completed=step, total=total, note=note)
+
+    def trial_done(self, number: int) -> None:
+        if number in self.trials:
+            self.progress.remove_task(self.trials.pop(number))
+
+
+class BoardSink:
+    """The trainer's ProgressSink for an in-process trial, drawn on the board."""
+
+    def __init__(self, board: Board, trial: optuna.Trial) -> None:
+        self.board, self.trial, self.total = board, trial, 0
+        self.name = cell_slug(trial.params) if trial.params else f"trial {trial.number}"
+
+    def start(self, total_steps: int, description: str) -> None:
+        self.total = total_steps
+        self.board.trial_step(self.trial.number, self.name, 0, total_steps)
+
+    def advance(self, step: int, bpd: float, steps_per_second: float) -> None:
+        self.board.trial_step(self.trial.number, self.name, step, self.total, f"bpd {bpd:.3f}")
+
+    def stop(self) -> None:
+        self.board.trial_done(self.trial.number)
+
+
+def _count_done(study: optuna.Study, keys: set[str]) -> int:
+    done = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    return len(done & keys)
+
+
+def _run_with_board(spec: AblationSpec, study: optuna.Study) -> None:
+    keys = {cell_key(cell) for cell in spec.grid.cells}
+    board = Board(len(keys))
+    board.set_done(_count_done(study, keys))
+    with board.progress:
+        if spec.workers == 1:
+            objective = CellObjective(spec, progress=lambda trial: BoardSink(board, trial))
+            work(spec, objective, after_trial=lambda s, _: board.set_done(_count_done(s, keys)))
+            board.set_done(_count_done(study, keys))
+            return
+        processes = start_workers(spec)
+        try:
+            while any(p.is_alive() for p in processes):
+                board.set_done(_count_done(study, keys))
+                for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    if "cell" in trial.user_attrs:
+                        board.trial_step(
+                            trial.number,
+                            cell_slug(trial.params),
+                            trial.user_attrs.get("progress_step", 0),
+                            trial.user_attrs.get("progress_total", 1),
+                        )
+                running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+                for number in list(board.trials):
+                    if number not in running:
+                        board.trial_done(number)
+                time.sleep(1.0)
+        finally:
+            for process in processes:
+                process.join()
+        board.set_done(_count_done(study, keys))
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(rows: list[CellRow]) -> None:
+    extra = extra_axes(rows)
+    table = Table(title="ablation", header_style="bold")
+    for column in ["M", "λ", "batch", "seed", *extra, "status", "onset step", "onset layer", "step-2 peak", "best bpd"]:
+        table.add_column(column)
+    colour = {"completed": "green", "diverged": "red", "pending": "yellow", "interrupted": "yellow"}
+    for row in rows:
+        c = row.cell
+        table.add_row(
+            str(c["init_batches"]),
+            f"{c['lam']:g}",
+            str(c["batch_size"]),
+            str(c["seed"]),
+            *[str(c[k]) for k in extra],
+            f"[{colour.get(row.status, 'white')}]{row.status}[/]",
+            str(row.onset_step) if row.onset_step >= 0 else "-",
+            row.onset_layer or "-",
+            _fmt(row.step2_peak, ".3g"),
+            _fmt(row.best_bpd),
+        )
+    console.print(table)
+
+
+@with_trainer_options(as_lists=True, exclude=("seed",))
+@user_errors_exit_2
+def ablate_command(
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Seeds, a comma list: one grid axis.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes on this machine.")] = 1,
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite in --out).")
+    ] = None,
+    study: Annotated[str, typer.Option("--study", help="Study name; rerun the same command to resume.")] = "ablation",
+    out: Annotated[Path, typer.Option("--out", help="Output folder: study.db and runs/<cell>/.")] = DEFAULT_OUT,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with the same settings; the command line wins.")
+    ] = None,
+    **options: Any,
+) -> None:
+    """Cross M, λ, batch size and seeds (and any comma-listed trainer option) in one Optuna study."""
+    if workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {workers}")
+    grid = build_grid({**options, "seed": seeds}, config)
+    spec = AblationSpec(grid, out, storage or default_storage_url(out), study, workers)
+    optuna_study, queued = prepare(spec)
+    total = len(grid.cells)
+    console.print(
+        f"study [bold]{study}[/] ({spec.storage_url}): {total} cells, {total - queued} already done or running, "
+        f"{queued} to run on {workers} worker(s)"
+    )
+    try:
+        _run_with_board(spec, optuna_study)
+    except KeyboardInterrupt:
+        print_summary(summarize(optuna_study, grid.cells))
+        raise fail("interrupted: rerun the same command to resume") from None
+    rows = summarize(optuna_study, grid.cells)
+    print_summary(rows)
+    console.print(f"report: flowdiag report {out}")
+    pending = [cell_slug(row.cell) for row in rows if row.status == "pending"]
+    if pending:
+        typer.echo(f"{len(pending)} cell(s) have no result ({', '.join(pending[:5])}): rerun to resume", err=True)
+        raise typer.Exit(code=1)
+

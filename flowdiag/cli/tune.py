@@ -1,0 +1,85 @@
+"""`flowdiag tune-lambda`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tuning, tuning_rows
+from flowdiag.ablation.storage import default_storage_url
+from flowdiag.cli.ablate import Board, BoardSink
+from flowdiag.cli.common import console, fail, user_errors_exit_2
+from flowdiag.cli.options import with_trainer_options
+from flowdiag.config import RunConfig
+from flowdiag.options import apply_options, parse_scalars
+
+DEFAULT_OUT = Path("runs/tune-lambda")
+
+
+def print_tuning(rows: list, best: Any) -> None:
+    table = Table(title="tune-lambda", header_style="bold")
+    for column in ("trial", "λ", "status", "onset step", "objective (bpd)", "best held-out bpd"):
+        table.add_column(column)
+    for row in rows:
+        mark = " ←" if best is not None and row.number == best.number else ""
+        table.add_row(
+            str(row.number),
+            f"{row.lam:.3g}",
+            row.status,
+            str(row.onset_step) if row.onset_step >= 0 else "-",
+            f"{row.value:.4g}" if math.isfinite(row.value) else "-",
+            (f"{row.best_bpd:.4g}" if row.best_bpd is not None else "-") + mark,
+        )
+    console.print(table)
+
+
+@with_trainer_options(as_lists=False, exclude=("lam",))
+@user_errors_exit_2
+def tune_lambda_command(
+    lam_min: Annotated[float, typer.Option("--lam-min", help="Smallest non-zero λ (log-uniform).")] = 1e-7,
+    lam_max: Annotated[float, typer.Option("--lam-max", help="Largest λ.")] = 1e-1,
+    n_trials: Annotated[int, typer.Option("--n-trials", help="Finished trials the study should hold.")] = 12,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Stop starting trials after this many s.")] = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite in --out).")] = None,
+    study: Annotated[str, typer.Option("--study", help="Study name; rerun to resume.")] = "tune-lambda",
+    out: Annotated[Path, typer.Option("--out", help="Output folder: study.db and runs/.")] = DEFAULT_OUT,
+    sampler_seed: Annotated[int, typer.Option("--sampler-seed", help="TPE's seed.")] = 0,
+    **options: Any,
+) -> None:
+    """TPE over λ (λ = 0 included) at fixed M, batch size and the rest; objective: held-out bpd."""
+    config = apply_options(RunConfig(), parse_scalars(options))
+    spec = TuneSpec(
+        config=config,
+        lam_min=lam_min,
+        lam_max=lam_max,
+        n_trials=n_trials,
+        out=out,
+        storage_url=storage or default_storage_url(out),
+        study_name=study,
+        timeout=timeout,
+        sampler_seed=sampler_seed,
+    )
+    optuna_study, data = open_tuning(spec)
+    board = Board(n_trials)
+    try:
+        with board.progress:
+            run_tuning(
+                spec,
+                optuna_study,
+                data,
+                progress=lambda trial: BoardSink(board, trial),
+                after_trial=lambda s, _: board.set_done(len(tuning_rows(s))),
+            )
+    except KeyboardInterrupt:
+        raise fail("interrupted: rerun the same command to resume") from None
+    rows = tuning_rows(optuna_study)
+    best = best_lambda(rows)
+    print_tuning(rows, best)
+    if best is None:
+        console.print("[red]every trial diverged[/]: widen --lam-max or lower --lr")
+    else:
+        console.print(f"best λ = [bold]{best.lam:.3g}[/] (held-out bpd {best.value:.4g}, trial {best.number})")

@@ -1,0 +1,112 @@
+"""Re-run the step at which a run diverged and name the first operation that went non-finite.
+
+The bundle holds the weights and optimizer state from before the onset step, the minibatch and the
+RNG states, so the forward pass is the recorded one (bit-for-bit on CPU). The forward runs under a
+dispatch mode that inspects every aten op's output; the backward under
+`torch.autograd.detect_anomaly`, which names the backward function that produced NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from flowdiag.checkpoint import REPLAY_NAME, load_payload
+from flowdiag.config import RunConfig
+from flowdiag.model import Glow
+from flowdiag.objective import training_loss
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    step: int
+    onset_layer: str
+    recorded_loss: float
+    replayed_loss: float
+    first_op: str  # "" when the forward stayed finite
+    first_op_module: str
+    first_op_inputs_finite: bool
+    backward_error: str  # "" when the backward stayed finite
+
+    @property
+    def loss_reproduced(self) -> bool:
+        a, b = self.recorded_loss, self.replayed_loss
+        return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _all_finite(value: Any) -> bool:
+    tensors = [t for t in tree_flatten(value)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class _FirstNonFinite(TorchDispatchMode):
+    """Remembers the first aten op whose output holds NaN or inf, and the module it ran in."""
+
+    def __init__(self, module_stack: list[str]) -> None:
+        super().__init__()
+        self.module_stack = module_stack
+        self.op = ""
+        self.module = ""
+        self.inputs_finite = True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not self.op and not _all_finite(out):
+            self.op = str(func.overloadpacket.__name__)
+            self.module = self.module_stack[-1] if self.module_stack else "(model)"
+            self.inputs_finite = _all_finite((args, kwargs))
+        return out
+
+
+def _track_modules(model: Glow, stack: list[str]) -> list[Any]:
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, i, name=name: stack.append(name or "(model)")))
+        handles.append(module.register_forward_hook(lambda m, i, o: stack.pop()))
+    return handles
+
+
+def replay(run_dir: Path) -> ReplayReport:
+    bundle = load_payload(Path(run_dir) / REPLAY_NAME, "replay bundle")
+    config = RunConfig.from_json(bundle["config"])
+    model = Glow(config.model)
+    model.load_state_dict(bundle["model"])
+    model.train()
+    torch.set_rng_state(bundle["rng_cpu"])
+    stack: list[str] = []
+    handles = _track_modules(model, stack)
+    watch = _FirstNonFinite(stack)
+    try:
+        with watch:
+            loss, _, _ = training_loss(model, bundle["images"], config.data.n_bits, config.train.lam)
+    finally:
+        for handle in handles:
+            handle.remove()
+    backward_error = ""
+    if math.isfinite(float(loss)):
+        try:
+            with torch.autograd.detect_anomaly(check_nan=True):
+                loss.backward()
+        except RuntimeError as error:
+            backward_error = str(error).splitlines()[0]
+        else:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                backward_error = "a parameter gradient is non-finite"
+    return ReplayReport(
+        step=int(bundle["step"]),
+        onset_layer=str(bundle["onset_layer"]),
+        recorded_loss=float(bundle["recorded"]["loss"]),
+        replayed_loss=float(loss),
+        first_op=watch.op,
+        first_op_module=watch.module,
+        first_op_inputs_finite=watch.inputs_finite,
+        backward_error=backward_error,
+    )

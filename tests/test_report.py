@@ -1,0 +1,455 @@
+"""Reports from synthetic run files: the extracted numbers are the files' numbers, the figures draw,
+the diagnosis names the injected divergence, and `watch` follows a file while it is written."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from rich.console import Console
+
+from flowdiag.config import ModelConfig, RunConfig, TrainConfig
+from flowdiag.errors import UserError
+from flowdiag.report import build_report, collect_runs, diagnose, render_summary, watch, watch_snapshot
+from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
+from flowdiag.report.diagnose import (
+    ActNormInit,
+    CauseFacts,
+    ConvDrift,
+    Crossing,
+    likely_cause,
+    rule_actnorm_init,
+    rule_backward_overflow,
+    rule_generic,
+    rule_logdet_drift,
+)
+from flowdiag.report.draw_layers import draw_coupling_peaks
+from flowdiag.report.grid import grid_cells, is_lambda_sweep, lambda_points
+from flowdiag.report.layers import coupling_peaks, layer_heatmap, select_heatmap_runs
+from flowdiag.report.runs import RunSettings, best_eval_bpd, run_labels
+from flowdiag.store import RunWriter, read_run
+
+# --- synthetic runs -----------------------------------------------------------------------------
+
+KINDS = ("actnorm", "invconv", "coupling")
+NAMES = [f"levels.{lv}.steps.{k}.{kind}" for lv in range(2) for k in range(2) for kind in KINDS]
+LAYER_KINDS = [name.rsplit(".", 1)[1] for name in NAMES]
+COUPLINGS = [i for i, kind in enumerate(LAYER_KINDS) if kind == "coupling"]
+CONVS = [i for i, kind in enumerate(LAYER_KINDS) if kind == "invconv"]
+IMAGE_SIZE = 8  # level 0 works at 4x4 (h·w = 16), level 1 at 2x2 (h·w = 4)
+BAD_NORM = "levels.1.steps.0.actnorm"
+INIT_NAMES = [n for n in NAMES if n.endswith("actnorm")] + ["levels.0.steps.1.coupling.net.layers.1"]
+EPS = 1e-6
+N_STEPS = 20
+
+
+class Injected(NamedTuple):
+    onset_step: int  # the row where `onset_layer` goes non-finite; the run stops there
+    onset_layer: str
+    cross_step: int  # an earlier step where `cross_layer` exceeds 1e4 while finite
+    cross_layer: str
+
+
+def config_json(m: int, lam: float, batch: int, seed: int) -> str:
+    model = ModelConfig(image_size=IMAGE_SIZE, n_levels=2, n_steps=2, actnorm_eps=EPS)
+    train = TrainConfig(init_batches=m, lam=lam, batch_size=batch, seed=seed)
+    return RunConfig(model=model, train=train).to_json()
+
+
+def layer_row(step: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(max_abs, logdet) for one step, distinct per layer, step and seed."""
+    j = np.arange(len(NAMES))
+    max_abs = (1.0 + j) * (1.0 + 0.1 * step) + seed
+    logdet = np.where(np.array(LAYER_KINDS) == "coupling", 0.0, 0.5 * (j + 1) * step - 3.0)
+    return max_abs.astype(np.float32), logdet.astype(np.float32)
+
+
+def train_bpd(step: int, seed: int) -> float:
+    return 6.0 - 0.1 * step + 0.01 * seed
+
+
+def write_init(writer: RunWriter, bad: bool) -> None:
+    n = len(INIT_NAMES)
+    log_max = np.full(n, 0.5)
+    n_values = np.full(n, 4096)
+    variance = np.full(n, 0.3)
+    if bad:  # one value per channel: variance 0, scale 1/sqrt(eps) = 1000
+        k = INIT_NAMES.index(BAD_NORM)
+        log_max[k], n_values[k], variance[k] = math.log(1000.0), 1, 0.0
+    writer.write_init(INIT_NAMES, log_max - 1.0, log_max, variance, n_values)
+
+
+def make_run(
+    run_dir: Path,
+    *,
+    m: int = 1,
+    lam: float = 0.0,
+    batch: int = 1,
+    seed: int = 0,
+    inject: Injected | None = None,
+    bad_init: bool = False,
+    steps: int = N_STEPS,
+    status: str | None = None,
+) -> Path:
+    path = run_dir / "run.h5"
+    writer = RunWriter(
+        path,
+        config_json=config_json(m, lam, batch, seed),
+        version="test",
+        layer_names=NAMES,
+        layer_kinds=LAYER_KINDS,
+        flush_every=7,
+    )
+    write_init(writer, bad_init)
+    for step in range(1, steps + 1):
+        max_abs, logdet = layer_row(step, seed)
+        bpd = train_bpd(step, seed)
+        if inject and step == inject.cross_step:
+            max_abs[NAMES.index(inject.cross_layer)] = 5e4
+        if inject and step == inject.onset_step:
+            k = NAMES.index(inject.onset_layer)
+            max_abs[k], max_abs[k + 1 :], bpd = np.inf, np.nan, math.nan
+        penalty = float(np.sum(logdet[CONVS].astype(np.float64) ** 2))
+        writer.append_step(
+            step, loss=bpd, bpd=bpd, penalty=penalty, grad_norm=1.0, lr=1e-3,
+            max_abs=max_abs, logdet=logdet, nonfinite=~np.isfinite(max_abs),
+        )  # fmt: skip
+        if step % 5 == 0:
+            writer.append_eval(step, 5.5 - 0.05 * step + 0.01 * seed)
+        if inject and step == inject.onset_step:
+            writer.set_status("diverged", onset_step=step, onset_layer=inject.onset_layer)
+            break
+    writer.close(status or ("completed" if writer.status == "running" else None))
+    return path
+
+
+DIVERGE = Injected(onset_step=7, onset_layer="levels.1.steps.0.coupling", cross_step=5, cross_layer=NAMES[4])
+
+
+@pytest.fixture
+def ablation(tmp_path: Path) -> Path:
+    """2 cells × 2 seeds; (M=1, λ=0) seed 0 diverges; a stale attempt that the report must skip."""
+    out = tmp_path / "ablation"
+    make_run(out / "runs" / "m1-s0", m=1, seed=0, inject=DIVERGE, bad_init=True)
+    make_run(out / "runs" / "m1-s1", m=1, seed=1)
+    make_run(out / "runs" / "m256-s0", m=256, seed=0)
+    make_run(out / "runs" / "m256-s1", m=256, seed=1)
+    make_run(out / ".stale" / "m1-s0-before-trial3", m=1, seed=0, inject=DIVERGE)
+    (out / "study.db").write_bytes(b"")  # present in real output folders; the report does not need it
+    return out
+
+
+# --- finding runs -------------------------------------------------------------------------------
+
+
+def test_collect_runs_finds_nested_runs_and_skips_stale(ablation: Path) -> None:
+    runs = collect_runs(ablation)
+    assert [r.path.parent.name for r in runs] == ["m1-s0", "m1-s1", "m256-s0", "m256-s1"]
+    assert len(collect_runs(ablation / "runs" / "m1-s0")) == 1
+    assert collect_runs(ablation / "runs" / "m1-s0" / "run.h5")[0].status == "diverged"
+
+
+def test_collect_runs_errors_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        collect_runs(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"no run\.h5"):
+        collect_runs(tmp_path)
+
+
+def test_run_labels_are_unique(tmp_path: Path) -> None:
+    runs = [read_run(make_run(tmp_path / name)) for name in ("a", "b")] + [
+        read_run(make_run(tmp_path / "c", m=4))
+    ]
+    assert run_labels(runs) == ["M=1 λ=0 b=1 seed=0 (a)", "M=1 λ=0 b=1 seed=0 (b)", "M=4 λ=0 b=1 seed=0"]
+
+
+def test_truncated_or_corrupt_file_is_a_user_error(tmp_path: Path) -> None:
+    good = make_run(tmp_path / "good")
+    truncated = tmp_path / "bad" / "run.h5"
+    truncated.parent.mkdir()
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        collect_runs(tmp_path / "bad")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an hdf5 file" * 100)
+    with pytest.raises(UserError):
+        collect_runs(garbage)
+
+
+# --- extraction: the numbers are the files' numbers ---------------------------------------------
+
+
+def test_bpd_curves_are_the_files_values_with_onset(ablation: Path) -> None:
+    runs = collect_runs(ablation)
+    data = bpd_curves(runs, run_labels(runs))
+    diverged, completed = data.curves[0], data.curves[1]
+    np.testing.assert_array_equal(diverged.steps, np.arange(1, DIVERGE.onset_step + 1))
+    np.testing.assert_array_equal(completed.bpd, runs[1].bpd)
+    assert diverged.diverged and diverged.onset_step == DIVERGE.onset_step
+    assert diverged.onset_bpd == pytest.approx(train_bpd(DIVERGE.onset_step - 1, 0))  # last finite bpd
+    assert not completed.diverged and completed.onset_step == -1
+    assert data.log_y is False
+
+
+def test_coupling_peaks_at_step_2_are_log10_of_max_abs_with_inf_kept(tmp_path: Path) -> None:
+    at2 = Injected(2, NAMES[COUPLINGS[1]], 1, NAMES[0])
+    at1 = Injected(1, NAMES[COUPLINGS[0]], 99, NAMES[0])
+    runs = [
+        read_run(make_run(tmp_path / "ok")),
+        read_run(make_run(tmp_path / "inf2", inject=at2)),
+        read_run(make_run(tmp_path / "dead1", inject=at1)),
+    ]
+    peaks = coupling_peaks(runs, run_labels(runs), step=2)
+    ok, inf2, dead1 = peaks.lines
+    expected = np.log10(runs[0].max_abs[1, COUPLINGS].astype(np.float64))
+    np.testing.assert_array_equal(ok.log10_max_abs, expected)
+    assert ok.layer_names == [NAMES[i] for i in COUPLINGS]
+    assert inf2.log10_max_abs[0] == pytest.approx(np.log10(runs[1].max_abs[1, COUPLINGS[0]]))
+    assert inf2.log10_max_abs[1] == np.inf  # kept, not dropped
+    assert np.isnan(inf2.log10_max_abs[2:]).all() and inf2.nonfinite[1:].all()
+    assert not dead1.has_row and dead1.last_step == 1
+    png = draw_coupling_peaks(peaks, tmp_path / "fig5.png")
+    assert imread(png).shape[0] > 200
+
+
+def test_layer_heatmap_and_selection(ablation: Path) -> None:
+    runs = collect_runs(ablation)
+    heat = layer_heatmap(runs[0], "r")
+    assert heat.log10_max_abs.shape == (len(NAMES), DIVERGE.onset_step)
+    np.testing.assert_array_equal(heat.log10_max_abs, np.log10(runs[0].max_abs.astype(np.float64)).T)
+    np.testing.assert_array_equal(heat.nonfinite, runs[0].nonfinite.T)
+    ld = runs[0].logdet.astype(np.float64)
+    np.testing.assert_allclose(heat.logdet_signed_log10, (np.sign(ld) * np.log10(1 + np.abs(ld))).T)
+    order = select_heatmap_runs(runs[::-1], cap=3)
+    assert order[0] == 3 and len(order) == 3  # the diverged run first, wherever it is
+
+
+def test_penalty_curves_are_the_conv_columns(ablation: Path) -> None:
+    runs = collect_runs(ablation)
+    curves = penalty_curves(runs[1], "r")
+    assert curves.conv_names == [NAMES[i] for i in CONVS]
+    np.testing.assert_array_equal(curves.conv_logdet, runs[1].logdet[:, CONVS])
+    np.testing.assert_allclose(curves.penalty, (curves.conv_logdet**2).sum(axis=1), rtol=1e-6)
+    assert select_penalty_runs(runs) == [0, 2]  # one per cell; the diverged run for (M=1, λ=0)
+
+
+def test_grid_cells_and_lambda_sweep(ablation: Path, tmp_path: Path) -> None:
+    runs = collect_runs(ablation)
+    cells = grid_cells(runs)
+    assert [(c.key.init_batches, c.n_runs, c.n_diverged) for c in cells] == [(1, 2, 1), (256, 2, 0)]
+    assert cells[0].best_bpd == best_eval_bpd(runs[1])  # the diverged run does not count
+    assert cells[1].best_bpd == min(best_eval_bpd(runs[2]), best_eval_bpd(runs[3]))
+    assert cells[1].mean_best_bpd == pytest.approx((best_eval_bpd(runs[2]) + best_eval_bpd(runs[3])) / 2)
+    assert not is_lambda_sweep(runs) and lambda_points(runs, run_labels(runs)) == []
+    sweep = [read_run(make_run(tmp_path / f"l{i}", lam=lam)) for i, lam in enumerate((1e-3, 0.0, 1e-5))]
+    points = lambda_points(sweep, run_labels(sweep))
+    assert [p.lam for p in points] == [0.0, 1e-5, 1e-3]
+    assert points[0].best_bpd == float(sweep[1].eval_bpd.min())
+
+
+# --- diagnosis ----------------------------------------------------------------------------------
+
+
+def test_diagnose_names_the_injected_divergence(ablation: Path) -> None:
+    run = collect_runs(ablation)[0]
+    d = diagnose(run)
+    assert d is not None and d.severity == "diverged"
+    assert (d.onset_step, d.onset_layer) == (DIVERGE.onset_step, DIVERGE.onset_layer)
+    assert d.crossing == Crossing(DIVERGE.cross_step, DIVERGE.cross_layer, 5e4)
+    assert d.facts.largest_scale is not None and d.facts.largest_scale.name == BAD_NORM
+    assert d.facts.largest_scale.n_values == 1 and d.facts.largest_scale.scale == pytest.approx(1000.0)
+    assert d.facts.smallest_var is not None and d.facts.smallest_var.name == BAD_NORM
+    first_conv = d.facts.conv_drifts[0]
+    column = run.logdet[:, CONVS[0]].astype(np.float64)
+    assert first_conv.drift == pytest.approx(column[-1] - column[0]) and first_conv.positions == 16
+    assert d.rule == "actnorm_init"
+    assert f"ActNorm {BAD_NORM} was initialized from 1 value per channel (M=1 · batch 1 · 1x1)" in d.cause
+    assert "1/sqrt(eps) = 1000" in d.cause and "--init-batches 256" in d.cause
+
+
+def test_diagnose_warns_on_a_completed_crossing_and_skips_clean_runs(tmp_path: Path) -> None:
+    assert diagnose(read_run(make_run(tmp_path / "clean"))) is None
+    # Finite but large: never diverged, yet a layer passed the threshold at step 4.
+    crossing = Injected(onset_step=99, onset_layer=NAMES[0], cross_step=4, cross_layer=NAMES[2])
+    d = diagnose(read_run(make_run(tmp_path / "loud", inject=crossing)))
+    assert d is not None and d.severity == "warning" and d.crossing == Crossing(4, NAMES[2], 5e4)
+    assert diagnose(read_run(make_run(tmp_path / "loud2", inject=crossing)), threshold=1e5) is None
+
+
+def _facts(**changes: object) -> CauseFacts:
+    calm = ActNormInit("levels.0.steps.0.actnorm", 0.5, math.exp(0.5), 0.3, 4096)
+    base = CauseFacts(
+        settings=RunSettings(256, 1e-5, 16, 0),
+        eps=EPS,
+        threshold=1e4,
+        onset_step=12,
+        onset_layer="levels.1.steps.0.coupling",
+        crossing=Crossing(10, "levels.1.steps.0.coupling", 2e4),
+        largest_scale=calm,
+        smallest_var=calm,
+        conv_drifts=(ConvDrift("levels.0.steps.0.invconv", 1.0, 3.0, 2.0, 16),),
+    )
+    return base._replace(**changes)
+
+
+def test_rule_actnorm_init() -> None:
+    huge = ActNormInit(BAD_NORM, math.log(1000.0), 1000.0, 0.0, 1)
+    sentence = rule_actnorm_init(_facts(largest_scale=huge, settings=RunSettings(1, 0.0, 1, 0)))
+    assert sentence is not None and "1/sqrt(eps) = 1000" in sentence and "M=1 · batch 1 · 1x1" in sentence
+    moderate = ActNormInit(BAD_NORM, math.log(150.0), 150.0, 4e-5, 16 * 4)
+    sentence = rule_actnorm_init(_facts(largest_scale=moderate, settings=RunSettings(4, 0.0, 1, 0)))
+    assert sentence is not None and "scale was 150" in sentence and "M=4 · batch 1 · 4x4" in sentence
+    assert rule_actnorm_init(_facts()) is None
+    assert rule_actnorm_init(_facts(largest_scale=None)) is None
+
+
+def test_rule_backward_overflow() -> None:
+    sentence = rule_backward_overflow(_facts(onset_layer="backward", crossing=None))
+    assert sentence is not None and "backward pass overflowed" in sentence and "step 12" in sentence
+    assert rule_backward_overflow(_facts()) is None
+
+
+def test_rule_logdet_drift() -> None:
+    drifting = (ConvDrift("levels.0.steps.1.invconv", -2.0, 30.0, 32.0, 16),)
+    no_penalty = RunSettings(256, 0.0, 16, 0)
+    sentence = rule_logdet_drift(_facts(settings=no_penalty, conv_drifts=drifting))
+    assert sentence is not None and "levels.0.steps.1.invconv" in sentence and "--lam" in sentence
+    assert rule_logdet_drift(_facts(conv_drifts=drifting)) is None  # λ > 0 already
+    small = (ConvDrift("levels.0.steps.1.invconv", 0.0, 8.0, 8.0, 16),)  # 0.5 nat per position
+    assert rule_logdet_drift(_facts(settings=no_penalty, conv_drifts=small)) is None
+
+
+def test_rule_generic_and_rule_order() -> None:
+    sentence = rule_generic(_facts())
+    assert "no single cause" in sentence and "levels.1.steps.0.coupling" in sentence and "step 10" in sentence
+    assert "loss went non-finite at step 12" in rule_generic(_facts(onset_layer="loss", crossing=None))
+    huge = ActNormInit(BAD_NORM, math.log(1000.0), 1000.0, 0.0, 1)
+    assert likely_cause(_facts(largest_scale=huge, onset_layer="backward"))[0] == "actnorm_init"
+    assert likely_cause(_facts(onset_layer="backward"))[0] == "backward_overflow"
+    assert likely_cause(_facts())[0] == "generic"
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def test_build_report_writes_every_file_with_the_files_numbers(ablation: Path, tmp_path: Path) -> None:
+    runs = collect_runs(ablation)
+    out = tmp_path / "report"
+    summary = build_report(runs, out, title="Ablation", command="flowdiag report ablation")
+    assert summary.markdown.exists() and summary.html.exists()
+    names = {p.name for p in summary.figures}
+    assert {"bpd.png", "coupling_step2.png", "penalty.png", "grid.png", "layers_01.png"} <= names
+    html = summary.html.read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == len(summary.figures)
+    for png in summary.figures:
+        image = imread(png)
+        assert image.shape[0] > 200 and image.shape[1] > 300 and float(image.std()) > 0.01, png.name
+    md = summary.markdown.read_text(encoding="utf-8")
+    diverged = runs[0]
+    assert f"| {int(diverged.nan_onset_step)} | {diverged.nan_onset_layer} |" in md
+    assert diverged.nan_onset_step == DIVERGE.onset_step
+    assert f"step {DIVERGE.cross_step}, layer {DIVERGE.cross_layer}" in md
+    for run in runs:
+        assert f"{float(run.eval_bpd.min()):.4f}" in md
+    assert re.search(r"\| 1 \| 0 \| 1 \| 2 \| 1 \| 1/2 \(50%\) \|", md)
+    assert re.search(r"\| 256 \| 0 \| 1 \| 2 \| 0 \| 0/2 \(0%\) \|", md)
+    assert "![" in md and "(bpd.png)" in md and "ActNorm levels.1.steps.0.actnorm" in md
+    assert [label for label, _ in summary.diagnoses] == [run_labels(runs)[0]]
+    console = Console(file=io.StringIO(), width=200)
+    render_summary(summary, console)
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "likely cause" in printed and "M=256 λ=0 b=1 seed=1" in printed and "report.html" in printed
+
+
+def test_build_report_for_a_lambda_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "tune"
+    for i, lam in enumerate((0.0, 1e-5, 1e-3)):
+        inject = DIVERGE if lam == 0.0 else None
+        make_run(sweep / "runs" / f"trial{i:04d}", lam=lam, inject=inject, bad_init=lam == 0.0)
+    summary = build_report(collect_runs(sweep), tmp_path / "out", title="tune-lambda", max_layer_maps=1)
+    assert {p.name for p in summary.figures} >= {"lambda.png", "layers_01.png"}
+    assert "layers_02.png" not in {p.name for p in summary.figures}
+    assert [(p.lam, p.diverged) for p in summary.lambda_points] == [(0.0, True), (1e-5, False), (1e-3, False)]
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "## λ sweep" in md and "| 1e-05 |" in md
+
+
+def test_build_report_refuses_nothing() -> None:
+    with pytest.raises(UserError):
+        build_report([], Path("unused"), title="x")
+
+
+# --- watch --------------------------------------------------------------------------------------
+
+
+def _append(writer: RunWriter, steps: range) -> None:
+    for step in steps:
+        max_abs, logdet = layer_row(step, 0)
+        writer.append_step(
+            step, loss=1.0, bpd=train_bpd(step, 0), penalty=0.0, grad_norm=1.0, lr=1e-3,
+            max_abs=max_abs, logdet=logdet, nonfinite=np.zeros(len(NAMES), dtype=bool),
+        )  # fmt: skip
+    writer.flush()
+
+
+def _live_writer(path: Path) -> RunWriter:
+    return RunWriter(
+        path, config_json=config_json(1, 0.0, 1, 0), version="test",
+        layer_names=NAMES, layer_kinds=LAYER_KINDS, flush_every=100,
+    )  # fmt: skip
+
+
+def test_watch_snapshot_sees_rows_appended_between_reads(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = _live_writer(path)
+    _append(writer, range(1, 4))
+    first = watch_snapshot(read_run(path))
+    assert (first.status, first.rows, first.step) == ("running", 3, 3)
+    _append(writer, range(4, 9))
+    second = watch_snapshot(read_run(path))
+    assert (second.rows, second.step, second.bpd) == (8, 8, train_bpd(8, 0))
+    expected = layer_row(8, 0)[0]
+    assert [p.name for p in second.top_layers] == NAMES[::-1][:5]  # max_abs grows with the column
+    assert second.top_layers[0].max_abs == pytest.approx(float(expected[-1]))
+    writer.close("completed")
+
+
+def test_watch_snapshot_ranks_non_finite_layers_first(tmp_path: Path) -> None:
+    inject = Injected(3, NAMES[4], 99, NAMES[0])
+    snap = watch_snapshot(read_run(make_run(tmp_path, inject=inject)))
+    assert snap.top_layers[0].name == NAMES[4] and snap.top_layers[0].nonfinite
+    assert snap.onset_step == 3 and snap.status == "diverged"
+
+
+def test_watch_returns_when_the_status_changes(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = _live_writer(path)
+    _append(writer, range(1, 3))
+    console = Console(file=io.StringIO(), width=120)
+    assert watch(tmp_path, console, interval=0.02, timeout=0.1) == "running"  # the timeout ends it
+
+    def finish() -> None:
+        time.sleep(0.2)
+        _append(writer, range(3, 5))
+        writer.close("completed")
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    started = time.monotonic()
+    assert watch(path, console, interval=0.02, timeout=10.0) == "completed"
+    thread.join()
+    assert time.monotonic() - started < 5.0
+    assert "levels.1.steps.1.coupling" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_watch_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        watch(tmp_path / "nope", Console(file=io.StringIO()), timeout=0.1)

@@ -1,0 +1,496 @@
+"""The run file: round trip, visibility while a run writes, survival of SIGKILL, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from flowdiag import store
+from flowdiag.config import RunConfig
+from flowdiag.errors import UserError
+from flowdiag.store import LAYER_KINDS, RunWriter, is_run_file, read_run
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["level0.step0.actnorm", "level0.step0.invconv", "level0.step0.coupling", "level1.step0.actnorm"]
+KINDS = ["actnorm", "invconv", "coupling", "actnorm"]
+N = len(NAMES)
+
+
+def make_writer(path: Path, **kwargs: object) -> RunWriter:
+    options = {"config_json": RunConfig().to_json(), "version": "9.9.9", "flush_every": 5} | kwargs
+    return RunWriter(path, layer_names=NAMES, layer_kinds=KINDS, **options)  # type: ignore[arg-type]
+
+
+def row(step: int) -> dict[str, object]:
+    """Every value a function of the step, so a read-back row shows which step it came from."""
+    columns = np.arange(N)
+    return {
+        "loss": 0.5 * step,
+        "bpd": step + 0.25,
+        "penalty": 1e-3 * step,
+        "grad_norm": 2.0 * step,
+        "lr": 1e-4 * step,
+        "max_abs": step + columns + 0.5,
+        "logdet": -(step + columns) - 0.25,
+        "nonfinite": (step + columns) % 3 == 0,
+    }
+
+
+def append_steps(writer: RunWriter, steps: range) -> None:
+    for step in steps:
+        writer.append_step(step, **row(step))  # type: ignore[arg-type]
+
+
+def assert_rows(record: store.RunRecord, steps: np.ndarray) -> None:
+    np.testing.assert_array_equal(record.step, steps)
+    expected = [row(int(s)) for s in steps]
+    for name in ("loss", "bpd", "penalty", "grad_norm", "lr"):
+        np.testing.assert_array_equal(getattr(record, name), [r[name] for r in expected])
+    for name in ("max_abs", "logdet", "nonfinite"):
+        np.testing.assert_array_equal(
+            getattr(record, name), np.array([r[name] for r in expected]).reshape(-1, N)
+        )
+
+
+# --- round trip ----------------------------------------------------------------------------------
+
+
+def test_round_trip_of_every_field(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    config = RunConfig()
+    writer = make_writer(path, flush_every=7)
+    writer.write_init(
+        ["a", "b.net.actnorm", "c"], [-1.0, -2.0, -3.0], [1.0, 2.0, 3.0], [0.0, 1e-3, 2.5], [256, 256, 1024]
+    )
+    for step in range(1, 301):
+        writer.append_step(step, **row(step))  # type: ignore[arg-type]
+        if step % 50 == 0:
+            writer.append_eval(step, 3.0 - step / 1000)
+    assert writer.n_steps == 300
+    writer.close("diverged")  # the status given to close wins, the onset stays as set
+    record = read_run(path)
+
+    assert record.path == path
+    assert record.version == "9.9.9"
+    assert record.config == config.to_dict()
+    assert RunConfig.from_dict(record.config) == config
+    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == ("diverged", -1, "")
+    assert_rows(record, np.arange(1, 301))
+    assert record.step.dtype == np.int64
+    assert {getattr(record, n).dtype for n in ("loss", "bpd", "penalty", "grad_norm", "lr")} == {
+        np.dtype(np.float64)
+    }
+    assert record.max_abs.dtype == record.logdet.dtype == np.float32
+    assert record.nonfinite.dtype == np.bool_
+    assert record.max_abs.shape == record.logdet.shape == record.nonfinite.shape == (300, N)
+    assert record.layer_names == NAMES
+    assert record.layer_kinds == KINDS
+    np.testing.assert_array_equal(record.eval_step, [50, 100, 150, 200, 250, 300])
+    np.testing.assert_array_equal(record.eval_bpd, [3.0 - s / 1000 for s in (50, 100, 150, 200, 250, 300)])
+    assert record.eval_step.dtype == np.int64
+    assert record.init is not None
+    assert record.init["name"] == ["a", "b.net.actnorm", "c"]
+    np.testing.assert_array_equal(record.init["log_scale_min"], [-1.0, -2.0, -3.0])
+    np.testing.assert_array_equal(record.init["log_scale_max"], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(record.init["min_input_var"], [0.0, 1e-3, 2.5])
+    np.testing.assert_array_equal(record.init["n_values"], [256, 256, 1024])
+    assert record.init["n_values"].dtype == np.int64  # type: ignore[union-attr]
+    np.testing.assert_array_equal(record.layer_index("actnorm"), [0, 3])
+    np.testing.assert_array_equal(record.layer_index("coupling"), [2])
+
+
+def test_file_layout_matches_the_documented_names(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    with make_writer(path, config_json='{"k": [1, 2]}') as writer:
+        append_steps(writer, range(1, 13))
+        writer.append_eval(12, 1.5)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 1
+        assert f.attrs["flowdiag_version"] == "9.9.9"
+        assert json.loads(f.attrs["config"]) == {"k": [1, 2]}
+        assert (f.attrs["status"], f.attrs["nan_onset_step"], f.attrs["nan_onset_layer"]) == (
+            "running",
+            -1,
+            "",
+        )
+        growing = [f"steps/{n}" for n in ("step", "loss", "bpd", "penalty", "grad_norm", "lr")]
+        growing += ["layers/max_abs", "layers/logdet", "layers/nonfinite", "eval/step", "eval/bpd"]
+        for name in growing:
+            dataset = f[name]
+            assert dataset.maxshape[0] is None, name
+            assert dataset.chunks is not None and dataset.chunks[0] >= 16, name
+            assert dataset.compression in ("gzip", "lzf"), name
+        assert f["steps/step"].shape == (12,)
+        assert f["layers/max_abs"].shape == (12, N)
+        assert h5py.check_string_dtype(f["layers/name"].dtype).encoding == "utf-8"
+        assert h5py.check_string_dtype(f["layers/kind"].dtype).encoding == "utf-8"
+        assert "init" not in f
+
+
+# --- visibility and durability -------------------------------------------------------------------
+
+
+def test_rows_are_readable_after_each_flush_before_close(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, flush_every=5)
+    append_steps(writer, range(1, 13))
+    writer.append_eval(12, 2.0)
+    assert writer.n_steps == 12
+    record = read_run(path)
+    assert_rows(record, np.arange(1, 11))  # two automatic flushes; two rows and the eval still buffered
+    assert len(record.eval_step) == 0
+    writer.flush()
+    record = read_run(path)
+    assert_rows(record, np.arange(1, 13))
+    np.testing.assert_array_equal(record.eval_step, [12])
+    assert record.status == "running"
+
+
+def test_set_status_writes_buffered_rows_and_onset_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, flush_every=50)
+    append_steps(writer, range(1, 4))
+    writer.set_status("running", onset_step=3, onset_layer="level0.step0.coupling")
+    record = read_run(path)
+    assert_rows(record, np.arange(1, 4))
+    assert (record.nan_onset_step, record.nan_onset_layer) == (3, "level0.step0.coupling")
+
+
+_READER = """
+import sys, h5py
+with h5py.File(sys.argv[1], "r", locking=sys.argv[2] == "lock"):
+    print("open", flush=True)
+    sys.stdin.read()  # hold the file open until the test closes our stdin
+"""
+
+
+@contextmanager
+def reader_holding(path: Path, *, locking: bool) -> Iterator[subprocess.Popen[str]]:
+    """Another process with the file open (HDF5 refuses a second, writable open within one process)."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(path), "lock" if locking else "no-lock"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == "open"
+        yield reader
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_a_lock_free_reader_does_not_block_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, flush_every=5)
+    with reader_holding(path, locking=False):
+        append_steps(writer, range(1, 6))  # flushes while the reader holds the file open
+    assert_rows(read_run(path), np.arange(1, 6))
+
+
+@pytest.mark.skipif(os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE", reason="HDF5 locking off")
+def test_writer_waits_for_a_locking_reader_and_keeps_rows_it_could_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, flush_every=100)
+    append_steps(writer, range(1, 4))
+    with reader_holding(path, locking=True) as reader:
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "_LOCK_TRIES", 2)
+            patch.setattr(store, "_LOCK_WAIT_S", 0.01)
+            with pytest.raises(UserError, match="locked by another process") as raised:
+                writer.flush()
+        assert str(path) in str(raised.value)
+        assert reader.stdin is not None
+        reader.stdin.close()  # the reader lets go now; the default retries outlast that
+        writer.flush()
+    assert_rows(read_run(path), np.arange(1, 4))
+
+
+# The child skips flowdiag/__init__.py, which imports torch (~3 s): a bare package object stands in for
+# it, and the writer itself needs only h5py and numpy.
+_KILLED_WRITER = """
+import sys, time, types
+from pathlib import Path
+package = types.ModuleType("flowdiag")
+package.__path__ = [str(Path(sys.argv[2]) / "flowdiag")]
+sys.modules["flowdiag"] = package
+import numpy as np
+from flowdiag.store import RunWriter
+
+writer = RunWriter(Path(sys.argv[1]), config_json="{}", version="test", layer_names=["a", "b"],
+                   layer_kinds=["actnorm", "coupling"], flush_every=10)
+step = 0
+while True:
+    step += 1
+    writer.append_step(step, loss=float(step), bpd=1.0, penalty=0.0, grad_norm=1.0, lr=1e-3,
+                       max_abs=np.array([step, step + 1.0]), logdet=np.zeros(2), nonfinite=np.zeros(2, bool))
+    if writer.n_steps % 10 == 0:
+        print("flushed", step, flush=True)
+    time.sleep(0.02)
+"""
+
+
+def test_sigkill_leaves_a_readable_file_with_every_flushed_row(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(path), str(REPO_ROOT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = 0
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        deadline = time.monotonic() + 60
+        while seen < 30:
+            # Read just after a flush: the next one is 10 sleeps away, so the read and the kill that
+            # follows land between flushes. (A kill inside a flush is outside what the design promises.)
+            line = child.stdout.readline()
+            assert line.startswith("flushed"), f"the writer stopped: {child.stderr.read()}"
+            assert time.monotonic() < deadline, "the writer is too slow"
+            seen = len(read_run(path).step)  # another process reading while the run goes on
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    record = read_run(path)
+    rows = len(record.step)
+    assert rows >= seen >= 30
+    assert rows % 10 == 0
+    np.testing.assert_array_equal(record.step, np.arange(1, rows + 1))
+    np.testing.assert_array_equal(record.loss, np.arange(1, rows + 1))
+    np.testing.assert_array_equal(record.max_abs[:, 1], np.arange(2, rows + 2))
+    assert record.status == "running"
+
+
+def test_reader_takes_the_common_prefix_of_a_half_finished_flush(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    with make_writer(path) as writer:
+        append_steps(writer, range(1, 11))
+    with h5py.File(path, "r+") as f:  # as if a flush had grown some datasets and not yet the others
+        f["steps/loss"].resize(15, axis=0)
+        f["layers/max_abs"].resize(13, axis=0)
+        f["eval/bpd"].resize(2, axis=0)
+    record = read_run(path)
+    assert_rows(record, np.arange(1, 11))
+    assert len(record.eval_bpd) == len(record.eval_step) == 0
+
+
+# --- creating and failing ------------------------------------------------------------------------
+
+
+def test_refuses_to_overwrite_and_leaves_the_old_file_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    with make_writer(path) as writer:
+        append_steps(writer, range(1, 8))
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="already exists") as raised:
+        make_writer(path)
+    assert str(path) in str(raised.value)
+    assert path.read_bytes() == before
+
+    make_writer(path, overwrite=True).close()
+    assert len(read_run(path).step) == 0
+
+
+def test_creates_missing_parent_folders(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "run.h5"
+    make_writer(path).close()
+    assert is_run_file(path)
+
+
+def test_unwritable_location_is_a_user_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    path = blocker / "runs" / "run.h5"
+    with pytest.raises(UserError, match="--out") as raised:
+        make_writer(path)
+    assert str(path) in str(raised.value)
+
+
+def _corrupt(tmp_path: Path) -> Path:
+    path = tmp_path / "run.h5"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    return path
+
+
+def _truncated(tmp_path: Path) -> Path:
+    path = tmp_path / "run.h5"
+    with make_writer(path) as writer:
+        append_steps(writer, range(1, 201))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _plain_hdf5(tmp_path: Path) -> Path:
+    path = tmp_path / "run.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: tmp / "missing.h5", "does not exist"),
+        (lambda tmp: tmp, "is a folder"),
+        (_corrupt, "not a readable HDF5 file"),
+        (_truncated, "not a readable HDF5 file"),
+        (_plain_hdf5, "not a flowdiag run"),
+    ],
+    ids=["missing", "folder", "random-bytes", "truncated", "not-a-run"],
+)
+def test_bad_files_raise_a_one_line_user_error(
+    tmp_path: Path, make: Callable[[Path], Path], message: str
+) -> None:
+    path = make(tmp_path)
+    with pytest.raises(UserError, match=message) as raised:
+        read_run(path)
+    text = str(raised.value)
+    assert str(path) in text
+    assert "\n" not in text
+    assert not is_run_file(path)
+
+
+def test_resuming_a_truncated_file_is_a_user_error(tmp_path: Path) -> None:
+    path = _truncated(tmp_path)
+    with pytest.raises(UserError, match="not a readable HDF5 file"):
+        RunWriter.open_existing(path)
+    with pytest.raises(UserError, match="does not exist"):
+        RunWriter.open_existing(tmp_path / "nothing.h5")
+
+
+def test_is_run_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    make_writer(path).close()
+    assert is_run_file(path)
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w"):
+        pass
+    assert not is_run_file(plain)
+    assert not is_run_file(tmp_path / "missing.h5")
+
+
+# --- resuming ------------------------------------------------------------------------------------
+
+
+def test_truncate_after_drops_later_steps_evals_and_onset(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, flush_every=8)
+    for step in range(1, 101):
+        writer.append_step(step, **row(step))  # type: ignore[arg-type]
+        if step % 25 == 0:
+            writer.append_eval(step, step / 10)
+    writer.set_status("running", onset_step=90, onset_layer="level0.step0.invconv")
+    writer.truncate_after(60)
+    assert writer.n_steps == 60
+    record = read_run(path)
+    assert_rows(record, np.arange(1, 61))
+    np.testing.assert_array_equal(record.eval_step, [25, 50])
+    assert (record.nan_onset_step, record.nan_onset_layer) == (-1, "")
+
+    append_steps(writer, range(61, 71))
+    writer.close("completed")
+    assert_rows(read_run(path), np.arange(1, 71))
+
+
+def test_open_existing_continues_the_run(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, flush_every=5)
+    writer.write_init(["a"], [0.0], [1.0], [0.5], [64])
+    append_steps(writer, range(1, 24))
+    writer.append_eval(20, 1.25)
+    writer.close("interrupted")
+
+    resumed = RunWriter.open_existing(path, flush_every=4)
+    assert resumed.n_steps == 23
+    assert resumed.layer_names == NAMES
+    assert resumed.status == "interrupted"
+    resumed.truncate_after(20)  # the checkpoint was at step 20
+    resumed.set_status("running")
+    append_steps(resumed, range(21, 31))
+    resumed.append_eval(30, 1.0)
+    resumed.close("completed")
+
+    record = read_run(path)
+    assert_rows(record, np.arange(1, 31))
+    np.testing.assert_array_equal(record.eval_step, [20, 30])
+    assert record.status == "completed"
+    assert record.config == RunConfig().to_dict()
+    assert record.layer_kinds == KINDS
+    assert record.init is not None and record.init["name"] == ["a"]
+
+
+# --- lifecycle and validation --------------------------------------------------------------------
+
+
+def test_context_manager_marks_a_crashed_run_failed(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    with pytest.raises(RuntimeError, match="boom"), make_writer(path, flush_every=100) as writer:
+        append_steps(writer, range(1, 4))
+        raise RuntimeError("boom")
+    record = read_run(path)
+    assert record.status == "failed"
+    assert_rows(record, np.arange(1, 4))  # the buffered rows were written on the way out
+
+
+def test_context_manager_keeps_a_status_already_decided(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    with pytest.raises(KeyboardInterrupt), make_writer(path) as writer:
+        writer.set_status("interrupted")
+        raise KeyboardInterrupt
+    assert read_run(path).status == "interrupted"
+    with make_writer(path, overwrite=True):
+        pass
+    assert read_run(path).status == "running"
+
+
+def test_close_twice_is_harmless(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path)
+    append_steps(writer, range(1, 3))
+    writer.close("completed")
+    writer.close()
+    assert read_run(path).status == "completed"
+    assert len(read_run(path).step) == 2
+
+
+def test_rejects_rows_and_names_of_the_wrong_shape(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path)
+    bad = row(1) | {"logdet": np.zeros(N + 1)}
+    with pytest.raises(ValueError, match="logdet"):
+        writer.append_step(1, **bad)  # type: ignore[arg-type]
+    assert writer.n_steps == 0
+    with pytest.raises(ValueError, match="status"):
+        writer.set_status("exploded")
+    with pytest.raises(ValueError, match="n_values"):
+        writer.write_init(["a", "b"], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1])
+    with pytest.raises(ValueError, match="kinds"):
+        RunWriter(tmp_path / "k.h5", config_json="{}", version="x", layer_names=["a"], layer_kinds=["conv"])
+    with pytest.raises(ValueError, match="flush_every"):
+        make_writer(tmp_path / "f.h5", flush_every=0)
+    assert not (tmp_path / "k.h5").exists() and not (tmp_path / "f.h5").exists()
+    with pytest.raises(ValueError, match="kind"):
+        read_run(path).layer_index("squeeze")
+    assert set(LAYER_KINDS) == {"actnorm", "invconv", "coupling"}
