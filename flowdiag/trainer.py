@@ -56,6 +56,7 @@ class RunResult:
     nan_onset_step: int
     nan_onset_layer: str
     step2_peak: float  # max |output| over all flow layers at step 2 (after one update), Fig. 5
+    early_peak: float  # the same over steps 1 and 2: a run that overflowed at step 1 has no step 2
     steps_per_second: float
 
     @property
@@ -154,15 +155,16 @@ class Trainer:
         self.model = Glow(self.config.model).to(self.device)
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=self.config.train.lr, betas=(0.9, 0.999), eps=1e-8)
         self.stream = BatchStream(len(self.data.train), self.config.train.batch_size, self.config.train.seed)
-        self.recorder = LayerRecorder(self.model) if self.config.train.diagnostics else None
-        if instrument is not None:
+        if instrument is not None:  # before the recorder, so its hooks see what instrument changes
             instrument(self.model)
+        self.recorder = LayerRecorder(self.model) if self.config.train.diagnostics else None
         self.progress = progress
         self.step = 0
         self.best_eval = math.inf
         self.evals_without_improvement = 0
         self.last_bpd = math.nan
         self.step2_peak = math.nan
+        self.early_peak = math.nan
         self.onset_step, self.onset_layer = -1, ""
         self._checkpoint = checkpoint
 
@@ -375,8 +377,11 @@ class Trainer:
         row = self._train_step(images)
         self._record(writer, row)
         self.last_bpd = float(row[1])
-        if self.step == 2 and self.recorder:
-            self.step2_peak = float(np.max(row[_SCALARS : _SCALARS + self.recorder.n_layers]))
+        if self.step <= 2 and self.recorder:
+            peak = float(np.max(row[_SCALARS : _SCALARS + self.recorder.n_layers]))
+            self.early_peak = peak if math.isnan(self.early_peak) else max(self.early_peak, peak)
+            if self.step == 2:
+                self.step2_peak = peak
         layer = self._onset_layer(row)
         if layer is not None:
             if self.onset_step < 0:
@@ -443,6 +448,7 @@ class Trainer:
             nan_onset_step=onset_step,
             nan_onset_layer=onset_layer,
             step2_peak=self.step2_peak,
+            early_peak=self.early_peak,
             steps_per_second=(self.step - first_step) / max(elapsed, 1e-9),
         )
 

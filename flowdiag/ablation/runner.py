@@ -144,7 +144,8 @@ def record_result(trial: optuna.Trial, result: RunResult) -> None:
     trial.set_user_attr("hdf5_path", str(result.h5_path))
     trial.set_user_attr("best_bpd", _finite_or_none(result.best_eval_bpd))
     trial.set_user_attr("final_bpd", _finite_or_none(result.final_bpd))
-    trial.set_user_attr("step2_peak_max_abs", result.step2_peak if not math.isnan(result.step2_peak) else None)
+    trial.set_user_attr("step2_peak_max_abs", None if math.isnan(result.step2_peak) else result.step2_peak)
+    trial.set_user_attr("early_peak_max_abs", None if math.isnan(result.early_peak) else result.early_peak)
     trial.set_user_attr("steps", result.steps)
 
 

@@ -19,6 +19,7 @@ class CellRow:
     onset_step: int
     onset_layer: str
     step2_peak: float | None
+    early_peak: float | None  # over steps 1-2: set even when the run overflowed at step 1
     best_bpd: float | None
     hdf5_path: str
 
@@ -36,6 +37,7 @@ def summarize(study: optuna.Study, cells: list[dict[str, Any]]) -> list[CellRow]
                 onset_step=attrs.get("nan_onset_step", -1),
                 onset_layer=attrs.get("nan_onset_layer", ""),
                 step2_peak=attrs.get("step2_peak_max_abs"),
+                early_peak=attrs.get("early_peak_max_abs"),
                 best_bpd=attrs.get("best_bpd"),
                 hdf5_path=attrs.get("hdf5_path", ""),
             )

@@ -9,6 +9,7 @@ import typer
 from flowdiag import __version__
 from flowdiag.cli.ablate import ablate_command
 from flowdiag.cli.bench import bench_command
+from flowdiag.cli.report import report_command, watch_command
 from flowdiag.cli.train import replay_command, train_command
 from flowdiag.cli.tune import tune_lambda_command
 
@@ -41,3 +42,5 @@ app.command("replay")(replay_command)
 app.command("bench")(bench_command)
 app.command("ablate")(ablate_command)
 app.command("tune-lambda")(tune_lambda_command)
+app.command("report")(report_command)
+app.command("watch")(watch_command)

@@ -114,7 +114,7 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 def print_summary(rows: list[CellRow]) -> None:
     extra = extra_axes(rows)
     table = Table(title="ablation", header_style="bold")
-    for column in ["M", "λ", "batch", "seed", *extra, "status", "onset step", "onset layer", "step-2 peak", "best bpd"]:
+    for column in ["M", "λ", "batch", "seed", *extra, "status", "onset step", "onset layer", "step-2 peak", "peak steps 1-2", "best bpd"]:
         table.add_column(column)
     colour = {"completed": "green", "diverged": "red", "pending": "yellow", "interrupted": "yellow"}
     for row in rows:
@@ -129,6 +129,7 @@ def print_summary(rows: list[CellRow]) -> None:
             str(row.onset_step) if row.onset_step >= 0 else "-",
             row.onset_layer or "-",
             _fmt(row.step2_peak, ".3g"),
+            _fmt(row.early_peak, ".3g"),
             _fmt(row.best_bpd),
         )
     console.print(table)

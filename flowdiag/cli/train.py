@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,9 +20,10 @@ DEFAULT_OUT = Path("runs/train")
 
 def print_result(result: RunResult) -> None:
     style = {"completed": "green", "diverged": "red", "interrupted": "yellow"}.get(result.status, "white")
+    best = f"{result.best_eval_bpd:.4g}" if math.isfinite(result.best_eval_bpd) else "-"
     line = (
         f"[{style}]{result.status}[/] after {result.steps} steps, bpd {result.final_bpd:.4g}, "
-        f"best held-out bpd {result.best_eval_bpd:.4g}, step-2 peak max|output| {result.step2_peak:.3g}, "
+        f"best held-out bpd {best}, peak max|output| over steps 1-2 {result.early_peak:.3g}, "
         f"{result.steps_per_second:.1f} steps/s"
     )
     console.print(line)
@@ -44,6 +46,8 @@ def train_command(
     config = apply_options(RunConfig(), parse_scalars(options))
     result = train(config, out, resume=resume, progress=RichProgress())
     print_result(result)
+    if result.status == "interrupted":
+        raise typer.Exit(code=130)  # the run was saved; the conventional code for Ctrl-C
 
 
 @user_errors_exit_2

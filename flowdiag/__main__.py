@@ -1,0 +1,3 @@
+from flowdiag.cli import app
+
+app(prog_name="flowdiag")

@@ -1,0 +1,56 @@
+"""`flowdiag report` and `flowdiag watch`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flowdiag.cli.common import console, user_errors_exit_2
+from flowdiag.errors import UserError
+from flowdiag.report import build_report, collect_runs, render_summary, watch
+
+REPORTS_DIR = Path("reports")
+
+
+def _default_out(path: Path) -> Path:
+    name = path.stem if path.suffix == ".h5" else path.resolve().name
+    return REPORTS_DIR / name
+
+
+@user_errors_exit_2
+def report_command(
+    path: Annotated[Path, typer.Argument(help="A run folder or run.h5, or an ablation / tune-lambda output folder.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: reports/<name>).")] = None,
+    title: Annotated[str | None, typer.Option("--title", help="Report title.")] = None,
+    fig5_step: Annotated[int, typer.Option("--fig5-step", help="Step for the per-coupling max |output| figure.")] = 2,
+    threshold: Annotated[float, typer.Option("--threshold", help="Blow-up threshold on max |output|.")] = 1e4,
+) -> None:
+    """Write report.md, a self-contained report.html and PNG figures; print a summary and a diagnosis per run."""
+    if fig5_step < 1:
+        raise UserError(f"--fig5-step must be a positive step number, got {fig5_step}")
+    if not threshold > 0:
+        raise UserError(f"--threshold must be positive, got {threshold}")
+    runs = collect_runs(path)
+    target = out or _default_out(path)
+    command = "flowdiag " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
+    summary = build_report(
+        runs, target, title=title or f"flowdiag report: {path}", command=command, fig5_step=fig5_step, threshold=threshold
+    )
+    render_summary(summary, console)
+
+
+@user_errors_exit_2
+def watch_command(
+    run: Annotated[Path, typer.Argument(help="A running trial's folder or run.h5.")],
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between reads.")] = 1.0,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Give up after this many seconds.")] = None,
+) -> None:
+    """Live view of a run while it is written: step, bpd, the top layers by max |output|, onset."""
+    if interval <= 0:
+        raise UserError(f"--interval must be positive, got {interval}")
+    status = watch(run, console, interval=interval, timeout=timeout)
+    console.print(f"run ended: {status}")

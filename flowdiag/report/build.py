@@ -1,0 +1,271 @@
+"""`build_report`: extract, draw, and write report.md, report.html and the PNGs into one folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flowdiag import __version__
+from flowdiag.errors import UserError
+from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
+from flowdiag.report.diagnose import DEFAULT_THRESHOLD, Diagnosis, diagnose
+from flowdiag.report.document import (
+    Bullets,
+    Code,
+    Document,
+    Heading,
+    Image,
+    Paragraph,
+    Table,
+    to_html,
+    to_markdown,
+)
+from flowdiag.report.draw_layers import draw_coupling_peaks, draw_grid, draw_heatmap
+from flowdiag.report.draw_steps import draw_bpd, draw_lambda, draw_penalty
+from flowdiag.report.grid import GridCell, LambdaPoint, grid_cells, is_grid, lambda_points
+from flowdiag.report.layers import CouplingPeaks, coupling_peaks, layer_heatmap, select_heatmap_runs
+from flowdiag.report.runs import best_eval_bpd, final_bpd, is_diverged, onset_step, run_labels
+from flowdiag.report.wording import diagnosis_lines, fmt, fmt_bpd, fmt_rate, fmt_step, headline
+from flowdiag.store import RunRecord
+
+MARKDOWN_NAME, HTML_NAME = "report.md", "report.html"
+MAX_HEATMAP_RUNS = 12
+MAX_PENALTY_RUNS = 4
+
+
+@dataclass(frozen=True)
+class RunRow:
+    label: str
+    path: Path
+    status: str
+    steps: int  # last recorded step (0: none)
+    final_bpd: float
+    best_bpd: float  # best held-out bpd, NaN if never evaluated
+    onset_step: int  # -1: none
+    onset_layer: str
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """What the CLI prints: the table of runs, the diagnoses, and where the files went."""
+
+    title: str
+    out_dir: Path
+    markdown: Path
+    html: Path
+    figures: tuple[Path, ...]
+    runs: tuple[RunRow, ...]
+    diagnoses: tuple[tuple[str, Diagnosis], ...]  # (run label, diagnosis)
+    cells: tuple[GridCell, ...]  # empty unless the runs form a grid of more than one cell
+    lambda_points: tuple[LambdaPoint, ...]  # empty unless the runs form a λ sweep
+    threshold: float
+
+    @property
+    def n_diverged(self) -> int:
+        return sum(d.severity == "diverged" for _, d in self.diagnoses)
+
+
+def run_rows(runs: list[RunRecord], labels: list[str]) -> list[RunRow]:
+    return [
+        RunRow(
+            label=label,
+            path=run.path,
+            status=run.status,
+            steps=int(run.step[-1]) if len(run.step) else 0,
+            final_bpd=final_bpd(run),
+            best_bpd=best_eval_bpd(run),
+            onset_step=onset_step(run) if is_diverged(run) else -1,
+            onset_layer=run.nan_onset_layer,
+        )
+        for run, label in zip(runs, labels, strict=True)
+    ]
+
+
+def _runs_table(rows: list[RunRow]) -> Table:
+    header = [
+        "run",
+        "status",
+        "steps",
+        "final bpd",
+        "best held-out bpd",
+        "NaN onset step",
+        "onset layer",
+        "file",
+    ]
+    body = [
+        [
+            r.label,
+            r.status,
+            str(r.steps),
+            fmt_bpd(r.final_bpd),
+            fmt_bpd(r.best_bpd),
+            fmt_step(r.onset_step),
+            r.onset_layer or "-",
+            str(r.path),
+        ]
+        for r in rows
+    ]
+    return Table(header, body)
+
+
+def _peaks_table(peaks: CouplingPeaks) -> Table:
+    body = []
+    for line in peaks.lines:
+        values = line.log10_max_abs
+        if not line.shown_step or not line.recorded:
+            body.append([line.label, "-", "-", "no row" if line.recorded else "diagnostics off"])
+            continue
+        bad = int((~np.isfinite(values) & (values != -np.inf)).sum())
+        finite = np.where(np.isfinite(values), values, -np.inf)
+        top = int(np.argmax(finite)) if len(values) else -1
+        peak = fmt(float(values[top])) if top >= 0 and np.isfinite(values[top]) else "-"
+        where = f"{top + 1} ({line.layer_names[top]})" if top >= 0 else "-"
+        label = line.label if line.has_row else f"{line.label} (step {line.shown_step})"
+        body.append([label, peak, where, str(bad)])
+    header = [
+        "run",
+        f"largest finite log10 max |output| at step {peaks.step}",
+        "at coupling",
+        "inf/NaN couplings",
+    ]
+    return Table(header, body)
+
+
+def _grid_table(cells: list[GridCell]) -> Table:
+    header = ["M", "λ", "batch", "runs", "diverged", "divergence rate", "best held-out bpd", "mean best bpd"]
+    body = [
+        [
+            str(c.key.init_batches),
+            f"{c.key.lam:g}",
+            str(c.key.batch_size),
+            str(c.n_runs),
+            str(c.n_diverged),
+            fmt_rate(c.n_diverged, c.n_runs),
+            fmt_bpd(c.best_bpd),
+            fmt_bpd(c.mean_best_bpd),
+        ]
+        for c in cells
+    ]
+    return Table(header, body)
+
+
+def _lambda_table(points: list[LambdaPoint]) -> Table:
+    body = [[f"{p.lam:g}", fmt_bpd(p.best_bpd), "yes" if p.diverged else "no", p.label] for p in points]
+    return Table(["λ", "best held-out bpd", "diverged", "run"], body)
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"cannot write {path} ({error.strerror}): choose another --out") from None
+
+
+def build_report(
+    runs: list[RunRecord],
+    out_dir: Path,
+    *,
+    title: str,
+    command: str | None = None,
+    fig5_step: int = 2,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_layer_maps: int = MAX_HEATMAP_RUNS,
+) -> ReportSummary:
+    """Write report.md, report.html (PNGs embedded) and the PNGs into `out_dir`; return the summary."""
+    if not runs:
+        raise UserError(
+            "no runs to report: point at a run folder, a run.h5 file or an ablation output folder"
+        )
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {out_dir} ({error.strerror}): choose another --out") from None
+    labels = run_labels(runs)
+    rows = run_rows(runs, labels)
+    diagnoses = [
+        (label, d) for run, label in zip(runs, labels, strict=True) if (d := diagnose(run, threshold))
+    ]
+    cells = grid_cells(runs)
+    points = lambda_points(runs, labels)
+    figures: list[Path] = []
+    doc = Document(title)
+
+    n_div = sum(d.severity == "diverged" for _, d in diagnoses)
+    doc.add(
+        Paragraph(
+            f"{len(runs)} run(s), {n_div} diverged, {len(diagnoses) - n_div} warning(s) "
+            f"(a layer's max |output| over {threshold:g}). Written by flowdiag {__version__}."
+        )
+    )
+    if command:
+        doc.add(Code(command))
+    doc.add(Heading("Runs"), _runs_table(rows))
+
+    doc.add(Heading("Diagnoses"))
+    if not diagnoses:
+        doc.add(Paragraph(f"No run diverged and no layer's max |output| passed {threshold:g}."))
+    for label, diagnosis in diagnoses:
+        doc.add(Heading(f"{label}: {headline(diagnosis)}", 3), Bullets(diagnosis_lines(diagnosis)))
+
+    doc.add(Heading("Training bpd (paper Fig. 4)"))
+    figures.append(draw_bpd(bpd_curves(runs, labels), out_dir / "bpd.png"))
+    doc.add(Image("bpd.png", "Training bpd per run; X marks the NaN onset of a diverged run."))
+
+    doc.add(Heading(f"Coupling outputs at step {fig5_step} (paper Fig. 5)"))
+    peaks = coupling_peaks(runs, labels, fig5_step)
+    name = f"coupling_step{fig5_step}.png"
+    figures.append(draw_coupling_peaks(peaks, out_dir / name))
+    doc.add(
+        Image(
+            name, f"log10 max |output| of each coupling layer at step {fig5_step}; inf/NaN on the top edge."
+        ),
+        _peaks_table(peaks),
+    )
+
+    doc.add(Heading("Layer × step maps"))
+    chosen = select_heatmap_runs(runs, max_layer_maps)
+    doc.add(
+        Paragraph(
+            f"{len(chosen)} of {len(runs)} run(s), diverged ones first (at most {max_layer_maps}); "
+            "runs trained without diagnostics have no per-layer records and are left out."
+        )
+    )
+    for n, index in enumerate(chosen, start=1):
+        name = f"layers_{n:02d}.png"
+        figures.append(draw_heatmap(layer_heatmap(runs[index], labels[index]), out_dir / name))
+        doc.add(
+            Image(name, f"{labels[index]}: per-layer log10 max |output| and signed-log log-det over steps.")
+        )
+
+    doc.add(Heading("Log-det penalty and 1x1 convs (what λ acts on)"))
+    penalty = [penalty_curves(runs[i], labels[i]) for i in select_penalty_runs(runs, MAX_PENALTY_RUNS)]
+    figures.append(draw_penalty(penalty, out_dir / "penalty.png"))
+    doc.add(Image("penalty.png", "Penalty Σ(h·w·Σlog|u|)² and each 1x1 conv's h·w·Σlog|u| over steps."))
+
+    if is_grid(cells):
+        doc.add(Heading("Ablation grid (M × λ × batch size)"), _grid_table(cells))
+        figures.append(draw_grid(cells, out_dir / "grid.png"))
+        doc.add(Image("grid.png", "Divergence rate across seeds and best held-out bpd per cell."))
+    if points:
+        doc.add(Heading("λ sweep"), _lambda_table(points))
+        figures.append(draw_lambda(points, out_dir / "lambda.png"))
+        doc.add(Image("lambda.png", "λ against best held-out bpd; red X: diverged trials."))
+
+    markdown, html = out_dir / MARKDOWN_NAME, out_dir / HTML_NAME
+    _write(markdown, to_markdown(doc))
+    _write(html, to_html(doc, out_dir))
+    return ReportSummary(
+        title=title,
+        out_dir=out_dir,
+        markdown=markdown,
+        html=html,
+        figures=tuple(figures),
+        runs=tuple(rows),
+        diagnoses=tuple(diagnoses),
+        cells=tuple(cells) if is_grid(cells) else (),
+        lambda_points=tuple(points),
+        threshold=threshold,
+    )

@@ -1,0 +1,269 @@
+"""Why did a run diverge? The figures from its file, and one sentence of likely cause.
+
+`diagnose` gathers the facts (onset, first threshold crossing, the extreme ActNorm inits, each 1x1
+conv's log-det drift); the cause is the first of a short ordered list of rules that applies, each a
+pure function of those facts so that each can be tested alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from flowdiag.report.runs import (
+    RunSettings,
+    actnorm_eps,
+    is_diverged,
+    layer_positions,
+    onset_step,
+    run_settings,
+)
+from flowdiag.store import RunRecord
+
+DEFAULT_THRESHOLD = 1e4
+# An ActNorm scale of 100 multiplies a unit-variance input a hundredfold; a few such layers in a row
+# reach the paper's 1e8 within one forward pass.
+LARGE_INIT_SCALE = 100.0
+# Drift of Σlog|u| (the log-det over h·w) of one nat: |det W| grew or shrank by a factor e at every
+# position, which is what the penalty exists to stop.
+LARGE_DRIFT_PER_POSITION = 1.0
+RECOMMENDED_INIT_BATCHES = 256  # the paper's M
+
+
+class Crossing(NamedTuple):
+    """First step at which some layer's max |output| exceeded the threshold or was not finite."""
+
+    step: int
+    layer: str  # the first such layer in forward order: the one nearest the input
+    max_abs: float  # its value (inf / NaN kept)
+
+
+class ActNormInit(NamedTuple):
+    name: str
+    log_scale_max: float
+    scale: float  # exp(log_scale_max)
+    min_input_var: float
+    n_values: int  # values per channel the statistics came from: M · batch · h · w
+
+
+class ConvDrift(NamedTuple):
+    name: str
+    first: float  # first finite h·w·Σlog|u| recorded
+    last: float  # last finite one
+    drift: float  # last - first
+    positions: int | None  # h·w at the layer, None when its level cannot be read from the name
+
+    @property
+    def per_position(self) -> float:
+        """Drift of Σlog|u| itself; NaN when h·w is unknown."""
+        return self.drift / self.positions if self.positions else math.nan
+
+
+class CauseFacts(NamedTuple):
+    """Everything the cause rules look at."""
+
+    settings: RunSettings
+    eps: float
+    threshold: float
+    onset_step: int
+    onset_layer: str
+    crossing: Crossing | None
+    largest_scale: ActNormInit | None
+    smallest_var: ActNormInit | None
+    conv_drifts: tuple[ConvDrift, ...]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    path: Path
+    severity: Literal["diverged", "warning"]  # warning: completed, but some layer crossed the threshold
+    facts: CauseFacts
+    rule: str  # name of the rule that produced `cause`
+    cause: str
+
+    @property
+    def onset_step(self) -> int:
+        return self.facts.onset_step
+
+    @property
+    def onset_layer(self) -> str:
+        return self.facts.onset_layer
+
+    @property
+    def crossing(self) -> Crossing | None:
+        return self.facts.crossing
+
+
+# --- the facts ----------------------------------------------------------------------------------
+
+
+def first_crossing(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> Crossing | None:
+    # Non-finite by the writer's flag, not by isnan: a run without diagnostics holds NaN it never measured.
+    with np.errstate(invalid="ignore"):
+        crossed = np.asarray(run.nonfinite, dtype=bool) | (run.max_abs > threshold)
+    rows = np.flatnonzero(crossed.any(axis=1))
+    if not rows.size:
+        return None
+    row = int(rows[0])
+    column = int(np.flatnonzero(crossed[row])[0])
+    return Crossing(int(run.step[row]), run.layer_names[column], float(run.max_abs[row, column]))
+
+
+def _actnorm_init(run: RunRecord, index: int) -> ActNormInit:
+    assert run.init is not None
+    log_scale_max = float(run.init["log_scale_max"][index])
+    return ActNormInit(
+        name=str(run.init["name"][index]),
+        log_scale_max=log_scale_max,
+        scale=math.exp(log_scale_max) if log_scale_max < 700 else math.inf,
+        min_input_var=float(run.init["min_input_var"][index]),
+        n_values=int(run.init["n_values"][index]),
+    )
+
+
+def extreme_actnorms(run: RunRecord) -> tuple[ActNormInit | None, ActNormInit | None]:
+    """(largest initial scale, smallest initial input variance) over every ActNorm; Nones without init."""
+    if run.init is None or not len(run.init["name"]):
+        return None, None
+    log_scale = np.asarray(run.init["log_scale_max"], dtype=np.float64)
+    variance = np.asarray(run.init["min_input_var"], dtype=np.float64)
+    largest = int(np.nanargmax(log_scale)) if np.isfinite(log_scale).any() else 0
+    smallest = int(np.nanargmin(variance)) if np.isfinite(variance).any() else 0
+    return _actnorm_init(run, largest), _actnorm_init(run, smallest)
+
+
+def conv_drifts(run: RunRecord) -> tuple[ConvDrift, ...]:
+    drifts = []
+    for column in run.layer_index("invconv"):
+        values = np.asarray(run.logdet[:, column], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        first, last = (float(finite[0]), float(finite[-1])) if finite.size else (math.nan, math.nan)
+        name = run.layer_names[column]
+        drifts.append(ConvDrift(name, first, last, last - first, layer_positions(run, name)))
+    return tuple(drifts)
+
+
+def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseFacts:
+    largest, smallest = extreme_actnorms(run)
+    return CauseFacts(
+        settings=run_settings(run),
+        eps=actnorm_eps(run),
+        threshold=threshold,
+        onset_step=onset_step(run),
+        onset_layer=run.nan_onset_layer,
+        crossing=first_crossing(run, threshold),
+        largest_scale=largest,
+        smallest_var=smallest,
+        conv_drifts=conv_drifts(run),
+    )
+
+
+# --- the cause rules, in order ------------------------------------------------------------------
+
+
+def _spatial(n_values: int, settings: RunSettings) -> str:
+    per_batch = settings.init_batches * settings.batch_size
+    if per_batch <= 0 or n_values % per_batch:
+        return f"{n_values} values"
+    positions = n_values // per_batch
+    side = math.isqrt(positions)
+    return f"{side}x{side}" if side * side == positions else f"{positions} positions"
+
+
+def rule_actnorm_init(facts: CauseFacts) -> str | None:
+    """An ActNorm whose init scale is huge: too few values per channel (the paper's Method 2)."""
+    norm = facts.largest_scale
+    if norm is None or not norm.scale >= LARGE_INIT_SCALE:
+        return None
+    s = facts.settings
+    ceiling = 1.0 / math.sqrt(facts.eps) if facts.eps > 0 else math.inf
+    if math.isfinite(ceiling) and abs(norm.scale - ceiling) <= 0.01 * ceiling:
+        how_big = f"1/sqrt(eps) = {ceiling:.4g}"
+    else:
+        how_big = f"{norm.scale:.4g}"
+    plural = "value" if norm.n_values == 1 else "values"
+    if s.init_batches < RECOMMENDED_INIT_BATCHES:
+        fix = f"initialize from more minibatches (--init-batches {RECOMMENDED_INIT_BATCHES})"
+    else:
+        fix = "even M minibatches leave that channel near-constant: raise --actnorm-eps or --batch-size"
+    return (
+        f"ActNorm {norm.name} was initialized from {norm.n_values} {plural} per channel "
+        f"(M={s.init_batches} · batch {s.batch_size} · {_spatial(norm.n_values, s)}), so its scale was "
+        f"{how_big} and outputs compounded step after step: {fix}"
+    )
+
+
+def rule_backward_overflow(facts: CauseFacts) -> str | None:
+    """The gradient went non-finite while every layer output was still finite."""
+    if facts.onset_layer != "backward":
+        return None
+    return (
+        f"the backward pass overflowed: at step {facts.onset_step} the gradient norm was not finite while "
+        "every layer output was: clip the gradient norm (--grad-clip 1) or lower the learning rate (--lr)"
+    )
+
+
+def rule_logdet_drift(facts: CauseFacts) -> str | None:
+    """A 1x1 conv's log-det wandered far with no penalty on it (the paper's Method 1)."""
+    if facts.settings.lam != 0:
+        return None
+    drifting = [d for d in facts.conv_drifts if abs(d.per_position) >= LARGE_DRIFT_PER_POSITION]
+    if not drifting:
+        return None
+    worst = max(drifting, key=lambda d: abs(d.per_position))
+    return (
+        f"1x1 conv {worst.name} drifted in log-det by {worst.drift:+.4g} ({worst.per_position:+.3g} per "
+        f"position over h·w = {worst.positions}, |det W| scaled by e^{worst.per_position:+.2g}) with λ = 0, "
+        "moving the flow towards a singular W: add the log-det penalty (--lam 1e-5)"
+    )
+
+
+def rule_generic(facts: CauseFacts) -> str:
+    """No rule above applies: say what was seen and how to look closer, without guessing."""
+    if facts.onset_layer == "loss" and facts.crossing is None:
+        where = f"the loss went non-finite at step {facts.onset_step} while every layer output stayed finite"
+    elif facts.crossing:
+        c = facts.crossing
+        where = f"{c.layer} was the first layer past {facts.threshold:g} (step {c.step})"
+    else:
+        where = f"no layer output passed {facts.threshold:g} before the onset"
+    scale = f"{facts.largest_scale.scale:.3g}" if facts.largest_scale else "unknown"
+    drifts = [abs(d.drift) for d in facts.conv_drifts if math.isfinite(d.drift)]
+    drift = f"{max(drifts):.3g}" if drifts else "unknown"
+    return (
+        f"no single cause stands out: {where}, the largest ActNorm init scale was {scale} and the largest "
+        f"1x1-conv log-det drift {drift}; replay the onset step (flowdiag replay RUN_DIR) to name the first "
+        "non-finite operation"
+    )
+
+
+CAUSE_RULES: tuple[tuple[str, Callable[[CauseFacts], str | None]], ...] = (
+    ("actnorm_init", rule_actnorm_init),
+    ("backward_overflow", rule_backward_overflow),
+    ("logdet_drift", rule_logdet_drift),
+    ("generic", rule_generic),
+)
+
+
+def likely_cause(facts: CauseFacts) -> tuple[str, str]:
+    """(rule name, sentence) of the first rule that applies; `generic` always does."""
+    for name, rule in CAUSE_RULES:
+        sentence = rule(facts)
+        if sentence is not None:
+            return name, sentence
+    raise AssertionError("rule_generic always applies")
+
+
+def diagnose(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> Diagnosis | None:
+    """A diagnosis for a diverged run, a warning for a completed one that crossed `threshold`, else None."""
+    diverged = is_diverged(run)
+    facts = gather_facts(run, threshold)
+    if not diverged and facts.crossing is None:
+        return None
+    rule, cause = likely_cause(facts)
+    return Diagnosis(run.path, "diverged" if diverged else "warning", facts, rule, cause)

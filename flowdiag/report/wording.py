@@ -1,0 +1,86 @@
+"""Numbers and diagnoses as text, shared by the Markdown/HTML report and the terminal summary."""
+
+from __future__ import annotations
+
+import math
+
+from flowdiag.report.diagnose import Diagnosis
+
+MAX_DRIFTS_LISTED = 3
+
+
+def fmt(value: float, digits: int = 4) -> str:
+    """A float for a table: `digits` significant digits; inf and NaN spelled out."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}g}"
+
+
+def fmt_bpd(value: float) -> str:
+    """bpd to four decimals, the precision the paper reports and the tests compare; an exploded
+    loss (1e24 bits/dim) in scientific notation rather than 25 digits."""
+    if not math.isfinite(value):
+        return "NaN"
+    return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.3e}"
+
+
+def fmt_step(step: int) -> str:
+    return str(step) if step >= 0 else "-"
+
+
+def fmt_rate(n_diverged: int, n_runs: int) -> str:
+    return f"{n_diverged}/{n_runs} ({100 * n_diverged / n_runs:.0f}%)" if n_runs else "-"
+
+
+def headline(diagnosis: Diagnosis) -> str:
+    f = diagnosis.facts
+    if diagnosis.severity == "diverged":
+        where = f"step {fmt_step(f.onset_step)}" + (f" in {f.onset_layer}" if f.onset_layer else "")
+        return f"diverged at {where}"
+    crossing = f.crossing
+    assert crossing is not None  # a warning exists only because of a crossing
+    return f"warning: completed, but {crossing.layer} passed {f.threshold:g} at step {crossing.step}"
+
+
+def diagnosis_lines(diagnosis: Diagnosis) -> list[str]:
+    """The figures behind a diagnosis, one line each, the likely cause last."""
+    f = diagnosis.facts
+    lines = []
+    if diagnosis.severity == "diverged":
+        layer = f.onset_layer or "(layer not recorded)"
+        lines.append(f"NaN onset: step {fmt_step(f.onset_step)}, layer {layer}")
+    if f.crossing is not None:
+        c = f.crossing
+        lines.append(
+            f"first max |output| over {f.threshold:g} or non-finite: step {c.step}, layer {c.layer} "
+            f"(max |output| {fmt(c.max_abs)})"
+        )
+    else:
+        lines.append(f"no layer's max |output| passed {f.threshold:g} or went non-finite")
+    if f.largest_scale is not None:
+        a = f.largest_scale
+        lines.append(
+            f"largest ActNorm init scale: {a.name}, scale {fmt(a.scale)} (log {fmt(a.log_scale_max)}), "
+            f"from {a.n_values} value{'' if a.n_values == 1 else 's'} per channel"
+        )
+    if f.smallest_var is not None:
+        a = f.smallest_var
+        lines.append(
+            f"smallest ActNorm init variance: {a.name}, variance {fmt(a.min_input_var)}, "
+            f"from {a.n_values} value{'' if a.n_values == 1 else 's'} per channel"
+        )
+    drifts = sorted(
+        (d for d in f.conv_drifts if math.isfinite(d.drift)), key=lambda d: abs(d.drift), reverse=True
+    )
+    if drifts:
+        listed = ", ".join(f"{d.name} {d.drift:+.4g}" for d in drifts[:MAX_DRIFTS_LISTED])
+        more = (
+            f" (largest {MAX_DRIFTS_LISTED} of {len(drifts)} convs)"
+            if len(drifts) > MAX_DRIFTS_LISTED
+            else ""
+        )
+        lines.append(f"1x1 conv log-det drift, last minus first h·w·Σlog|u|: {listed}{more}")
+    lines.append(f"likely cause: {diagnosis.cause}")
+    return lines
