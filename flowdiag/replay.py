@@ -9,6 +9,7 @@ dispatch mode that inspects every aten op's output; the backward under
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,46 @@ class _FirstNonFinite(TorchDispatchMode):
 
 
 def _track_modules(model: Glow, stack: list[str]) -> list[Any]:
+    """Keep `stack` as the path of modules the forward is inside (hooks return None: outputs untouched)."""
+
+    def enter(name: str) -> Any:
+        def hook(module: Any, inputs: Any) -> None:
+            stack.append(name or "(model)")
+
+        return hook
+
+    def leave(module: Any, inputs: Any, output: Any) -> None:
+        stack.pop()
+
     handles = []
     for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(lambda m, i, name=name: stack.append(name or "(model)")))
-        handles.append(module.register_forward_hook(lambda m, i, o: stack.pop()))
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
     return handles
+
+
+def _replay_backward(model: Glow, loss: Tensor) -> str:
+    """"" when the backward stays finite; else what went wrong, and where."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "anomaly detection enabled": we know
+            with torch.autograd.detect_anomaly(check_nan=True):
+                loss.backward()
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads.items():
+        if not bool(torch.isfinite(grad).all()):
+            return f"the gradient of {name} is non-finite"
+    largest = {name: float(grad.detach().abs().max().double()) for name, grad in grads.items()}
+    name = max(largest, key=largest.__getitem__)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    if not bool(torch.isfinite(norm)):
+        return (
+            f"every gradient is finite but their norm overflows float32: the largest, "
+            f"{largest[name]:.3g}, is in {name}"
+        )
+    return ""
 
 
 def replay(run_dir: Path) -> ReplayReport:
@@ -90,21 +126,13 @@ def replay(run_dir: Path) -> ReplayReport:
         for handle in handles:
             handle.remove()
     backward_error = ""
-    if math.isfinite(float(loss)):
-        try:
-            with torch.autograd.detect_anomaly(check_nan=True):
-                loss.backward()
-        except RuntimeError as error:
-            backward_error = str(error).splitlines()[0]
-        else:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
-                backward_error = "a parameter gradient is non-finite"
+    if math.isfinite(float(loss.detach())):
+        backward_error = _replay_backward(model, loss)
     return ReplayReport(
         step=int(bundle["step"]),
         onset_layer=str(bundle["onset_layer"]),
         recorded_loss=float(bundle["recorded"]["loss"]),
-        replayed_loss=float(loss),
+        replayed_loss=float(loss.detach()),
         first_op=watch.op,
         first_op_module=watch.module,
         first_op_inputs_finite=watch.inputs_finite,

@@ -30,7 +30,7 @@ from flowdiag.data import ImageData, load_dataset
 from flowdiag.errors import UserError
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.layers import FLOW_LAYER_KINDS
-from flowdiag.model import Glow, bpd_from_log_prob, dequantize
+from flowdiag.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
 from flowdiag.objective import training_loss
 from flowdiag.recorder import LayerRecorder
 from flowdiag.store import RunWriter
@@ -148,6 +148,7 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         self.data = data if data is not None else load_dataset(config.data)
         model_cfg = replace(config.model, in_channels=self.data.channels, image_size=self.data.image_size)
+        validate_model_config(model_cfg)
         self.config = replace(config, model=model_cfg)
         self.total = total_steps(self.config.train, len(self.data.train))
         self._check_out_dir()
@@ -345,7 +346,10 @@ class Trainer:
     def _save_samples(self) -> None:
         from torchvision.utils import save_image
 
-        with self.recorder.paused() if self.recorder else nullcontext():
+        # A forked RNG: drawing samples must not shift the noise of a run resumed from here.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.recorder.paused() if self.recorder else nullcontext():
+            torch.manual_seed(self.config.train.seed)
             samples = self.model.sample(64, self.config.train.sample_temperature)
         if torch.isfinite(samples).all():
             save_image((samples + 0.5).clamp(0, 1).cpu(), self.out_dir / SAMPLES_FILE, nrow=8)

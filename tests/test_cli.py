@@ -1,0 +1,192 @@
+"""The CLI as a user meets it: exit codes, one-line errors, signals, and nothing overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flowdiag import __version__
+from flowdiag.cli import app
+from flowdiag.errors import UserError
+from flowdiag.store import read_run
+
+RUNNER = CliRunner()
+ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
+TINY = ["--levels", "3", "--steps-per-level", "1", "--hidden", "8", "--batch-size", "4", "--init-batches", "2"]
+
+
+def invoke(*args: str):  # noqa: ANN201 - typer's Result
+    return RUNNER.invoke(app, list(args), env=ENV)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_help_and_version() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    for command in ("train", "ablate", "tune-lambda", "report", "watch", "replay", "bench"):
+        assert command in result.output
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_train_writes_a_run_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = invoke("train", *TINY, "--steps", "4", "--eval-every", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "completed after 4 steps" in result.output
+    assert str(out / "run.h5") in result.output.replace("\n", "")
+    assert read_run(out / "run.h5").status == "completed"
+
+
+def test_diverged_run_is_a_result_exit_0(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = invoke("train", "--batch-size", "1", "--init-batches", "1", "--steps", "5", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "diverged at step" in result.output and "flowdiag replay" in result.output
+    replayed = invoke("replay", str(out))
+    assert replayed.exit_code == 0, replayed.output
+    assert "reproduced exactly" in replayed.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--batch-size", "abc"], "--batch-size"),
+        (["--init-batches", "0"], "--init-batches"),
+        (["--steps", "0"], "--steps"),
+        (["--lam", "-1"], "--lam"),
+        (["--lr", "nan"], "--lr"),
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--coupling", "spline"], "--coupling"),
+        (["--dataset", "mnist", "--data-root", "/nonexistent/mnist"], "/nonexistent/mnist"),
+        (["--dataset", "cifar10"], "--data-root"),
+        (["--device", "cuda"], "cuda"),
+        (["--levels", "4"], "--levels"),
+    ],
+)
+def test_bad_options_one_line_exit_2_nothing_touched(tmp_path: Path, args: list[str], needle: str) -> None:
+    if "--device" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+    out = tmp_path / "run"
+    result = invoke("train", *args, "--steps", str(3) if "--steps" not in args else args[-1], "--out", str(out))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output, result.output
+    assert not out.exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert invoke("train", *TINY, "--steps", "2", "--out", str(out)).exit_code == 0
+    before = {p.name: _digest(p) for p in out.iterdir()}
+    for args in (["--steps", "2"], ["--batch-size", "-3"], ["--dataset", "nope"]):
+        result = invoke("train", *TINY, *args, "--out", str(out))
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert "--resume" in invoke("train", *TINY, "--steps", "2", "--out", str(out)).output
+    assert {p.name: _digest(p) for p in out.iterdir()} == before
+
+
+def test_unwritable_output(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = invoke("train", *TINY, "--steps", "2", "--out", str(blocker / "run"))
+    assert result.exit_code == 2 and "--out" in result.output and len(result.output.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a folder"
+
+
+def _start_training(out: Path, flush_every: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "flowdiag", "train", *TINY, "--steps", "100000", "--eval-every", "0"]
+    command += ["--flush-every", str(flush_every), "--out", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: float = 90.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        try:
+            seen = len(read_run(path).step)
+        except UserError:
+            seen = 0  # not created yet, or caught mid-flush
+        if seen >= rows:
+            return seen
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"no {rows} rows in {path} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_a_readable_file(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    process = _start_training(out, flush_every=5)
+    _wait_for_rows(out / "run.h5", 10, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    record = read_run(out / "run.h5")
+    assert record.status == "running"
+    assert len(record.step) >= 10 and len(record.step) % 5 == 0
+    assert record.step.tolist() == list(range(1, len(record.step) + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_end_interrupted_with_checkpoint(tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "run"
+    process = _start_training(out, flush_every=5)
+    _wait_for_rows(out / "run.h5", 5, process)
+    process.send_signal(sig)
+    assert process.wait(timeout=60) == 130
+    record = read_run(out / "run.h5")
+    assert record.status == "interrupted"
+    assert (out / "checkpoint.pt").exists()
+    # every step up to the interruption was written, not only the flushed blocks
+    resumed = invoke("train", *TINY, "--steps", str(int(record.step[-1]) + 2), "--out", str(out), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    again = read_run(out / "run.h5")
+    assert again.status == "completed" and again.step.tolist() == list(range(1, int(record.step[-1]) + 3))
+
+
+def test_report_and_watch_on_a_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert invoke("train", *TINY, "--steps", "3", "--out", str(out)).exit_code == 0
+    report_dir = tmp_path / "report"
+    result = invoke("report", str(out), "--out", str(report_dir))
+    assert result.exit_code == 0, result.output
+    assert (report_dir / "report.md").exists() and (report_dir / "report.html").exists()
+    watched = invoke("watch", str(out), "--timeout", "10")
+    assert watched.exit_code == 0 and "completed" in watched.output
+
+
+def test_report_on_corrupt_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "run.h5"
+    bad.write_bytes(os.urandom(4096))
+    result = invoke("report", str(bad), "--out", str(tmp_path / "report"))
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "report").exists()
+    missing = invoke("report", str(tmp_path / "nothing-here"))
+    assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1
+
+
+def test_bench_prints_its_tables(tmp_path: Path) -> None:
+    result = invoke("bench", *TINY, "--timed-steps", "2", "--blocks", "2", "--init-ms", "1,2")
+    assert result.exit_code == 0, result.output
+    assert "overhead" in result.output and "HDF5 bytes/step" in result.output
+    assert "cumulative ActNorm init" in result.output
+    bad = invoke("bench", "--init-ms", "1,x")
+    assert bad.exit_code == 2 and "--init-ms" in bad.output
