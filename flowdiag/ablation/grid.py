@@ -1,9 +1,11 @@
 """The ablation grid, as data: which settings are axes, which are fixed, and one RunConfig per cell.
 
 Settings come from three layers, later ones winning: RunConfig defaults (with the ablation's own
-defaults on top), a TOML file (`--config`), then the command line. Every trainer option may be a
-list; a list of more than one value is an axis. M, λ, batch size and seed are always cell
-parameters, so every trial carries them whatever the grid.
+defaults on top), a TOML file (`--config`), then the command line. Every listable trainer option
+may be a list; a list of more than one value is an axis. M, λ, batch size and seed are always cell
+parameters, so every trial carries them whatever the grid. Every other setting is fixed: its value
+(given or default) is part of the study's identity, except the settings that only say where or how
+a run is done (device, data root, flush and checkpoint intervals), which may differ between machines.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any
 
 from flowdiag.config import RunConfig
 from flowdiag.errors import UserError
-from flowdiag.options import OPTIONS_BY_NAME, TRAINER_OPTIONS, apply_options
+from flowdiag.options import OPTIONS_BY_NAME, TRAINER_OPTIONS, TrainerOption, apply_options
 
 CORE_AXES = ("batch_size", "init_batches", "lam", "seed")
+# Where and how a cell runs, not what it computes: left out of the study's identity.
+PLACEMENT = ("device", "data_root", "download", "flush_every", "checkpoint_every")
 
 # The paper's Fig. 4 setting (additive coupling, λ = 1e-3, lr = 1e-5) on the embedded digits, with a
 # budget that lets `flowdiag ablate --batch-size 1 --init-batches 1,16,256` finish within about
@@ -54,7 +58,8 @@ class Grid:
         return apply_options(RunConfig(), {**self.fixed, **cell})
 
     def fixed_json(self) -> str:
-        return json.dumps(self.fixed, sort_keys=True)
+        """The fixed settings that define the study: reusing its name with others is refused."""
+        return json.dumps({k: v for k, v in self.fixed.items() if k not in PLACEMENT}, sort_keys=True)
 
 
 def cell_key(cell: Mapping[str, Any]) -> str:
@@ -64,8 +69,8 @@ def cell_key(cell: Mapping[str, Any]) -> str:
 def cell_slug(cell: Mapping[str, Any]) -> str:
     """A folder name that says what the cell is: M1-lam0.001-b1-seed0-coupling_affine."""
     short = {"init_batches": "M", "lam": "lam", "batch_size": "b", "seed": "seed"}
-    parts = [f"{short[k]}{cell[k]:g}" if isinstance(cell[k], float) else f"{short[k]}{cell[k]}" for k in CORE_AXES]
-    parts += [f"{k}_{v}" for k, v in cell.items() if k not in short]
+    parts = [f"{v}{cell[k]:g}" if isinstance(cell[k], float) else f"{v}{cell[k]}" for k, v in short.items()]
+    parts += [f"{k}_{v:g}" if isinstance(v, float) else f"{k}_{v}" for k, v in cell.items() if k not in short]
     return "-".join(parts).replace("/", "_")
 
 
@@ -76,7 +81,9 @@ def read_config_file(path: Path) -> dict[str, list[Any]]:
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"--config {path}: cannot read it ({error}); check the path and permissions") from None
+        raise UserError(
+            f"--config {path}: cannot read it ({error}); check the path and permissions"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"--config {path}: not valid TOML ({error})") from None
     values: dict[str, list[Any]] = {}
@@ -89,8 +96,22 @@ def read_config_file(path: Path) -> dict[str, list[Any]]:
             known = ", ".join(sorted(OPTIONS_BY_NAME))
             raise UserError(f"--config {path}: unknown setting {key!r} (known: {known}, seeds)")
         items = value if isinstance(value, list) else [value]
-        values[name] = [option.parse(str(item)) if not isinstance(item, bool) else item for item in items]
+        if not items:
+            raise UserError(f"--config {path}: {key} is an empty list; give at least one value")
+        if any(isinstance(item, dict | list) for item in items):
+            raise UserError(f"--config {path}: {key} must be a value or a list of values")
+        values[name] = list(dict.fromkeys(_parse_item(option, item) for item in items))
     return values
+
+
+def _parse_item(option: TrainerOption, item: Any) -> Any:
+    if isinstance(item, bool):
+        if option.kind != "bool":
+            raise UserError(
+                f"{option.cli_flag}: {item!r} is not a valid {option.kind.replace('optional_', '')}"
+            )
+        return item
+    return option.parse(str(item))
 
 
 def build_grid(cli_lists: Mapping[str, str | None], config_file: Path | None = None) -> Grid:
@@ -102,25 +123,40 @@ def build_grid(cli_lists: Mapping[str, str | None], config_file: Path | None = N
         if text is None:
             continue
         option = OPTIONS_BY_NAME[name]
-        values[name] = option.parse_list(text) if option.listable else [option.parse(text)]
+        if isinstance(text, bool):  # an on/off flag
+            values[name] = [text]
+        elif option.listable:
+            values[name] = option.parse_list(text)
+        elif "," in text and option.kind not in ("str", "bool"):
+            raise UserError(f"{option.cli_flag} takes one value, not a list: {text!r}")
+        else:
+            values[name] = [option.parse(text)]
     for name, items in values.items():
         if len(items) > 1 and not OPTIONS_BY_NAME[name].listable:
             raise UserError(f"{OPTIONS_BY_NAME[name].cli_flag} takes one value, not a list")
-    _check_ranges(values)
+        if len(items) > 1 and None in items:
+            raise UserError(f"{OPTIONS_BY_NAME[name].cli_flag}: 'none' cannot be one value of a grid axis")
+    check_ranges(values)
     axes = {name: values.get(name, [OPTIONS_BY_NAME[name].default]) for name in CORE_AXES}
     axes.update({name: items for name, items in values.items() if len(items) > 1 and name not in axes})
-    fixed = {o.name: values[o.name][0] for o in TRAINER_OPTIONS if o.name in values and o.name not in axes}
+    fixed = {o.name: values.get(o.name, [o.default])[0] for o in TRAINER_OPTIONS if o.name not in axes}
     return Grid(axes=axes, fixed=fixed)
 
 
-def _check_ranges(values: Mapping[str, list[Any]]) -> None:
+def check_ranges(values: Mapping[str, list[Any]]) -> None:
     """The errors a user makes in a list, caught before anything is created."""
-    at_least_one = ("batch_size", "init_batches", "steps", "levels", "steps_per_level", "hidden", "n_bits")
+    at_least_one = (
+        *("batch_size", "init_batches", "steps", "levels", "steps_per_level", "hidden", "n_bits"),
+        *("image_size", "flush_every"),
+    )
     for name in at_least_one:
         for value in values.get(name, []):
             if value is not None and value < 1:
                 raise UserError(f"{OPTIONS_BY_NAME[name].cli_flag}: {value} is not a positive integer")
-    non_negative = ("lam", "seed", "warmup", "grad_clip", "eval_every", "eval_batches", "early_stop")
+    non_negative = (
+        *("lam", "seed", "warmup", "grad_clip", "eval_every", "eval_batches", "early_stop"),
+        *("checkpoint_every", "actnorm_eps"),
+    )
     for name in non_negative:
         for value in values.get(name, []):
             if value < 0:

@@ -7,15 +7,20 @@ Protocol (measured safe on SQLite and PostgreSQL, see storage.py):
 - each worker pops WAITING trials through `study.optimize`, which claims a trial atomically and
   keeps its heartbeat; a worker whose `ask()` found the queue empty got a sampler trial instead and
   discards it (pruned, no cell), so no cell ever runs twice;
+- two machines that sync the same grid at once both queue its cells: a popped trial whose cell has
+  an earlier live (waiting, running or complete) trial is discarded as a duplicate (pruned), so the
+  earliest live trial of a cell is the one that runs;
 - workers wait while other machines' trials are RUNNING, so a killed one is picked up again here
   once its heartbeat is stale.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -24,17 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from flowdiag.ablation.grid import Grid, cell_key, cell_slug
-from flowdiag.ablation.storage import make_storage
-from flowdiag.config import DataConfig
+from flowdiag.ablation.storage import fail_dead_trials, make_storage
+from flowdiag.config import DataConfig, RunConfig
 from flowdiag.data import ImageData, load_dataset
 from flowdiag.errors import UserError
 from flowdiag.options import OPTIONS_BY_NAME
-from flowdiag.trainer import ProgressSink, RunResult, train
+from flowdiag.trainer import ProgressSink, RunResult, resolve_device, train, validate_train_config
 
 STUDY_KIND = "ablation"
 POLL_SECONDS = 2.0
@@ -52,7 +57,9 @@ class AblationSpec:
 # --- the study ---------------------------------------------------------------------------------
 
 
-def open_study(storage_url: str, study_name: str, kind: str, fixed_json: str, axes: list[str]) -> optuna.Study:
+def open_study(
+    storage_url: str, study_name: str, kind: str, fixed_json: str, axes: list[str]
+) -> optuna.Study:
     """Create or load the study; refuse one made with other fixed settings (never mix them)."""
     study = optuna.create_study(
         study_name=study_name, storage=make_storage(storage_url), load_if_exists=True, direction="minimize"
@@ -68,7 +75,9 @@ def open_study(storage_url: str, study_name: str, kind: str, fixed_json: str, ax
     if attrs["fixed"] != fixed_json or sorted(attrs["axes"]) != sorted(axes):
         old, new = json.loads(attrs["fixed"]), json.loads(fixed_json)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "axis") != new.get(k, "axis"))
-        details = ", ".join(f"{k}: {old.get(k, 'axis')} -> {new.get(k, 'axis')}" for k in changed) or "grid axes"
+        details = (
+            ", ".join(f"{k}: {old.get(k, 'axis')} -> {new.get(k, 'axis')}" for k in changed) or "grid axes"
+        )
         raise UserError(
             f"study {study_name!r} was made with other fixed settings ({details}); "
             "use another --study or --out to keep both"
@@ -90,10 +99,12 @@ def _distribution(name: str, value: Any) -> BaseDistribution:
 
 def sync_grid(study: optuna.Study, cells: list[dict[str, Any]]) -> int:
     """Re-queue stale trials and queue every cell that has no live trial; returns how many were queued."""
-    fail_stale_trials(study)
+    fail_dead_trials(study)
     live = {
         t.user_attrs.get("cell")
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))
+        for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+        )
     }
     queued = 0
     for cell in cells:
@@ -141,7 +152,7 @@ def record_result(trial: optuna.Trial, result: RunResult) -> None:
     trial.set_user_attr("status", result.status)
     trial.set_user_attr("nan_onset_step", result.nan_onset_step)
     trial.set_user_attr("nan_onset_layer", result.nan_onset_layer)
-    trial.set_user_attr("hdf5_path", str(result.h5_path))
+    trial.set_user_attr("hdf5_path", str(Path(result.h5_path).resolve()))
     trial.set_user_attr("best_bpd", _finite_or_none(result.best_eval_bpd))
     trial.set_user_attr("final_bpd", _finite_or_none(result.final_bpd))
     trial.set_user_attr("step2_peak_max_abs", None if math.isnan(result.step2_peak) else result.step2_peak)
@@ -198,6 +209,10 @@ class CellObjective:
         if "cell" not in trial.user_attrs:  # the queue was empty when this worker asked: not a cell
             trial.study.stop()
             raise optuna.TrialPruned("no grid cell left")
+        earlier = _earlier_live_trial(trial)
+        if earlier is not None:  # another machine queued this cell too, before this trial
+            trial.set_user_attr("duplicate_of", earlier)
+            raise optuna.TrialPruned(f"cell already taken by trial {earlier}")
         cell = json.loads(trial.user_attrs["cell"])
         config = self.spec.grid.config_for(cell)
         run_dir = fresh_run_dir(self.spec.out, cell_slug(cell), trial.number)
@@ -206,6 +221,16 @@ class CellObjective:
         if result.status == "interrupted":
             raise KeyboardInterrupt  # the trial ends FAIL, so the next run does this cell again
         return trial_value(result)
+
+
+def _earlier_live_trial(trial: optuna.Trial) -> int | None:
+    """The number of an earlier waiting, running or complete trial of the same cell, if any."""
+    key = trial.user_attrs["cell"]
+    live = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    for other in trial.study.get_trials(deepcopy=False, states=live):
+        if other.number < trial.number and other.user_attrs.get("cell") == key:
+            return other.number
+    return None
 
 
 def _stop_when_queue_empty(study: optuna.Study, _: FrozenTrial) -> None:
@@ -222,7 +247,7 @@ def work(
     study = optuna.load_study(study_name=spec.study_name, storage=make_storage(spec.storage_url))
     objective = objective or CellObjective(spec)
     while True:
-        fail_stale_trials(study)
+        fail_dead_trials(study)
         if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             callbacks = [_stop_when_queue_empty] + ([after_trial] if after_trial else [])
             study.optimize(objective, callbacks=callbacks, catch=(Exception,))
@@ -232,31 +257,61 @@ def work(
             return
 
 
-def _worker_process(spec: AblationSpec) -> None:
+def _cpu_count() -> int:
     try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _worker_process(spec: AblationSpec) -> None:
+    if "OMP_NUM_THREADS" not in os.environ:  # N workers share the cores; oversubscribed threads crawl
+        torch.set_num_threads(max(1, _cpu_count() // spec.workers))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the launcher prints the summary
         work(spec)
-    except KeyboardInterrupt:
-        pass
 
 
 def start_workers(spec: AblationSpec) -> list[multiprocessing.process.BaseProcess]:
     """Worker processes (spawned: each gets its own storage engine and its own torch threads)."""
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_process, args=(spec,), daemon=False) for _ in range(spec.workers)]
+    processes = [
+        context.Process(target=_worker_process, args=(spec,), daemon=False) for _ in range(spec.workers)
+    ]
     for process in processes:
         process.start()
     return processes
 
 
+def check_configs(configs: list[RunConfig]) -> dict[DataConfig, ImageData]:
+    """What the trainer would refuse, refused before anything is written: settings, device, data."""
+    for config in configs:
+        validate_train_config(config.train)
+    for device in {config.train.device for config in configs}:
+        resolve_device(device)
+    return {data_config: load_dataset(data_config) for data_config in {config.data for config in configs}}
+
+
+def make_out(out: Path) -> bool:
+    """Create the output folder; True when this call created it."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --out {out} ({error.strerror}); choose another folder") from None
+    return created
+
+
 def prepare(spec: AblationSpec) -> tuple[optuna.Study, int]:
     """Open (or resume) the study and queue what is left; nothing runs yet."""
-    # Fail fast on data problems, before anything is written.
-    for data_config in {spec.grid.config_for(cell).data for cell in spec.grid.cells}:
-        load_dataset(data_config)
+    check_configs([spec.grid.config_for(cell) for cell in spec.grid.cells])
+    created = make_out(spec.out)
     try:
-        spec.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --out {spec.out} ({error.strerror}); choose another folder") from None
-    study = open_study(spec.storage_url, spec.study_name, STUDY_KIND, spec.grid.fixed_json(), list(spec.grid.axes))
-    queued = sync_grid(study, spec.grid.cells)
+        study = open_study(
+            spec.storage_url, spec.study_name, STUDY_KIND, spec.grid.fixed_json(), list(spec.grid.axes)
+        )
+        queued = sync_grid(study, spec.grid.cells)
+    except UserError:
+        if created:  # a refused command leaves nothing behind
+            shutil.rmtree(spec.out, ignore_errors=True)
+        raise
     return study, queued

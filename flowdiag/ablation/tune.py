@@ -8,7 +8,9 @@ infeasibility constraint, so the sampler learns that region diverges.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,11 +20,13 @@ import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from flowdiag.ablation.runner import StorageProgress, open_study, record_result
+from flowdiag.ablation.grid import PLACEMENT
+from flowdiag.ablation.runner import StorageProgress, check_configs, make_out, open_study, record_result
 from flowdiag.ablation.storage import make_storage
 from flowdiag.config import RunConfig
-from flowdiag.data import ImageData, load_dataset
+from flowdiag.data import ImageData
 from flowdiag.errors import UserError
+from flowdiag.options import OPTIONS_BY_NAME
 from flowdiag.trainer import ProgressSink, RunResult, train
 
 STUDY_KIND = "tune-lambda"
@@ -43,8 +47,13 @@ class TuneSpec:
     startup_trials: int = 4
 
     def fixed_json(self) -> str:
-        fixed = replace(self.config, train=replace(self.config.train, lam=0.0)).to_json()
-        return f'{{"config": {fixed}, "lam_range": [{self.lam_min!r}, {self.lam_max!r}]}}'
+        """What defines the study: the config but λ and the placement settings, and λ's range."""
+        config = self.config.to_dict()
+        config["train"].pop("lam")
+        for name in PLACEMENT:
+            option = OPTIONS_BY_NAME[name]
+            config[option.section].pop(option.field)
+        return json.dumps({"config": config, "lam_range": [self.lam_min, self.lam_max]}, sort_keys=True)
 
 
 def worst_case_bpd(config: RunConfig) -> float:
@@ -93,13 +102,16 @@ class LambdaObjective:
 
 
 def open_tuning(spec: TuneSpec) -> tuple[optuna.Study, ImageData]:
+    """Check everything, then create or resume the study; a refused spec leaves nothing behind."""
     validate(spec)
-    data = load_dataset(spec.config.data)
+    data = check_configs([spec.config])[spec.config.data]
+    created = make_out(spec.out)
     try:
-        spec.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --out {spec.out} ({error.strerror}); choose another folder") from None
-    study = open_study(spec.storage_url, spec.study_name, STUDY_KIND, spec.fixed_json(), ["lam"])
+        study = open_study(spec.storage_url, spec.study_name, STUDY_KIND, spec.fixed_json(), ["lam"])
+    except UserError:
+        if created:
+            shutil.rmtree(spec.out, ignore_errors=True)
+        raise
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial({"lam_is_zero": True})  # λ = 0, the unpenalized baseline, first
     return study, data
@@ -116,7 +128,9 @@ def run_tuning(
 ) -> optuna.Study:
     """Run trials until the study holds n_trials finished ones (resumable) or the timeout passes."""
     sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=spec.startup_trials)
-    study = optuna.load_study(study_name=spec.study_name, storage=make_storage(spec.storage_url), sampler=sampler)
+    study = optuna.load_study(
+        study_name=spec.study_name, storage=make_storage(spec.storage_url), sampler=sampler
+    )
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= spec.n_trials:
         return study

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from flowdiag.ablation.grid import build_grid, cell_key, cell_slug
 from flowdiag.ablation.runner import AblationSpec, CellObjective, prepare, start_workers, work
-from flowdiag.ablation.storage import default_storage_url
+from flowdiag.ablation.storage import default_storage_url, display_url
 from flowdiag.ablation.summary import CellRow, extra_axes, summarize
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
@@ -114,7 +114,19 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 def print_summary(rows: list[CellRow]) -> None:
     extra = extra_axes(rows)
     table = Table(title="ablation", header_style="bold")
-    for column in ["M", "λ", "batch", "seed", *extra, "status", "onset step", "onset layer", "step-2 peak", "peak steps 1-2", "best bpd"]:
+    for column in [
+        "M",
+        "λ",
+        "batch",
+        "seed",
+        *extra,
+        "status",
+        "onset step",
+        "onset layer",
+        "step-2 peak",
+        "peak steps 1-2",
+        "best bpd",
+    ]:
         table.add_column(column)
     colour = {"completed": "green", "diverged": "red", "pending": "yellow", "interrupted": "yellow"}
     for row in rows:
@@ -143,8 +155,12 @@ def ablate_command(
     storage: Annotated[
         str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite in --out).")
     ] = None,
-    study: Annotated[str, typer.Option("--study", help="Study name; rerun the same command to resume.")] = "ablation",
-    out: Annotated[Path, typer.Option("--out", help="Output folder: study.db and runs/<cell>/.")] = DEFAULT_OUT,
+    study: Annotated[
+        str, typer.Option("--study", help="Study name; rerun the same command to resume.")
+    ] = "ablation",
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder: study.db and runs/<cell>/.")
+    ] = DEFAULT_OUT,
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file with the same settings; the command line wins.")
     ] = None,
@@ -158,8 +174,8 @@ def ablate_command(
     optuna_study, queued = prepare(spec)
     total = len(grid.cells)
     console.print(
-        f"study [bold]{study}[/] ({spec.storage_url}): {total} cells, {total - queued} already done or running, "
-        f"{queued} to run on {workers} worker(s)"
+        f"study [bold]{study}[/] ({display_url(spec.storage_url)}): {total} cells, "
+        f"{total - queued} already done or running, {queued} to run on {workers} worker(s)"
     )
     try:
         _run_with_board(spec, optuna_study)
@@ -171,6 +187,7 @@ def ablate_command(
     console.print(f"report: flowdiag report {out}")
     pending = [cell_slug(row.cell) for row in rows if row.status == "pending"]
     if pending:
-        typer.echo(f"{len(pending)} cell(s) have no result ({', '.join(pending[:5])}): rerun to resume", err=True)
+        typer.echo(
+            f"{len(pending)} cell(s) have no result ({', '.join(pending[:5])}): rerun to resume", err=True
+        )
         raise typer.Exit(code=1)
-

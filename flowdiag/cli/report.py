@@ -23,11 +23,20 @@ def _default_out(path: Path) -> Path:
 
 @user_errors_exit_2
 def report_command(
-    path: Annotated[Path, typer.Argument(help="A run folder or run.h5, or an ablation / tune-lambda output folder.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: reports/<name>).")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="A run folder or run.h5, or an ablation / tune-lambda output folder.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default: reports/<name>).")
+    ] = None,
     title: Annotated[str | None, typer.Option("--title", help="Report title.")] = None,
-    fig5_step: Annotated[int, typer.Option("--fig5-step", help="Step for the per-coupling max |output| figure.")] = 2,
+    fig5_step: Annotated[
+        int, typer.Option("--fig5-step", help="Step for the per-coupling max |output| figure.")
+    ] = 2,
     threshold: Annotated[float, typer.Option("--threshold", help="Blow-up threshold on max |output|.")] = 1e4,
+    max_layer_maps: Annotated[
+        int, typer.Option("--max-layer-maps", help="Runs that get layer x step heatmaps (diverged first).")
+    ] = 6,
 ) -> None:
     """Write report.md, a self-contained report.html and PNG figures; print a summary and a diagnosis per run."""
     if fig5_step < 1:
@@ -38,7 +47,13 @@ def report_command(
     target = out or _default_out(path)
     command = "flowdiag " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
     summary = build_report(
-        runs, target, title=title or f"flowdiag report: {path}", command=command, fig5_step=fig5_step, threshold=threshold
+        runs,
+        target,
+        title=title or f"flowdiag report: {path}",
+        command=command,
+        fig5_step=fig5_step,
+        threshold=threshold,
+        max_layer_maps=max_layer_maps,
     )
     render_summary(summary, console)
 
@@ -47,7 +62,9 @@ def report_command(
 def watch_command(
     run: Annotated[Path, typer.Argument(help="A running trial's folder or run.h5.")],
     interval: Annotated[float, typer.Option("--interval", help="Seconds between reads.")] = 1.0,
-    timeout: Annotated[float | None, typer.Option("--timeout", help="Give up after this many seconds.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Give up after this many seconds.")
+    ] = None,
 ) -> None:
     """Live view of a run while it is written: step, bpd, the top layers by max |output|, onset."""
     if interval <= 0:

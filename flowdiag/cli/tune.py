@@ -9,8 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tuning, tuning_rows
+from flowdiag.ablation.grid import check_ranges
 from flowdiag.ablation.storage import default_storage_url
+from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tuning, tuning_rows
 from flowdiag.cli.ablate import Board, BoardSink
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
@@ -43,15 +44,21 @@ def tune_lambda_command(
     lam_min: Annotated[float, typer.Option("--lam-min", help="Smallest non-zero λ (log-uniform).")] = 1e-7,
     lam_max: Annotated[float, typer.Option("--lam-max", help="Largest λ.")] = 1e-1,
     n_trials: Annotated[int, typer.Option("--n-trials", help="Finished trials the study should hold.")] = 12,
-    timeout: Annotated[float | None, typer.Option("--timeout", help="Stop starting trials after this many s.")] = None,
-    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite in --out).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Stop starting trials after this many s.")
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite in --out).")
+    ] = None,
     study: Annotated[str, typer.Option("--study", help="Study name; rerun to resume.")] = "tune-lambda",
     out: Annotated[Path, typer.Option("--out", help="Output folder: study.db and runs/.")] = DEFAULT_OUT,
     sampler_seed: Annotated[int, typer.Option("--sampler-seed", help="TPE's seed.")] = 0,
     **options: Any,
 ) -> None:
     """TPE over λ (λ = 0 included) at fixed M, batch size and the rest; objective: held-out bpd."""
-    config = apply_options(RunConfig(), parse_scalars(options))
+    values = parse_scalars(options)
+    check_ranges({name: [value] for name, value in values.items()})
+    config = apply_options(RunConfig(), values)
     spec = TuneSpec(
         config=config,
         lam_min=lam_min,
@@ -65,6 +72,7 @@ def tune_lambda_command(
     )
     optuna_study, data = open_tuning(spec)
     board = Board(n_trials)
+    board.set_done(len(tuning_rows(optuna_study)))
     try:
         with board.progress:
             run_tuning(
@@ -82,4 +90,6 @@ def tune_lambda_command(
     if best is None:
         console.print("[red]every trial diverged[/]: widen --lam-max or lower --lr")
     else:
-        console.print(f"best λ = [bold]{best.lam:.3g}[/] (held-out bpd {best.value:.4g}, trial {best.number})")
+        console.print(
+            f"best λ = [bold]{best.lam:.3g}[/] (held-out bpd {best.value:.4g}, trial {best.number})"
+        )
