@@ -21,10 +21,11 @@ import torch
 
 from flowdiag.config import RunConfig
 from flowdiag.data import ImageData, load_dataset
+from flowdiag.environment import resolve_device
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.model import Glow, dequantize
 from flowdiag.store import RunWriter
-from flowdiag.trainer import RUN_FILE, Trainer, resolve_device
+from flowdiag.trainer import RUN_FILE, Trainer
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,9 @@ def init_cost(config: RunConfig, data: ImageData, m: int) -> InitCost:
     return InitCost(m, init_s, forward_s, int(init_peak), int(forward_peak))
 
 
-def run_bench(config: RunConfig, *, steps: int = 20, blocks: int = 6, init_ms: tuple[int, ...] = (1, 16, 256)) -> BenchResult:
+def run_bench(
+    config: RunConfig, *, steps: int = 20, blocks: int = 6, init_ms: tuple[int, ...] = (1, 16, 256)
+) -> BenchResult:
     data = load_dataset(config.data)
     model_cfg = replace(config.model, in_channels=data.channels, image_size=data.image_size)
     config = replace(config, model=model_cfg)

@@ -28,4 +28,6 @@ def load_payload(path: Path, what: str) -> dict[str, Any]:
         # weights_only=False: the payload holds RNG states and plain dicts written by flowdiag itself.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises many types for a damaged file
-        raise UserError(f"{path} is not a readable {what} ({type(error).__name__}): re-run the training") from None
+        raise UserError(
+            f"{path} is not a readable {what} ({type(error).__name__}): re-run the training"
+        ) from None

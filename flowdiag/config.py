@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from flowdiag.errors import UserError
 
 Coupling = Literal["additive", "affine"]
 AffineScale = Literal["sigmoid", "exp"]
@@ -91,3 +94,28 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
         return cls.from_dict(json.loads(text))
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    positive = {"--batch-size": cfg.batch_size, "--init-batches": cfg.init_batches}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    if cfg.epochs is None and cfg.steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {cfg.steps}")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise UserError(f"--epochs must be a positive integer, got {cfg.epochs}")
+    checks = {
+        "--lam": cfg.lam >= 0 and math.isfinite(cfg.lam),
+        "--lr": cfg.lr > 0 and math.isfinite(cfg.lr),
+        "--warmup": cfg.warmup >= 0,
+        "--grad-clip": cfg.grad_clip >= 0,
+        "--eval-every": cfg.eval_every >= 0,
+        "--eval-batches": cfg.eval_batches >= 0,
+        "--early-stop": cfg.early_stop >= 0,
+        "--checkpoint-every": cfg.checkpoint_every >= 0,
+        "--flush-every": cfg.flush_every >= 1,
+    }
+    for flag, ok in checks.items():
+        if not ok:
+            raise UserError(f"{flag} is out of range: {getattr(cfg, flag[2:].replace('-', '_'))}")

@@ -52,7 +52,9 @@ class TrainerOption:
                     raise ValueError
                 return value
         except ValueError:
-            raise UserError(f"{self.cli_flag}: {text!r} is not a valid {self.kind.replace('optional_', '')}") from None
+            raise UserError(
+                f"{self.cli_flag}: {text!r} is not a valid {self.kind.replace('optional_', '')}"
+            ) from None
         if self.kind == "choice" and text not in self.choices:
             raise UserError(f"{self.cli_flag}: {text!r} is not one of {', '.join(self.choices)}")
         if self.kind == "bool":
@@ -74,35 +76,82 @@ class TrainerOption:
 
 TRAINER_OPTIONS: tuple[TrainerOption, ...] = (
     TrainerOption("dataset", "data", "dataset", "choice", "Data set.", DATASETS),
-    TrainerOption("data_root", "data", "root", "str", "Folder (or .npz file) holding the data set.", listable=False),
-    TrainerOption("download", "data", "download", "bool", "Let torchvision download cifar10/celeba/mnist.", listable=False),
-    TrainerOption("image_size", "data", "image_size", "optional_int", "Resize images to this many pixels a side."),
+    TrainerOption(
+        "data_root", "data", "root", "str", "Folder (or .npz file) holding the data set.", listable=False
+    ),
+    TrainerOption(
+        "download",
+        "data",
+        "download",
+        "bool",
+        "Let torchvision download cifar10/celeba/mnist.",
+        listable=False,
+    ),
+    TrainerOption(
+        "image_size", "data", "image_size", "optional_int", "Resize images to this many pixels a side."
+    ),
     TrainerOption("n_bits", "data", "n_bits", "int", "Bits per pixel kept (dequantization bins = 2^n_bits)."),
     TrainerOption("held_out", "data", "held_out", "float", "Fraction of images held out for evaluation."),
     TrainerOption("levels", "model", "n_levels", "int", "L: levels of squeeze -> K steps -> split."),
     TrainerOption("steps_per_level", "model", "n_steps", "int", "K: steps of flow per level."),
     TrainerOption("hidden", "model", "hidden", "int", "Width of the coupling networks."),
     TrainerOption("coupling", "model", "coupling", "choice", "Coupling layer.", ("additive", "affine")),
-    TrainerOption("affine_scale", "model", "affine_scale", "choice", "Affine scale: official Glow or the paper.", ("sigmoid", "exp")),
-    TrainerOption("conv", "model", "conv", "choice", "1x1 convolution: LU-decomposed or plain.", ("lu", "plain")),
-    TrainerOption("actnorm_eps", "model", "actnorm_eps", "float", "eps in the ActNorm init sigma = 1/sqrt(var + eps)."),
+    TrainerOption(
+        "affine_scale",
+        "model",
+        "affine_scale",
+        "choice",
+        "Affine scale: official Glow or the paper.",
+        ("sigmoid", "exp"),
+    ),
+    TrainerOption(
+        "conv", "model", "conv", "choice", "1x1 convolution: LU-decomposed or plain.", ("lu", "plain")
+    ),
+    TrainerOption(
+        "actnorm_eps", "model", "actnorm_eps", "float", "eps in the ActNorm init sigma = 1/sqrt(var + eps)."
+    ),
     TrainerOption("batch_size", "train", "batch_size", "int", "Minibatch size."),
-    TrainerOption("init_batches", "train", "init_batches", "int", "M: minibatches for the cumulative ActNorm init (1 = Glow's)."),
+    TrainerOption(
+        "init_batches",
+        "train",
+        "init_batches",
+        "int",
+        "M: minibatches for the cumulative ActNorm init (1 = Glow's).",
+    ),
     TrainerOption("lam", "train", "lam", "float", "λ of the log-det penalty, against bits/dim."),
     TrainerOption("lr", "train", "lr", "float", "Learning rate (RAdam)."),
     TrainerOption("steps", "train", "steps", "int", "Optimizer steps."),
     TrainerOption("epochs", "train", "epochs", "optional_int", "Epochs (overrides --steps)."),
-    TrainerOption("eval_every", "train", "eval_every", "int", "Steps between held-out evaluations (0: at the end)."),
-    TrainerOption("eval_batches", "train", "eval_batches", "int", "Held-out minibatches per evaluation (0: all)."),
-    TrainerOption("early_stop", "train", "early_stop", "int", "Stop after N evaluations without improvement (0: off)."),
+    TrainerOption(
+        "eval_every", "train", "eval_every", "int", "Steps between held-out evaluations (0: at the end)."
+    ),
+    TrainerOption(
+        "eval_batches", "train", "eval_batches", "int", "Held-out minibatches per evaluation (0: all)."
+    ),
+    TrainerOption(
+        "early_stop", "train", "early_stop", "int", "Stop after N evaluations without improvement (0: off)."
+    ),
     TrainerOption("warmup", "train", "warmup", "int", "Linear learning-rate warmup, in steps."),
     TrainerOption("grad_clip", "train", "grad_clip", "float", "Clip the gradient norm to this (0: off)."),
     TrainerOption("seed", "train", "seed", "int", "Random seed."),
     TrainerOption("device", "train", "device", "str", "auto, cpu or cuda[:N].", listable=False),
-    TrainerOption("diagnostics", "train", "diagnostics", "bool", "Record per-layer diagnostics.", listable=False),
-    TrainerOption("checkpoint_every", "train", "checkpoint_every", "int", "Steps between checkpoints (0: at the end).", listable=False),
-    TrainerOption("flush_every", "train", "flush_every", "int", "Steps between HDF5 flushes.", listable=False),
-    TrainerOption("stop_on_divergence", "train", "stop_on_divergence", "bool", "Stop at the NaN onset.", listable=False),
+    TrainerOption(
+        "diagnostics", "train", "diagnostics", "bool", "Record per-layer diagnostics.", listable=False
+    ),
+    TrainerOption(
+        "checkpoint_every",
+        "train",
+        "checkpoint_every",
+        "int",
+        "Steps between checkpoints (0: at the end).",
+        listable=False,
+    ),
+    TrainerOption(
+        "flush_every", "train", "flush_every", "int", "Steps between HDF5 flushes.", listable=False
+    ),
+    TrainerOption(
+        "stop_on_divergence", "train", "stop_on_divergence", "bool", "Stop at the NaN onset.", listable=False
+    ),
 )
 OPTIONS_BY_NAME = {option.name: option for option in TRAINER_OPTIONS}
 

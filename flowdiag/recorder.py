@@ -47,9 +47,13 @@ class LayerRecorder:
 
     def layer_values(self, reference: Tensor) -> tuple[Tensor, Tensor]:
         """(max_abs, logdet) of the last forward, each (N,) on the device; NaN where a layer did not run."""
-        missing = reference.new_tensor(float("nan"))
-        max_abs = torch.stack([missing if v is None else v.to(reference.dtype) for v in self._max_abs])
-        logdet = torch.stack([missing if v is None else v.to(reference.dtype) for v in self._logdet])
+        if any(v is None for v in self._max_abs):
+            # Only when a layer did not run (never in a normal step): new_full copies to the device.
+            missing = reference.new_full((), float("nan"))
+            self._max_abs = [missing if v is None else v for v in self._max_abs]
+            self._logdet = [missing if v is None else v for v in self._logdet]
+        max_abs = torch.stack([v.to(reference.dtype) for v in self._max_abs])  # type: ignore[union-attr]
+        logdet = torch.stack([v.to(reference.dtype) for v in self._logdet])  # type: ignore[union-attr]
         return max_abs, logdet
 
     def reset(self) -> None:

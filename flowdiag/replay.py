@@ -86,7 +86,7 @@ def _track_modules(model: Glow, stack: list[str]) -> list[Any]:
 
 
 def _replay_backward(model: Glow, loss: Tensor) -> str:
-    """"" when the backward stays finite; else what went wrong, and where."""
+    """ "" when the backward stays finite; else what went wrong, and where."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "anomaly detection enabled": we know

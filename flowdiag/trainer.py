@@ -9,11 +9,9 @@ what the replay bundle saves.
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +23,9 @@ from torch import Tensor
 from flowdiag import __version__
 from flowdiag.batches import BatchStream
 from flowdiag.checkpoint import CHECKPOINT_NAME, REPLAY_NAME, load_payload, save_atomically
-from flowdiag.config import RunConfig, TrainConfig
+from flowdiag.config import RunConfig, TrainConfig, validate_train_config
 from flowdiag.data import ImageData, load_dataset
+from flowdiag.environment import resolve_device, stop_on_signals
 from flowdiag.errors import UserError
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.layers import FLOW_LAYER_KINDS
@@ -64,64 +63,10 @@ class RunResult:
         return self.out_dir / RUN_FILE
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible here; use --device cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"--device {name!r} is not a device: use auto, cpu or cuda[:N]")
-    return torch.device(name)
-
-
-def validate_train_config(cfg: TrainConfig) -> None:
-    positive = {"--batch-size": cfg.batch_size, "--init-batches": cfg.init_batches}
-    for flag, value in positive.items():
-        if value < 1:
-            raise UserError(f"{flag} must be a positive integer, got {value}")
-    if cfg.epochs is None and cfg.steps < 1:
-        raise UserError(f"--steps must be a positive integer, got {cfg.steps}")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise UserError(f"--epochs must be a positive integer, got {cfg.epochs}")
-    checks = {
-        "--lam": cfg.lam >= 0 and math.isfinite(cfg.lam),
-        "--lr": cfg.lr > 0 and math.isfinite(cfg.lr),
-        "--warmup": cfg.warmup >= 0,
-        "--grad-clip": cfg.grad_clip >= 0,
-        "--eval-every": cfg.eval_every >= 0,
-        "--eval-batches": cfg.eval_batches >= 0,
-        "--early-stop": cfg.early_stop >= 0,
-        "--checkpoint-every": cfg.checkpoint_every >= 0,
-        "--flush-every": cfg.flush_every >= 1,
-    }
-    for flag, ok in checks.items():
-        if not ok:
-            raise UserError(f"{flag} is out of range: {getattr(cfg, flag[2:].replace('-', '_'))}")
-
-
 def total_steps(cfg: TrainConfig, n_train: int) -> int:
     if cfg.epochs is not None:
         return cfg.epochs * -(-n_train // cfg.batch_size)
     return cfg.steps
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[dict[str, str]]:
-    """SIGINT/SIGTERM end the run after the current step (status `interrupted`), never mid-write."""
-    request: dict[str, str] = {}
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        request["signal"] = signal.Signals(signum).name
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield request
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 class Trainer:
@@ -143,7 +88,9 @@ class Trainer:
         if checkpoint is not None:
             stored = RunConfig.from_json(checkpoint["config"])
             # A resumed run keeps its own settings; only the budget may grow.
-            config = replace(stored, train=replace(stored.train, steps=config.train.steps, epochs=config.train.epochs))
+            config = replace(
+                stored, train=replace(stored.train, steps=config.train.steps, epochs=config.train.epochs)
+            )
         validate_train_config(config.train)
         self.device = resolve_device(config.train.device)
         self.data = data if data is not None else load_dataset(config.data)
@@ -154,7 +101,9 @@ class Trainer:
         self._check_out_dir()
         torch.manual_seed(self.config.train.seed)
         self.model = Glow(self.config.model).to(self.device)
-        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=self.config.train.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.RAdam(
+            self.model.parameters(), lr=self.config.train.lr, betas=(0.9, 0.999), eps=1e-8
+        )
         self.stream = BatchStream(len(self.data.train), self.config.train.batch_size, self.config.train.seed)
         if instrument is not None:  # before the recorder, so its hooks see what instrument changes
             instrument(self.model)
@@ -179,15 +128,21 @@ class Trainer:
     def _check_out_dir(self) -> None:
         run_file = self.out_dir / RUN_FILE
         if run_file.exists() and not self.resume:
-            raise UserError(f"{run_file} already exists: pass --resume to continue it or choose another --out")
+            raise UserError(
+                f"{run_file} already exists: pass --resume to continue it or choose another --out"
+            )
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UserError(f"cannot create output folder {self.out_dir} ({error.strerror}): choose another --out") from None
+            raise UserError(
+                f"cannot create output folder {self.out_dir} ({error.strerror}): choose another --out"
+            ) from None
 
     def _open_writer(self) -> RunWriter:
         if self._checkpoint is not None:
-            writer = RunWriter.open_existing(self.out_dir / RUN_FILE, flush_every=self.config.train.flush_every)
+            writer = RunWriter.open_existing(
+                self.out_dir / RUN_FILE, flush_every=self.config.train.flush_every
+            )
             writer.truncate_after(self.step)
             writer.set_status("running")
             return writer
@@ -299,7 +254,9 @@ class Trainer:
             nonfinite=~np.isfinite(max_abs) if self.recorder else np.zeros(n, dtype=bool),
         )
 
-    def _save_replay(self, images: Tensor, rng_cpu: Tensor, rng_cuda: Tensor | None, row: np.ndarray, layer: str) -> None:
+    def _save_replay(
+        self, images: Tensor, rng_cpu: Tensor, rng_cuda: Tensor | None, row: np.ndarray, layer: str
+    ) -> None:
         save_atomically(
             {
                 "flowdiag_version": __version__,
@@ -337,7 +294,11 @@ class Trainer:
             for chunk in chunks:
                 noise = torch.rand(chunk.shape, generator=noise_gen).to(self.device)
                 x = dequantize(chunk.to(self.device), self.config.data.n_bits, noise)
-                bpds.append(bpd_from_log_prob(self.model.log_prob(x), self.model.n_dims, self.config.data.n_bits).sum())
+                bpds.append(
+                    bpd_from_log_prob(
+                        self.model.log_prob(x), self.model.n_dims, self.config.data.n_bits
+                    ).sum()
+                )
                 count += len(chunk)
             total = float(torch.stack(bpds).sum())
         self.model.train()
@@ -348,7 +309,10 @@ class Trainer:
 
         # A forked RNG: drawing samples must not shift the noise of a run resumed from here.
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.recorder.paused() if self.recorder else nullcontext():
+        with (
+            torch.random.fork_rng(devices=devices),
+            self.recorder.paused() if self.recorder else nullcontext(),
+        ):
             torch.manual_seed(self.config.train.seed)
             samples = self.model.sample(64, self.config.train.sample_temperature)
         if torch.isfinite(samples).all():
@@ -403,7 +367,7 @@ class Trainer:
         if self.progress:
             self.progress.start(self.total, f"M={cfg.init_batches} λ={cfg.lam:g} b={cfg.batch_size}")
         try:
-            with _stop_on_signals() as stop_request:
+            with stop_on_signals() as stop_request:
                 writer = self.open()
                 first_step = self.step
                 while self.step < self.total:
@@ -420,9 +384,9 @@ class Trainer:
                     if self.progress:
                         rate = (self.step - first_step) / max(time.perf_counter() - started, 1e-9)
                         self.progress.advance(self.step, self.last_bpd, rate)
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
-                        if self._evaluate_and_check_early_stop(writer):
-                            break
+                    due = cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total
+                    if due and self._evaluate_and_check_early_stop(writer):
+                        break
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         writer.flush()
                         self._save_checkpoint()

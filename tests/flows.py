@@ -26,7 +26,11 @@ def tiny_images(n: int, channels: int = 1, size: int = 4, seed: int = 0) -> torc
 
 
 def tiny_glow(
-    coupling: str = "additive", conv: str = "lu", affine_scale: str = "sigmoid", init: bool = True, **overrides
+    coupling: str = "additive",
+    conv: str = "lu",
+    affine_scale: str = "sigmoid",
+    init: bool = True,
+    **overrides,
 ) -> Glow:
     settings = dict(in_channels=1, image_size=4, n_levels=2, n_steps=2, hidden=8)
     settings.update(overrides)

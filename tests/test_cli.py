@@ -20,10 +20,21 @@ from flowdiag.store import read_run
 
 RUNNER = CliRunner()
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
-TINY = ["--levels", "3", "--steps-per-level", "1", "--hidden", "8", "--batch-size", "4", "--init-batches", "2"]
+TINY = [
+    "--levels",
+    "3",
+    "--steps-per-level",
+    "1",
+    "--hidden",
+    "8",
+    "--batch-size",
+    "4",
+    "--init-batches",
+    "2",
+]
 
 
-def invoke(*args: str):  # noqa: ANN201 - typer's Result
+def invoke(*args: str):
     return RUNNER.invoke(app, list(args), env=ENV)
 
 
@@ -83,7 +94,9 @@ def test_bad_options_one_line_exit_2_nothing_touched(tmp_path: Path, args: list[
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is present")
     out = tmp_path / "run"
-    result = invoke("train", *args, "--steps", str(3) if "--steps" not in args else args[-1], "--out", str(out))
+    result = invoke(
+        "train", *args, "--steps", str(3) if "--steps" not in args else args[-1], "--out", str(out)
+    )
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output, result.output

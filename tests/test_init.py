@@ -33,7 +33,9 @@ def test_m_minibatches_equal_standard_init_on_concatenation(coupling: str, m: in
     cumulative_actnorm_init(cumulative, batches)
     standard(torch.cat(batches))  # every uninitialized ActNorm initializes itself: standard Glow init
     got, want = _actnorm_params(cumulative), _actnorm_params(standard)
-    assert got.keys() == want.keys() and len(got) == 3 * 2 * 3  # L=3, K=2, 3 ActNorms per step, incl. the coupling nets
+    assert (
+        got.keys() == want.keys() and len(got) == 3 * 2 * 3
+    )  # L=3, K=2, 3 ActNorms per step, incl. the coupling nets
     for name in got:
         assert torch.allclose(got[name], want[name], rtol=1e-9, atol=1e-9), name
 

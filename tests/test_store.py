@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from flowdiag import store
+from flowdiag.store import layout as store_layout
 from flowdiag.config import RunConfig
 from flowdiag.errors import UserError
 from flowdiag.store import LAYER_KINDS, RunWriter, is_run_file, read_run
@@ -210,8 +211,8 @@ def test_writer_waits_for_a_locking_reader_and_keeps_rows_it_could_not_write(
     append_steps(writer, range(1, 4))
     with reader_holding(path, locking=True) as reader:
         with monkeypatch.context() as patch:
-            patch.setattr(store, "_LOCK_TRIES", 2)
-            patch.setattr(store, "_LOCK_WAIT_S", 0.01)
+            patch.setattr(store_layout, "_LOCK_TRIES", 2)
+            patch.setattr(store_layout, "_LOCK_WAIT_S", 0.01)
             with pytest.raises(UserError, match="locked by another process") as raised:
                 writer.flush()
         assert str(path) in str(raised.value)

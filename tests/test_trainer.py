@@ -21,7 +21,9 @@ SMALL_MODEL = ModelConfig(n_levels=3, n_steps=1, hidden=8)
 
 
 def small_config(**train: object) -> RunConfig:
-    settings = dict(batch_size=8, init_batches=2, steps=6, eval_every=3, eval_batches=1, flush_every=2, lr=1e-3)
+    settings = dict(
+        batch_size=8, init_batches=2, steps=6, eval_every=3, eval_batches=1, flush_every=2, lr=1e-3
+    )
     settings.update(train)
     return RunConfig(model=SMALL_MODEL, train=TrainConfig(**settings))
 
@@ -60,7 +62,9 @@ def test_invconv_logdet_column_is_the_penalty_term(tmp_path: Path) -> None:
     record = read_run(tmp_path / "run" / RUN_FILE)
     convs = record.layer_index("invconv")
     # The recorded penalty is Σ over convs of the squared log-det recorded in the same step.
-    assert np.allclose((record.logdet[:, convs].astype(np.float64) ** 2).sum(axis=1), record.penalty, rtol=1e-4)
+    assert np.allclose(
+        (record.logdet[:, convs].astype(np.float64) ** 2).sum(axis=1), record.penalty, rtol=1e-4
+    )
     assert record.penalty[-1] > 0
 
 
@@ -74,7 +78,7 @@ def test_layer_logdets_sum_to_model_logdet() -> None:
     assert torch.allclose(layer_logdets.sum(), logdet.mean(), rtol=1e-5)
 
 
-def _inject_nan(layer_name: str, at_call: int):  # noqa: ANN202
+def _inject_nan(layer_name: str, at_call: int):
     """An `instrument` hook: the named layer outputs NaN on its `at_call`-th training forward."""
 
     def instrument(model: Glow) -> None:
@@ -147,7 +151,9 @@ def test_diagnostics_off_records_scalars_only(tmp_path: Path) -> None:
 
 def test_paper_effect_on_digits(tmp_path: Path) -> None:
     """Fig. 4/5 on the embedded digits: batch 1, M = 1 blows up; M = 256 trains with finite records."""
-    base = RunConfig(train=TrainConfig(batch_size=1, steps=20, lr=1e-5, lam=1e-3, eval_every=0, eval_batches=2))
+    base = RunConfig(
+        train=TrainConfig(batch_size=1, steps=20, lr=1e-5, lam=1e-3, eval_every=0, eval_batches=2)
+    )
     standard = train(replace(base, train=replace(base.train, init_batches=1)), tmp_path / "m1")
     assert standard.status == "diverged" or standard.step2_peak >= 1e6
     assert standard.early_peak >= 1e6

@@ -15,7 +15,7 @@ from flowdiag.cli.tune import tune_lambda_command
 
 app = typer.Typer(
     name="flowdiag",
-    help="Glow at small batch sizes: the paper's two stabilizers, per-layer divergence records, ablations, reports.",
+    help="Glow at small batch sizes: the two stabilizers, per-layer divergence records, ablations, reports.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

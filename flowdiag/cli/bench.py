@@ -24,7 +24,9 @@ def _mib(n: int) -> str:
 def bench_command(
     timed_steps: Annotated[int, typer.Option("--timed-steps", help="Steps per timing block.")] = 20,
     blocks: Annotated[int, typer.Option("--blocks", help="Interleaved off/on blocks.")] = 6,
-    init_ms: Annotated[str, typer.Option("--init-ms", help="M values for the init cost, a comma list.")] = "1,16,256",
+    init_ms: Annotated[
+        str, typer.Option("--init-ms", help="M values for the init cost, a comma list.")
+    ] = "1,16,256",
     **options: Any,
 ) -> None:
     """Step time with diagnostics off/on, cumulative-init cost against M forward passes, HDF5 bytes/step."""
@@ -39,7 +41,9 @@ def bench_command(
     config = apply_options(RunConfig(), parse_scalars(options))
     result = run_bench(config, steps=timed_steps, blocks=blocks, init_ms=ms)
     t = result.steps
-    console.print(f"device {result.device}, {result.n_parameters:,} parameters, batch {config.train.batch_size}")
+    console.print(
+        f"device {result.device}, {result.n_parameters:,} parameters, batch {config.train.batch_size}"
+    )
     steps_table = Table(title="step time (median)", header_style="bold")
     for column in ("diagnostics off", "diagnostics on", "overhead", "HDF5 bytes/step"):
         steps_table.add_column(column)

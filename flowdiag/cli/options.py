@@ -16,7 +16,9 @@ def _typer_parameter(option: TrainerOption, *, as_lists: bool) -> inspect.Parame
         flag = f"{option.cli_flag}/--no-{option.cli_flag[2:]}"
         if option.name == "stop_on_divergence":
             flag = "--stop-on-divergence/--keep-going"
-        annotation: Any = Annotated[bool | None, typer.Option(flag, help=option.help, show_default=str(option.default))]
+        annotation: Any = Annotated[
+            bool | None, typer.Option(flag, help=option.help, show_default=str(option.default))
+        ]
     else:
         help_text = option.help + (" Comma list: one grid axis." if as_lists and option.listable else "")
         annotation = Annotated[
@@ -31,7 +33,11 @@ def with_trainer_options(
     """Add every trainer option to a typer command's signature (the command takes **kwargs)."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+        own = [
+            p
+            for p in inspect.signature(command, eval_str=True).parameters.values()
+            if p.kind != p.VAR_KEYWORD
+        ]
         extra = [_typer_parameter(o, as_lists=as_lists) for o in TRAINER_OPTIONS if o.name not in exclude]
         command.__signature__ = inspect.Signature(own + extra)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in own + extra}

@@ -38,7 +38,7 @@ def report_command(
         int, typer.Option("--max-layer-maps", help="Runs that get layer x step heatmaps (diverged first).")
     ] = 6,
 ) -> None:
-    """Write report.md, a self-contained report.html and PNG figures; print a summary and a diagnosis per run."""
+    """Write report.md, a self-contained report.html and PNGs; print a summary and a diagnosis per run."""
     if fig5_step < 1:
         raise UserError(f"--fig5-step must be a positive step number, got {fig5_step}")
     if not threshold > 0:

@@ -38,8 +38,12 @@ def print_result(result: RunResult) -> None:
 @with_trainer_options(as_lists=False)
 @user_errors_exit_2
 def train_command(
-    out: Annotated[Path, typer.Option("--out", help="Run folder (run.h5, checkpoint.pt, samples.png).")] = DEFAULT_OUT,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's checkpoint.")] = False,
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder (run.h5, checkpoint.pt, samples.png).")
+    ] = DEFAULT_OUT,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run folder's checkpoint.")
+    ] = False,
     **options: Any,
 ) -> None:
     """Train one Glow with per-layer diagnostics recorded to OUT/run.h5."""
@@ -52,7 +56,9 @@ def train_command(
 
 @user_errors_exit_2
 def replay_command(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder holding replay.pt (written at the NaN onset).")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run folder holding replay.pt (written at the NaN onset).")
+    ],
 ) -> None:
     """Re-run the onset step under anomaly detection and name the first non-finite operation."""
     if (run_dir / "replay.pt").exists() is False and (run_dir / RUN_FILE).exists():
@@ -64,7 +70,9 @@ def replay_command(
     console.print(f"loss: recorded {report.recorded_loss!r}, replayed {report.replayed_loss!r} ({same})")
     if report.first_op:
         source = "from finite inputs" if report.first_op_inputs_finite else "propagating non-finite inputs"
-        console.print(f"first non-finite forward op: aten.{report.first_op} in {report.first_op_module} ({source})")
+        console.print(
+            f"first non-finite forward op: aten.{report.first_op} in {report.first_op_module} ({source})"
+        )
     else:
         console.print("the forward pass stayed finite")
     if report.backward_error:

@@ -79,6 +79,8 @@ class ActNorm(nn.Module):
     def reverse(self, z: Tensor) -> Tensor:
         return (z - self.tau) * torch.exp(-self.log_scale)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.initialized)

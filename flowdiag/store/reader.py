@@ -1,0 +1,123 @@
+"""RunRecord and read_run: a run file read back, every failure a one-line UserError."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from flowdiag.errors import UserError
+from flowdiag.store.layout import (
+    _EVAL_DATASETS,
+    _INIT_FLOATS,
+    _LAYER_ARRAYS,
+    _SCALARS,
+    _STEP_DATASETS,
+    LAYER_KINDS,
+    _check_run,
+    _common_length,
+    _reason,
+    _strings,
+    _unreadable,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class RunRecord:
+    """A run file read into memory. Step arrays have length T, layer arrays shape (T, N)."""
+
+    path: Path
+    version: str
+    config: dict[str, Any]
+    status: str
+    nan_onset_step: int
+    nan_onset_layer: str
+    step: np.ndarray
+    loss: np.ndarray
+    bpd: np.ndarray
+    penalty: np.ndarray
+    grad_norm: np.ndarray
+    lr: np.ndarray
+    layer_names: list[str]
+    layer_kinds: list[str]
+    max_abs: np.ndarray
+    logdet: np.ndarray
+    nonfinite: np.ndarray
+    eval_step: np.ndarray
+    eval_bpd: np.ndarray
+    # Keys name (list[str]), log_scale_min, log_scale_max, min_input_var, n_values; None before init.
+    init: dict[str, np.ndarray | list[str]] | None
+
+    def layer_index(self, kind: str) -> np.ndarray:
+        """Column indices of the layers of one kind, in forward order."""
+        if kind not in LAYER_KINDS:
+            raise ValueError(f"unknown layer kind {kind!r}; expected one of {LAYER_KINDS}")
+        return np.array([i for i, k in enumerate(self.layer_kinds) if k == kind], dtype=np.intp)
+
+
+def read_run(path: Path) -> RunRecord:
+    """Read a run file, also while its run is still writing it. Bad files raise a one-line UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: check the path, or train a run there first")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: point at the run file (run.h5) inside it")
+    try:
+        # locking=False: a reader must never make the writer wait, nor wait for it.
+        with h5py.File(path, "r", locking=False) as f:
+            return _read(path, f)
+    except PermissionError as error:
+        raise UserError(f"cannot read {path} ({_reason(error)}): check its permissions") from None
+    # What a damaged file raises depends on where the damage is: a bad type message gives ValueError.
+    except (OSError, RuntimeError, KeyError, ValueError):
+        raise UserError(_unreadable(path)) from None
+
+
+def _read(path: Path, f: h5py.File) -> RunRecord:
+    _check_run(path, f)
+    try:
+        config = json.loads(str(f.attrs["config"]))
+    except json.JSONDecodeError:
+        raise UserError(
+            f"{path} has a config attribute that is not valid JSON: re-run the training"
+        ) from None
+    t = _common_length(f, _STEP_DATASETS)
+    e = _common_length(f, _EVAL_DATASETS)
+    init: dict[str, np.ndarray | list[str]] | None = None
+    if "init" in f:
+        group = f["init"]
+        init = {"name": _strings(group["name"])}
+        for key in (*_INIT_FLOATS, "n_values"):
+            init[key] = group[key][()]
+    return RunRecord(
+        path=path,
+        version=str(f.attrs["flowdiag_version"]),
+        config=config,
+        status=str(f.attrs["status"]),
+        nan_onset_step=int(f.attrs["nan_onset_step"]),
+        nan_onset_layer=str(f.attrs["nan_onset_layer"]),
+        step=f["steps/step"][:t],
+        **{name: f[f"steps/{name}"][:t] for name in _SCALARS},
+        layer_names=_strings(f["layers/name"]),
+        layer_kinds=_strings(f["layers/kind"]),
+        **{name: f[f"layers/{name}"][:t] for name in _LAYER_ARRAYS},
+        eval_step=f["eval/step"][:e],
+        eval_bpd=f["eval/bpd"][:e],
+        init=init,
+    )
+
+
+def is_run_file(path: Path) -> bool:
+    """Cheap check: an HDF5 file carrying the flowdiag_version attribute."""
+    path = Path(path)
+    try:
+        if not path.is_file() or not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r", locking=False) as f:
+            return "flowdiag_version" in f.attrs
+    except (OSError, RuntimeError):
+        return False
