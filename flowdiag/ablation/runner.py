@@ -37,12 +37,13 @@ from flowdiag.ablation.grid import Grid, cell_key, cell_slug
 from flowdiag.ablation.storage import fail_dead_trials, make_storage
 from flowdiag.config import DataConfig, RunConfig
 from flowdiag.data import ImageData, load_dataset
+from flowdiag.environment import resolve_device
 from flowdiag.errors import UserError
 from flowdiag.options import OPTIONS_BY_NAME
-from flowdiag.trainer import ProgressSink, RunResult, resolve_device, train, validate_train_config
+from flowdiag.trainer import ProgressSink, RunResult, train, validate_train_config
 
 STUDY_KIND = "ablation"
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0  # while waiting for other workers' running cells
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,7 @@ from flowdiag.errors import UserError
 
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 15  # a RUNNING trial with no heartbeat for this long belonged to a killed worker
+_SCHEMA_ATTEMPTS = 5
 
 
 def quiet_optuna() -> None:
@@ -83,13 +85,7 @@ def make_storage(url: str, *, max_retry: int = 3) -> RDBStorage:
     )
     shown = display_url(url)
     try:
-        storage = RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_seconds(),
-            grace_period=grace_seconds(),
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-        )
+        storage = _rdb_storage(url, engine_kwargs, max_retry)
     except ImportError as error:
         raise UserError(
             f"--storage {shown}: no database driver for it ({error.name or error}); "
@@ -112,6 +108,26 @@ def make_storage(url: str, *, max_retry: int = 3) -> RDBStorage:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return storage
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, max_retry: int) -> RDBStorage:
+    def build() -> RDBStorage:
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_seconds(),
+            grace_period=grace_seconds(),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+        )
+
+    # Machines that start on a fresh database at the same moment all create Optuna's tables; all but
+    # one fail on a duplicate (measured: 3 of 5 pairs on PostgreSQL). The tables exist by then: retry.
+    for attempt in range(_SCHEMA_ATTEMPTS - 1):
+        try:
+            return build()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            time.sleep(0.2 * (attempt + 1))
+    return build()
 
 
 def _rdb(study: optuna.Study) -> RDBStorage | None:

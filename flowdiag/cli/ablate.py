@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import multiprocessing.connection
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flowdiag.ablation.grid import build_grid, cell_key, cell_slug
+from flowdiag.ablation.grid import CORE_AXES, build_grid, cell_key, cell_slug
 from flowdiag.ablation.runner import AblationSpec, CellObjective, prepare, start_workers, work
 from flowdiag.ablation.storage import default_storage_url, display_url
 from flowdiag.ablation.summary import CellRow, extra_axes, summarize
@@ -51,12 +51,21 @@ class Board:
             self.progress.remove_task(self.trials.pop(number))
 
 
+def trial_name(trial: optuna.Trial | optuna.trial.FrozenTrial) -> str:
+    """A grid cell's folder name; a tuning trial's number and λ."""
+    if all(name in trial.params for name in CORE_AXES):
+        return cell_slug(trial.params)
+    if "lam_value" in trial.user_attrs:
+        return f"trial {trial.number} λ={trial.user_attrs['lam_value']:.3g}"
+    return f"trial {trial.number}"
+
+
 class BoardSink:
     """The trainer's ProgressSink for an in-process trial, drawn on the board."""
 
     def __init__(self, board: Board, trial: optuna.Trial) -> None:
         self.board, self.trial, self.total = board, trial, 0
-        self.name = cell_slug(trial.params) if trial.params else f"trial {trial.number}"
+        self.name = trial_name(trial)
 
     def start(self, total_steps: int, description: str) -> None:
         self.total = total_steps
@@ -92,7 +101,7 @@ def _run_with_board(spec: AblationSpec, study: optuna.Study) -> None:
                     if "cell" in trial.user_attrs:
                         board.trial_step(
                             trial.number,
-                            cell_slug(trial.params),
+                            trial_name(trial),
                             trial.user_attrs.get("progress_step", 0),
                             trial.user_attrs.get("progress_total", 1),
                         )
@@ -100,7 +109,7 @@ def _run_with_board(spec: AblationSpec, study: optuna.Study) -> None:
                 for number in list(board.trials):
                     if number not in running:
                         board.trial_done(number)
-                time.sleep(1.0)
+                multiprocessing.connection.wait([p.sentinel for p in processes], timeout=1.0)
         finally:
             for process in processes:
                 process.join()

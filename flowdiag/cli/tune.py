@@ -87,9 +87,12 @@ def tune_lambda_command(
     rows = tuning_rows(optuna_study)
     best = best_lambda(rows)
     print_tuning(rows, best)
-    if best is None:
+    if best is None and rows:
         console.print("[red]every trial diverged[/]: widen --lam-max or lower --lr")
-    else:
+    elif best is not None:
         console.print(
             f"best λ = [bold]{best.lam:.3g}[/] (held-out bpd {best.value:.4g}, trial {best.number})"
         )
+    if len(rows) < n_trials and timeout is None:
+        typer.echo(f"{n_trials - len(rows)} trial(s) failed (see above): rerun to retry them", err=True)
+        raise typer.Exit(code=1)

@@ -1,0 +1,159 @@
+"""`flowdiag tune-lambda`: TPE steered away from diverging λ, resume, a real run, and bad input."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from flowdiag.ablation.storage import default_storage_url
+from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tuning, tuning_rows, worst_case_bpd
+from flowdiag.cli import app
+from flowdiag.config import RunConfig
+from flowdiag.store import read_run
+from flowdiag.trainer import RunResult
+
+ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
+DIVERGES_ABOVE = 1e-2
+BEST_LAM = 1e-4
+TINY = [
+    *("--dataset", "digits", "--levels", "3", "--steps-per-level", "1", "--hidden", "8", "--device", "cpu"),
+    *("--batch-size", "4", "--init-batches", "4", "--lr", "1e-4", "--steps", "6", "--eval-every", "3"),
+    *("--eval-batches", "1", "--flush-every", "3"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FakeTrain:
+    """Stands in for `train`: diverges above λ = 1e-2, else a bpd smooth in log λ, least at 1e-4."""
+
+    def __init__(self) -> None:
+        self.lams: list[float] = []
+
+    def __call__(self, config: RunConfig, out_dir: Path, **_: object) -> RunResult:
+        lam = config.train.lam
+        self.lams.append(lam)
+        if lam > DIVERGES_ABOVE:
+            return RunResult("diverged", out_dir, 1, math.nan, math.inf, 1, "loss", math.nan, math.nan, 1.0)
+        bpd = 1.0 + 0.1 * (math.log10(max(lam, 1e-9)) - math.log10(BEST_LAM)) ** 2
+        return RunResult("completed", out_dir, 10, bpd + 0.01, bpd, -1, "", 2.0, 2.0, 1.0)
+
+
+def spec_for(out: Path, n_trials: int, lam_min: float = 1e-6, lam_max: float = 1e2) -> TuneSpec:
+    return TuneSpec(RunConfig(), lam_min, lam_max, n_trials, out, default_storage_url(out), "tune")
+
+
+def tune(spec: TuneSpec, fake: FakeTrain) -> optuna.Study:
+    study, data = open_tuning(spec)
+    return run_tuning(spec, study, data, train_fn=fake)
+
+
+def test_tpe_learns_to_avoid_the_diverging_lambdas(tmp_path: Path) -> None:
+    fake = FakeTrain()
+    study = tune(spec_for(tmp_path, 25), fake)
+    trials = study.get_trials()
+    assert len(trials) == 25 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert trials[0].user_attrs["lam_value"] == 0.0 == fake.lams[0]  # the unpenalized baseline first
+    diverged = [t for t in trials if t.user_attrs["status"] == "diverged"]
+    assert diverged, "the first, random trials should have hit the diverging range"
+    for trial in trials:  # a diverged trial is a result: worst-case value and an infeasible constraint
+        if trial.user_attrs["status"] == "diverged":
+            assert trial.value == worst_case_bpd(RunConfig()) == 16.0
+            assert trial.constraints == {"diverged": 1.0}
+            assert trial.user_attrs["lam_value"] > DIVERGES_ABOVE and trial.user_attrs["nan_onset_step"] == 1
+        else:
+            assert trial.value < 16.0 and trial.constraints == {"diverged": -1.0}
+    # Log-uniform sampling over [1e-6, 1e2] lands above 1e-2 half the time; TPE, told that this
+    # range diverges, mostly stays below it once it has seen a few trials.
+    late = [t.user_attrs["lam_value"] for t in trials[-10:]]
+    assert sum(lam > DIVERGES_ABOVE for lam in late) <= 2, late
+    best = best_lambda(tuning_rows(study))
+    assert best is not None and best.status == "completed"
+    assert BEST_LAM / 10 < best.lam < BEST_LAM * 10
+    assert study.best_trial.user_attrs["lam_value"] == best.lam  # Optuna's best is feasible too
+
+
+def test_tuning_resumes_and_runs_only_what_is_missing(tmp_path: Path) -> None:
+    fake = FakeTrain()
+    tune(spec_for(tmp_path, 3), fake)
+    assert len(fake.lams) == 3 and fake.lams[0] == 0.0
+    tune(spec_for(tmp_path, 3), fake)
+    assert len(fake.lams) == 3  # n_trials reached: nothing runs
+    study = tune(spec_for(tmp_path, 5), fake)
+    assert len(fake.lams) == 5  # only the difference
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 5
+    assert [t.user_attrs["lam_value"] for t in study.get_trials()].count(0.0) >= 1
+    with pytest.raises(Exception, match="other fixed settings"):
+        tune(spec_for(tmp_path, 6, lam_max=1.0), fake)  # another λ range is another study
+    assert len(fake.lams) == 5
+
+
+def test_tune_lambda_command_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    args = [
+        "tune-lambda",
+        *TINY,
+        "--n-trials",
+        "2",
+        "--lam-min",
+        "1e-5",
+        "--lam-max",
+        "1e-2",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args, env=ENV)
+    assert result.exit_code == 0, result.output
+    assert "best λ = " in result.output and "tune-lambda" in result.output
+    study = optuna.load_study(study_name="tune-lambda", storage=default_storage_url(out))
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2 and trials[0].user_attrs["lam_value"] == 0.0
+    assert 1e-5 <= trials[1].user_attrs["lam_value"] <= 1e-2 or trials[1].user_attrs["lam_value"] == 0.0
+    for trial in trials:
+        record = read_run(Path(trial.user_attrs["hdf5_path"]))
+        assert record.status == trial.user_attrs["status"]
+        assert record.config["train"]["lam"] == trial.user_attrs["lam_value"]
+    # Rerun: the study already holds 2 trials, so nothing runs and the table is printed again.
+    result = CliRunner().invoke(app, args, env=ENV)
+    assert result.exit_code == 0, result.output
+    assert "best λ = " in result.output
+    assert len(optuna.load_study(study_name="tune-lambda", storage=default_storage_url(out)).trials) == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--lam-min", "1e-2", "--lam-max", "1e-3"],
+        ["--lam-min", "1e-3", "--lam-max", "1e-3"],
+        ["--lam-min", "0"],
+        ["--n-trials", "0"],
+        ["--timeout", "0"],
+        ["--storage", "not a url"],
+        ["--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/db"],
+        ["--batch-size", "0"],
+        ["--dataset", "nosuch"],
+        ["--dataset", "mnist"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, bad: list[str]) -> None:
+    out = tmp_path / "tune"
+    result = CliRunner().invoke(app, ["tune-lambda", *TINY, "--out", str(out), *bad], env=ENV)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output and "secret" not in result.output
+    assert not out.exists()
