@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from flowdiag import store
-from flowdiag.store import layout as store_layout
 from flowdiag.config import RunConfig
 from flowdiag.errors import UserError
 from flowdiag.store import LAYER_KINDS, RunWriter, is_run_file, read_run
+from flowdiag.store import layout as store_layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["level0.step0.actnorm", "level0.step0.invconv", "level0.step0.coupling", "level1.step0.actnorm"]
