@@ -18,9 +18,16 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is visible here; use --device cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"--device {name!r} is not a device: use auto, cpu or cuda[:N]")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported: use auto, cpu or cuda[:N]")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(f"--device {name}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+    return device
 
 
 @contextmanager
