@@ -1,7 +1,7 @@
 """`flowdiag bench`: what diagnostics and the cumulative init cost on this device and model size.
 
-- step time with diagnostics off and on (median over interleaved blocks, so drift in machine load
-  hits both alike), and the overhead in %;
+- step time with diagnostics off and on (median over blocks that alternate off/on, each block in a
+  fresh process), and the overhead in %;
 - cumulative ActNorm init time and peak memory for several M, against M plain forward passes;
 - HDF5 bytes per recorded step.
 Benchmarks are commands, not tests: nothing here asserts a speed.
@@ -72,30 +72,47 @@ def _step_times(trainer: Trainer, writer: RunWriter, steps: int) -> list[float]:
     return times
 
 
+def _timed_block(
+    config_json: str, data: ImageData, steps: int, workdir: str, queue: multiprocessing.Queue
+) -> None:
+    """One block in a fresh process: warm up, time `steps` steps, report times and HDF5 growth."""
+    config = RunConfig.from_json(config_json)
+    trainer = Trainer(config, Path(workdir), data=data)
+    writer = trainer.open()
+    _step_times(trainer, writer, 5)  # warm-up, not counted
+    writer.flush()
+    size_before = (trainer.out_dir / RUN_FILE).stat().st_size
+    times = _step_times(trainer, writer, steps)
+    writer.close()
+    queue.put((times, (trainer.out_dir / RUN_FILE).stat().st_size - size_before))
+
+
 def time_steps(
     config: RunConfig, data: ImageData, steps: int, blocks: int, workdir: Path
 ) -> tuple[StepTiming, float]:
-    """Median step time off/on, and HDF5 bytes per step of the diagnostics-on run."""
-    trainers, writers = {}, {}
-    for diagnostics in (False, True):
-        cfg = replace(config, train=replace(config.train, diagnostics=diagnostics, flush_every=steps))
-        trainers[diagnostics] = Trainer(cfg, workdir / f"diagnostics_{diagnostics}", data=data)
-        writers[diagnostics] = trainers[diagnostics].open()
-        _step_times(trainers[diagnostics], writers[diagnostics], min(5, steps))  # warm-up, not counted
+    """Median step time off/on, and HDF5 bytes per step of the diagnostics-on runs.
+
+    Each block runs in its own fresh process, off and on alternating: in one long-lived process
+    step times drift upward from trainer to trainer (measured: 49 ms, then 83 ms for the same
+    configuration), which would bill the drift to whichever setting ran second.
+    """
+    context = multiprocessing.get_context("spawn")
     samples: dict[bool, list[float]] = {False: [], True: []}
-    writers[True].flush()
-    size_before = (trainers[True].out_dir / RUN_FILE).stat().st_size
-    steps_recorded = 0
+    grown = 0
     for block in range(blocks):
         for diagnostics in (False, True) if block % 2 == 0 else (True, False):
-            samples[diagnostics] += _step_times(trainers[diagnostics], writers[diagnostics], steps)
-        steps_recorded += steps
-    writers[True].flush()
-    grown = (trainers[True].out_dir / RUN_FILE).stat().st_size - size_before
-    for writer in writers.values():
-        writer.close()
+            cfg = replace(config, train=replace(config.train, diagnostics=diagnostics, flush_every=steps + 5))
+            queue = context.Queue()
+            folder = str(workdir / f"block{block}_diagnostics_{diagnostics}")
+            process = context.Process(target=_timed_block, args=(cfg.to_json(), data, steps, folder, queue))
+            process.start()
+            times, size = queue.get()
+            process.join()
+            samples[diagnostics] += times
+            if diagnostics:
+                grown += size
     timing = StepTiming(statistics.median(samples[False]), statistics.median(samples[True]))
-    return timing, grown / steps_recorded
+    return timing, grown / (steps * blocks)
 
 
 def _measure(config: RunConfig, data: ImageData, m: int, mode: str) -> tuple[float, int]:
@@ -153,7 +170,7 @@ def init_cost(config: RunConfig, data: ImageData, m: int) -> InitCost:
 
 
 def run_bench(
-    config: RunConfig, *, steps: int = 20, blocks: int = 6, init_ms: tuple[int, ...] = (1, 16, 256)
+    config: RunConfig, *, steps: int = 20, blocks: int = 4, init_ms: tuple[int, ...] = (1, 16, 256)
 ) -> BenchResult:
     data = load_dataset(config.data)
     model_cfg = replace(config.model, in_channels=data.channels, image_size=data.image_size)

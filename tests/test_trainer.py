@@ -152,7 +152,7 @@ def test_diagnostics_off_records_scalars_only(tmp_path: Path) -> None:
 def test_paper_effect_on_digits(tmp_path: Path) -> None:
     """Fig. 4/5 on the embedded digits: batch 1, M = 1 blows up; M = 256 trains with finite records."""
     base = RunConfig(
-        train=TrainConfig(batch_size=1, steps=20, lr=1e-5, lam=1e-3, eval_every=0, eval_batches=2)
+        train=TrainConfig(batch_size=1, steps=8, lr=1e-5, lam=1e-3, eval_every=0, eval_batches=1)
     )
     standard = train(replace(base, train=replace(base.train, init_batches=1)), tmp_path / "m1")
     assert standard.status == "diverged" or standard.step2_peak >= 1e6

@@ -37,7 +37,7 @@ ABLATION_DEFAULTS: dict[str, list[Any]] = {
     "batch_size": [1],
     "init_batches": [1, 256],
     "seed": [0, 1],
-    "steps": [300],
+    "steps": [200],
     "eval_every": [100],
     "eval_batches": [4],
     "flush_every": [100],

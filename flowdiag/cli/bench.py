@@ -16,14 +16,15 @@ from flowdiag.options import apply_options, parse_scalars
 
 
 def _mib(n: int) -> str:
-    return "-" if n <= 0 else f"{n / 2**20:.1f} MiB"
+    # CPU: growth of peak RSS over the process's own start-up peak; 0 means it stayed below that.
+    return "< start-up peak" if n <= 0 else f"{n / 2**20:.1f} MiB"
 
 
 @with_trainer_options(as_lists=False)
 @user_errors_exit_2
 def bench_command(
     timed_steps: Annotated[int, typer.Option("--timed-steps", help="Steps per timing block.")] = 20,
-    blocks: Annotated[int, typer.Option("--blocks", help="Interleaved off/on blocks.")] = 6,
+    blocks: Annotated[int, typer.Option("--blocks", help="Off/on blocks, each in a fresh process.")] = 4,
     init_ms: Annotated[
         str, typer.Option("--init-ms", help="M values for the init cost, a comma list.")
     ] = "1,16,256",
