@@ -1,12 +1,40 @@
-"""flowdiag: trainable Glow at small batch sizes, and evidence for why a run diverges."""
+"""flowdiag: trainable Glow at small batch sizes, and evidence for why a run diverges, in any flow.
 
+The public names load on first use: `import flowdiag` (and the CLI's start) stays free of torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("flowdiag")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from flowdiag.model import Glow, bits_per_dim
+# public name -> the module that defines it
+_PUBLIC = {
+    "Glow": "flowdiag.model",
+    "bits_per_dim": "flowdiag.model",
+    "Monitor": "flowdiag.monitor",
+    "cumulative_init": "flowdiag.stabilizers",
+    "logdet_penalty": "flowdiag.stabilizers",
+    "audit": "flowdiag.audit",
+}
 
-__all__ = ["Glow", "__version__", "bits_per_dim"]
+if TYPE_CHECKING:
+    from flowdiag.audit import audit
+    from flowdiag.model import Glow, bits_per_dim
+    from flowdiag.monitor import Monitor
+    from flowdiag.stabilizers import cumulative_init, logdet_penalty
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'flowdiag' has no attribute {name!r}")
+    return getattr(import_module(_PUBLIC[name]), name)
+
+
+__all__ = ["Glow", "Monitor", "__version__", "audit", "bits_per_dim", "cumulative_init", "logdet_penalty"]

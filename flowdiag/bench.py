@@ -22,10 +22,10 @@ import torch
 from flowdiag.config import RunConfig
 from flowdiag.data import ImageData, load_dataset
 from flowdiag.environment import resolve_device
+from flowdiag.files import RUN_FILE
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.model import Glow, dequantize
-from flowdiag.store import RunWriter
-from flowdiag.trainer import RUN_FILE, Trainer
+from flowdiag.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_times(trainer: Trainer, writer: RunWriter, steps: int) -> list[float]:
+def _step_times(trainer: Trainer, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         _sync(trainer.device)
         start = time.perf_counter()
-        trainer.one_step(writer)
+        trainer.one_step()
         _sync(trainer.device)
         times.append(time.perf_counter() - start)
     return times
@@ -78,12 +78,12 @@ def _timed_block(
     """One block in a fresh process: warm up, time `steps` steps, report times and HDF5 growth."""
     config = RunConfig.from_json(config_json)
     trainer = Trainer(config, Path(workdir), data=data)
-    writer = trainer.open()
-    _step_times(trainer, writer, 5)  # warm-up, not counted
-    writer.flush()
+    trainer.open()
+    _step_times(trainer, 5)  # warm-up, not counted
+    trainer.monitor.flush()
     size_before = (trainer.out_dir / RUN_FILE).stat().st_size
-    times = _step_times(trainer, writer, steps)
-    writer.close()
+    times = _step_times(trainer, steps)
+    trainer.monitor.close()
     queue.put((times, (trainer.out_dir / RUN_FILE).stat().st_size - size_before))
 
 
@@ -101,7 +101,12 @@ def time_steps(
     grown = 0
     for block in range(blocks):
         for diagnostics in (False, True) if block % 2 == 0 else (True, False):
-            cfg = replace(config, train=replace(config.train, diagnostics=diagnostics, flush_every=steps + 5))
+            cfg = replace(
+                config,
+                train=replace(
+                    config.train, diagnostics=diagnostics, flush_every=steps + 5, flush_seconds=1e9
+                ),
+            )
             queue = context.Queue()
             folder = str(workdir / f"block{block}_diagnostics_{diagnostics}")
             process = context.Process(target=_timed_block, args=(cfg.to_json(), data, steps, folder, queue))

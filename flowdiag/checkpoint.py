@@ -10,9 +10,6 @@ import torch
 
 from flowdiag.errors import UserError
 
-CHECKPOINT_NAME = "checkpoint.pt"
-REPLAY_NAME = "replay.pt"
-
 
 def save_atomically(payload: dict[str, Any], path: Path) -> None:
     """Write next to the target and rename, so a kill mid-write never leaves half a checkpoint."""

@@ -1,7 +1,10 @@
-"""Configs are data: one dataclass per concern, all of it serialisable to JSON.
+"""Configs are data: one dataclass per concern, and each setting defined here once.
 
-Every HDF5 file and checkpoint carries `RunConfig.to_json()`, so a run can always be rebuilt from
-its own output.
+A setting's type, default and choices are its field's; its flag, help, valid range and whether it
+only says where or how a run is done (placement) are the field's metadata. The command-line options
+(`flowdiag.options`), the ablation grid, the TOML files and the validation all derive from these
+fields. Every HDF5 file and checkpoint carries `RunConfig.to_json()`, so a run can always be rebuilt
+from its own output.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +21,33 @@ from flowdiag.errors import UserError
 Coupling = Literal["additive", "affine"]
 AffineScale = Literal["sigmoid", "exp"]
 ConvKind = Literal["lu", "plain"]
+# "paper": sigma = 1/sqrt(var + eps), as the paper and this project; "glow": official Glow's
+# sigma = 1/(sqrt(var) + eps), which gives 1/eps (1e6) where a channel saw one value.
+ActNormInit = Literal["paper", "glow"]
+Dataset = Literal["digits", "mnist", "cifar10", "celeba", "folder", "npz"]
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    option: str | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+    listable: bool = True,
+    placement: bool = False,
+) -> Any:
+    """A config field that is also a command-line option.
+
+    option: the option's name when it differs from the field's (`levels` for `n_levels`);
+    at_least / above: the valid range (inclusive / exclusive lower bound; floats must be finite);
+    listable: may be a comma list, a grid axis, in `ablate`;
+    placement: says where or how a run is done, not what it computes (device, data root, flush
+    interval): left out of an ablation study's identity and of what makes runs comparable.
+    """
+    meta = {"help": help, "option": option, "at_least": at_least, "above": above}
+    meta |= {"listable": listable and not placement, "placement": placement}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -25,50 +56,64 @@ class ModelConfig:
 
     in_channels: int = 1
     image_size: int = 8
-    n_levels: int = 3  # L: squeeze -> K steps -> split, L times (no split on the last level)
-    n_steps: int = 4  # K: steps of flow per level
-    hidden: int = 32  # width of the coupling networks
-    coupling: Coupling = "additive"
+    n_levels: int = setting(3, "L: levels of squeeze -> K steps -> split.", option="levels", at_least=1)
+    n_steps: int = setting(4, "K: steps of flow per level.", option="steps_per_level", at_least=1)
+    hidden: int = setting(32, "Width of the coupling networks.", at_least=1)
+    coupling: Coupling = setting("additive", "Coupling layer.")
     # Official Glow bounds the affine scale as sigmoid(h + 2); the paper writes exp(s).
-    affine_scale: AffineScale = "sigmoid"
-    conv: ConvKind = "lu"
+    affine_scale: AffineScale = setting("sigmoid", "Affine scale: official Glow's sigmoid or paper's exp.")
+    conv: ConvKind = setting("lu", "1x1 convolution: LU-decomposed or plain.")
     learn_top: bool = True
-    # eps of the ActNorm init, sigma = 1/sqrt(var + eps). 1e-6 as official Glow: a channel that saw a
-    # single value per minibatch (var = 0) gets sigma = 1e3, which is the paper's failure mode.
-    actnorm_eps: float = 1e-6
+    # A channel that saw a single value per minibatch (var = 0) gets sigma = 1/sqrt(eps) = 1e3 with
+    # the paper's formula: the failure mode the paper describes.
+    actnorm_eps: float = setting(1e-6, "eps of the ActNorm init.", above=0)
+    actnorm_init: ActNormInit = setting(
+        "paper", "ActNorm init: paper 1/sqrt(var + eps), or official Glow's 1/(sqrt(var) + eps)."
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"
-    root: str | None = None
-    n_bits: int = 8
-    held_out: float = 0.1  # fraction of the images kept out of training, split by `split_seed`
+    dataset: Dataset = setting("digits", "Data set.")
+    root: str | None = setting(
+        None, "Folder (or .npz file) holding the data set.", option="data_root", placement=True
+    )
+    n_bits: int = setting(8, "Bits per pixel kept (dequantization bins = 2^n_bits).", at_least=1)
+    # Fraction of the images kept out of training, split by `split_seed`.
+    held_out: float = setting(0.1, "Fraction of images held out for evaluation.", at_least=0)
     split_seed: int = 0
-    download: bool = False  # torchvision data sets only; never implicit
-    image_size: int | None = None  # resize to this many pixels a side (None: native size)
+    download: bool = setting(False, "Let torchvision download cifar10/celeba/mnist.", placement=True)
+    image_size: int | None = setting(None, "Resize images to this many pixels a side.", at_least=1)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 16
-    init_batches: int = 1  # M of Algorithm 1; M = 1 is the standard Glow init
-    lam: float = 0.0  # λ of eq. (2), against the loss in bits per dim
-    lr: float = 1e-3
-    steps: int = 200  # optimizer steps; `epochs` overrides when set
-    epochs: int | None = None
-    eval_every: int = 50  # steps between held-out evaluations (0: only at the end)
-    eval_batches: int = 4  # held-out minibatches per evaluation (0: the whole held-out set)
-    early_stop: int = 0  # the paper's early stop: N evaluations in a row without improvement (0: off)
-    warmup: int = 0  # linear learning-rate warmup, in steps
-    grad_clip: float = 0.0  # max gradient norm (0: off)
-    seed: int = 0
-    device: str = "auto"
-    diagnostics: bool = True
-    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
-    flush_every: int = 50  # steps between HDF5 flushes
-    stop_on_divergence: bool = True
+    batch_size: int = setting(16, "Minibatch size.", at_least=1)
+    init_batches: int = setting(
+        1, "M: minibatches for the cumulative ActNorm init (1 = Glow's).", at_least=1
+    )
+    lam: float = setting(0.0, "λ of the log-det penalty, against bits/dim (0: off).", at_least=0)
+    lr: float = setting(1e-3, "Learning rate (RAdam).", above=0)
+    steps: int = setting(200, "Optimizer steps.", at_least=1)
+    epochs: int | None = setting(None, "Epochs (overrides --steps).", at_least=1)
+    eval_every: int = setting(50, "Steps between held-out evaluations (0: at the end).", at_least=0)
+    eval_batches: int = setting(4, "Held-out minibatches per evaluation (0: all).", at_least=0)
+    early_stop: int = setting(0, "Stop after N evaluations without improvement (0: off).", at_least=0)
+    warmup: int = setting(0, "Linear learning-rate warmup, in steps.", at_least=0)
+    grad_clip: float = setting(0.0, "Clip the gradient norm to this (0: off).", at_least=0)
+    seed: int = setting(0, "Random seed.", at_least=0)
+    device: str = setting("auto", "auto, cpu or cuda[:N].", placement=True)
+    diagnostics: bool = setting(True, "Record per-layer diagnostics.", placement=True)
+    checkpoint_every: int = setting(
+        0, "Steps between checkpoints (0: at the end).", at_least=0, placement=True
+    )
+    flush_every: int = setting(50, "Steps between HDF5 flushes, at most.", at_least=1, placement=True)
+    flush_seconds: float = setting(2.0, "Seconds between HDF5 flushes, at most.", above=0, placement=True)
+    stop_on_divergence: bool = setting(True, "Stop at the NaN onset.", listable=False)
     sample_temperature: float = 0.7
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
 @dataclass(frozen=True)
@@ -96,26 +141,47 @@ class RunConfig:
         return cls.from_dict(json.loads(text))
 
 
-def validate_train_config(cfg: TrainConfig) -> None:
-    positive = {"--batch-size": cfg.batch_size, "--init-batches": cfg.init_batches}
-    for flag, value in positive.items():
-        if value < 1:
-            raise UserError(f"{flag} must be a positive integer, got {value}")
-    if cfg.epochs is None and cfg.steps < 1:
-        raise UserError(f"--steps must be a positive integer, got {cfg.steps}")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise UserError(f"--epochs must be a positive integer, got {cfg.epochs}")
-    checks = {
-        "--lam": cfg.lam >= 0 and math.isfinite(cfg.lam),
-        "--lr": cfg.lr > 0 and math.isfinite(cfg.lr),
-        "--warmup": cfg.warmup >= 0,
-        "--grad-clip": cfg.grad_clip >= 0,
-        "--eval-every": cfg.eval_every >= 0,
-        "--eval-batches": cfg.eval_batches >= 0,
-        "--early-stop": cfg.early_stop >= 0,
-        "--checkpoint-every": cfg.checkpoint_every >= 0,
-        "--flush-every": cfg.flush_every >= 1,
-    }
-    for flag, ok in checks.items():
-        if not ok:
-            raise UserError(f"{flag} is out of range: {getattr(cfg, flag[2:].replace('-', '_'))}")
+def option_fields() -> Iterator[tuple[str, dataclasses.Field]]:
+    """(section, field) of every setting that is a command-line option, in declaration order."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                yield section, f
+
+
+def option_name(f: dataclasses.Field) -> str:
+    return f.metadata["option"] or f.name
+
+
+def flag(f: dataclasses.Field) -> str:
+    return "--" + option_name(f).replace("_", "-")
+
+
+def placement_fields() -> set[tuple[str, str]]:
+    """(section, field) of the settings that say where or how a run is done, not what it computes."""
+    return {(section, f.name) for section, f in option_fields() if f.metadata["placement"]}
+
+
+def range_error(f: dataclasses.Field, value: Any) -> str | None:
+    """Why `value` is outside the field's range, with the fix; None when it is valid."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    at_least, above = f.metadata["at_least"], f.metadata["above"]
+    default = f.default if f.default is not None else (at_least if at_least is not None else 1)
+    example = f"{default:g}" if isinstance(default, float) else str(default)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{flag(f)} {value}: must be a finite number; pass e.g. {example}"
+    if at_least is not None and value < at_least:
+        bound = f"{at_least:g}" if isinstance(at_least, float) else str(at_least)
+        return f"{flag(f)} {value}: must be at least {bound}; pass e.g. {example}"
+    if above is not None and value <= above:
+        return f"{flag(f)} {value}: must be greater than {above:g}; pass e.g. {example}"
+    return None
+
+
+def validate_config(config: RunConfig) -> None:
+    """Every setting in its range: the one validator the trainer, `ablate` and `tune-lambda` call."""
+    for section, f in option_fields():
+        error = range_error(f, getattr(getattr(config, section), f.name))
+        if error:
+            raise UserError(error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import typing
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -24,10 +25,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from flowdiag.config import DataConfig
+from flowdiag.config import DataConfig, Dataset
 from flowdiag.errors import UserError
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "celeba", "folder", "npz")
+DATASETS: tuple[str, ...] = typing.get_args(Dataset)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 MNIST_TRAIN = "train-images-idx3-ubyte"

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from flowdiag.config import ModelConfig
 from flowdiag.errors import UserError
 from flowdiag.layers import (
-    FLOW_LAYER_KINDS,
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
@@ -57,7 +56,8 @@ class GlowLevel(nn.Module):
     def __init__(self, channels: int, size: int, config: ModelConfig, split: bool) -> None:
         super().__init__()
         # `channels` and `size` are after this level's squeeze.
-        self.steps = nn.ModuleList(FlowStep(channels, size * size, config) for _ in range(config.n_steps))
+        self.pixels = size * size  # h·w every layer of this level runs at
+        self.steps = nn.ModuleList(FlowStep(channels, self.pixels, config) for _ in range(config.n_steps))
         self.split = Split(channels) if split else None
 
 
@@ -127,13 +127,20 @@ class Glow(nn.Module):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         return self.reverse(None, n=n, temperature=temperature)
 
+    FLOW_STEP_PARTS = ("actnorm", "invconv", "coupling")  # forward order within a step
+
     def flow_layers(self) -> list[tuple[str, nn.Module]]:
         """Every ActNorm, 1x1 conv and coupling on the flow path, by module path, in forward order."""
         return [
-            (name, module)
-            for name, module in self.named_modules()
-            if type(module) in FLOW_LAYER_KINDS and ".net." not in name
+            (f"levels.{i}.steps.{k}.{part}", getattr(step, part))
+            for i, level in enumerate(self.levels)
+            for k, step in enumerate(level.steps)
+            for part in self.FLOW_STEP_PARTS
         ]
+
+    def flow_layer_pixels(self) -> list[int]:
+        """h·w each of `flow_layers()` runs at, from the model's own geometry."""
+        return [level.pixels for level in self.levels for _ in level.steps for _ in self.FLOW_STEP_PARTS]
 
     def actnorms(self) -> list[tuple[str, ActNorm]]:
         """All ActNorms, those inside coupling networks included, in forward order."""
@@ -152,8 +159,7 @@ class Glow(nn.Module):
 
 
 def validate_model_config(config: ModelConfig) -> None:
-    if config.n_levels < 1 or config.n_steps < 1 or config.hidden < 1:
-        raise UserError("K (--steps-per-level), L (--levels) and --hidden must be positive integers")
+    """The geometry: ranges are `flowdiag.config.validate_config`'s, this needs the data's image size."""
     if config.image_size % (2**config.n_levels) != 0:
         raise UserError(
             f"image size {config.image_size} is not divisible by 2^L = {2**config.n_levels}: "

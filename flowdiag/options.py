@@ -1,69 +1,98 @@
-"""The trainer's settings as options, declared once: `train` takes one value each, `ablate` comma
-lists (a list of more than one value becomes a grid axis), TOML files the same names.
+"""The trainer's settings as command-line options, derived from the config dataclasses.
 
-Each option maps a flag to one field of RunConfig. Values are parsed here, not by click, so a bad
-value gives our one-line error naming the flag.
+`flowdiag.config` defines each setting once (type, default, choices, range, help, placement); this
+module only turns its fields into options: `train` takes one value each, `ablate` comma lists (a list
+of more than one value becomes a grid axis), TOML files the same names. Values are parsed here, not
+by click, so a bad value gives our one-line error naming the flag and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from flowdiag.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from flowdiag.data import DATASETS
+from flowdiag.config import SECTIONS, RunConfig, flag, option_fields, option_name, range_error
 from flowdiag.errors import UserError
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+Kind = Literal["int", "float", "str", "bool", "choice"]
 
 
 @dataclass(frozen=True)
 class TrainerOption:
-    name: str  # python name; the flag is --name-with-dashes unless `flag` says otherwise
+    name: str  # the option's python name; the flag is --name-with-dashes
     section: str  # "model" | "data" | "train"
-    field: str
-    kind: str  # "int" | "float" | "str" | "bool" | "choice" | "optional_int"
-    help: str
-    choices: tuple[str, ...] = ()
-    listable: bool = True  # may be a comma list (a grid axis) in `ablate`
-    flag: str = ""
+    field: dataclasses.Field
+    kind: Kind
+    optional: bool  # None ("none") is a value: the setting is off or left to the data
+    choices: tuple[str, ...]
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata["help"]
+
+    @property
+    def listable(self) -> bool:
+        return self.field.metadata["listable"]
+
+    @property
+    def placement(self) -> bool:
+        return self.field.metadata["placement"]
 
     @property
     def cli_flag(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
+        return flag(self.field)
 
     @property
     def default(self) -> Any:
-        return next(f.default for f in dataclasses.fields(_SECTIONS[self.section]) if f.name == self.field)
+        return self.field.default
+
+    @property
+    def metavar(self) -> str:
+        """What the help shows for the value: its type or its choices, not TEXT."""
+        if self.kind == "choice":
+            return "|".join(self.choices)
+        return {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "bool": "BOOLEAN"}[self.kind]
 
     def parse(self, text: str) -> Any:
-        """One value from its text form; UserError names the flag."""
+        """One value from its text form, range-checked; UserError names the flag and the fix."""
         text = text.strip()
-        try:
-            if self.kind == "int" or (self.kind == "optional_int" and text.lower() not in ("", "none")):
-                return int(text)
-            if self.kind == "optional_int":
-                return None
-            if self.kind == "float":
-                value = float(text)
-                if not math.isfinite(value):
-                    raise ValueError
-                return value
-        except ValueError:
-            raise UserError(
-                f"{self.cli_flag}: {text!r} is not a valid {self.kind.replace('optional_', '')}"
-            ) from None
-        if self.kind == "choice" and text not in self.choices:
-            raise UserError(f"{self.cli_flag}: {text!r} is not one of {', '.join(self.choices)}")
+        if self.optional and text.lower() in ("", "none"):
+            return None
         if self.kind == "bool":
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise UserError(f"{self.cli_flag}: {text!r} is not true or false")
-        return text
+        if self.kind == "choice":
+            if text not in self.choices:
+                raise UserError(f"{self.cli_flag}: {text!r} is not one of {', '.join(self.choices)}")
+            return text
+        value: Any = text
+        try:
+            if self.kind == "int":
+                value = int(text)
+            elif self.kind == "float":
+                value = float(text)
+                if not math.isfinite(value):
+                    raise ValueError
+        except ValueError:
+            example = self.default if self.default is not None else 1
+            raise UserError(
+                f"{self.cli_flag}: {text!r} is not a valid {self.kind}; pass e.g. {example}"
+            ) from None
+        self.check(value)
+        return value
+
+    def check(self, value: Any) -> None:
+        """A parsed value (from a TOML file, say) within the setting's range."""
+        error = range_error(self.field, value)
+        if error:
+            raise UserError(error)
 
     def parse_list(self, text: str) -> list[Any]:
         """A comma list; empty items (`1,,2`) are an error, not skipped."""
@@ -74,86 +103,30 @@ class TrainerOption:
         return list(dict.fromkeys(values))  # keep order, drop repeats
 
 
-TRAINER_OPTIONS: tuple[TrainerOption, ...] = (
-    TrainerOption("dataset", "data", "dataset", "choice", "Data set.", DATASETS),
-    TrainerOption(
-        "data_root", "data", "root", "str", "Folder (or .npz file) holding the data set.", listable=False
-    ),
-    TrainerOption(
-        "download",
-        "data",
-        "download",
-        "bool",
-        "Let torchvision download cifar10/celeba/mnist.",
-        listable=False,
-    ),
-    TrainerOption(
-        "image_size", "data", "image_size", "optional_int", "Resize images to this many pixels a side."
-    ),
-    TrainerOption("n_bits", "data", "n_bits", "int", "Bits per pixel kept (dequantization bins = 2^n_bits)."),
-    TrainerOption("held_out", "data", "held_out", "float", "Fraction of images held out for evaluation."),
-    TrainerOption("levels", "model", "n_levels", "int", "L: levels of squeeze -> K steps -> split."),
-    TrainerOption("steps_per_level", "model", "n_steps", "int", "K: steps of flow per level."),
-    TrainerOption("hidden", "model", "hidden", "int", "Width of the coupling networks."),
-    TrainerOption("coupling", "model", "coupling", "choice", "Coupling layer.", ("additive", "affine")),
-    TrainerOption(
-        "affine_scale",
-        "model",
-        "affine_scale",
-        "choice",
-        "Affine scale: official Glow or the paper.",
-        ("sigmoid", "exp"),
-    ),
-    TrainerOption(
-        "conv", "model", "conv", "choice", "1x1 convolution: LU-decomposed or plain.", ("lu", "plain")
-    ),
-    TrainerOption(
-        "actnorm_eps", "model", "actnorm_eps", "float", "eps in the ActNorm init sigma = 1/sqrt(var + eps)."
-    ),
-    TrainerOption("batch_size", "train", "batch_size", "int", "Minibatch size."),
-    TrainerOption(
-        "init_batches",
-        "train",
-        "init_batches",
-        "int",
-        "M: minibatches for the cumulative ActNorm init (1 = Glow's).",
-    ),
-    TrainerOption("lam", "train", "lam", "float", "λ of the log-det penalty, against bits/dim."),
-    TrainerOption("lr", "train", "lr", "float", "Learning rate (RAdam)."),
-    TrainerOption("steps", "train", "steps", "int", "Optimizer steps."),
-    TrainerOption("epochs", "train", "epochs", "optional_int", "Epochs (overrides --steps)."),
-    TrainerOption(
-        "eval_every", "train", "eval_every", "int", "Steps between held-out evaluations (0: at the end)."
-    ),
-    TrainerOption(
-        "eval_batches", "train", "eval_batches", "int", "Held-out minibatches per evaluation (0: all)."
-    ),
-    TrainerOption(
-        "early_stop", "train", "early_stop", "int", "Stop after N evaluations without improvement (0: off)."
-    ),
-    TrainerOption("warmup", "train", "warmup", "int", "Linear learning-rate warmup, in steps."),
-    TrainerOption("grad_clip", "train", "grad_clip", "float", "Clip the gradient norm to this (0: off)."),
-    TrainerOption("seed", "train", "seed", "int", "Random seed."),
-    TrainerOption("device", "train", "device", "str", "auto, cpu or cuda[:N].", listable=False),
-    TrainerOption(
-        "diagnostics", "train", "diagnostics", "bool", "Record per-layer diagnostics.", listable=False
-    ),
-    TrainerOption(
-        "checkpoint_every",
-        "train",
-        "checkpoint_every",
-        "int",
-        "Steps between checkpoints (0: at the end).",
-        listable=False,
-    ),
-    TrainerOption(
-        "flush_every", "train", "flush_every", "int", "Steps between HDF5 flushes.", listable=False
-    ),
-    TrainerOption(
-        "stop_on_divergence", "train", "stop_on_divergence", "bool", "Stop at the NaN onset.", listable=False
-    ),
-)
+def _kind(hint: Any) -> tuple[Kind, bool, tuple[str, ...]]:
+    """(kind, optional, choices) from a field's type hint."""
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if optional:
+        (hint,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(hint) is Literal:
+        return "choice", optional, tuple(typing.get_args(hint))
+    kinds: dict[Any, Kind] = {int: "int", float: "float", str: "str", bool: "bool"}
+    return kinds[hint], optional, ()
+
+
+def _options() -> tuple[TrainerOption, ...]:
+    hints = {section: typing.get_type_hints(cls) for section, cls in SECTIONS.items()}
+    options = []
+    for section, f in option_fields():
+        kind, optional, choices = _kind(hints[section][f.name])
+        options.append(TrainerOption(option_name(f), section, f, kind, optional, choices))
+    return tuple(options)
+
+
+TRAINER_OPTIONS: tuple[TrainerOption, ...] = _options()
 OPTIONS_BY_NAME = {option.name: option for option in TRAINER_OPTIONS}
+PLACEMENT = tuple(option.name for option in TRAINER_OPTIONS if option.placement)
 
 
 def parse_scalars(values: dict[str, Any]) -> dict[str, Any]:
@@ -169,10 +142,10 @@ def parse_scalars(values: dict[str, Any]) -> dict[str, Any]:
 
 def apply_options(base: RunConfig, values: dict[str, Any]) -> RunConfig:
     """A RunConfig with the given option values (by option name) replacing the base's."""
-    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for name, value in values.items():
         option = OPTIONS_BY_NAME[name]
-        sections[option.section][option.field] = value
+        sections[option.section][option.field.name] = value
     return RunConfig(
         model=dataclasses.replace(base.model, **sections["model"]),
         data=dataclasses.replace(base.data, **sections["data"]),

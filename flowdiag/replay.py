@@ -19,8 +19,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from flowdiag.checkpoint import REPLAY_NAME, load_payload
+from flowdiag.checkpoint import load_payload
 from flowdiag.config import RunConfig
+from flowdiag.files import REPLAY_FILE
 from flowdiag.model import Glow
 from flowdiag.objective import training_loss
 
@@ -110,7 +111,7 @@ def _replay_backward(model: Glow, loss: Tensor) -> str:
 
 
 def replay(run_dir: Path) -> ReplayReport:
-    bundle = load_payload(Path(run_dir) / REPLAY_NAME, "replay bundle")
+    bundle = load_payload(Path(run_dir) / REPLAY_FILE, "replay bundle")
     config = RunConfig.from_json(bundle["config"])
     model = Glow(config.model)
     model.load_state_dict(bundle["model"])

@@ -25,11 +25,19 @@ from flowdiag.store import layout as store_layout
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["level0.step0.actnorm", "level0.step0.invconv", "level0.step0.coupling", "level1.step0.actnorm"]
 KINDS = ["actnorm", "invconv", "coupling", "actnorm"]
+PIXELS = [16, 16, 16, 4]
 N = len(NAMES)
 
 
 def make_writer(path: Path, **kwargs: object) -> RunWriter:
-    options = {"config_json": RunConfig().to_json(), "version": "9.9.9", "flush_every": 5} | kwargs
+    # A long flush timer: these tests count rows per flush, and a slow machine must not add flushes.
+    options = {
+        "config_json": RunConfig().to_json(),
+        "version": "9.9.9",
+        "flush_every": 5,
+        "flush_seconds": 3600.0,
+        "layer_pixels": PIXELS,
+    } | kwargs
     return RunWriter(path, layer_names=NAMES, layer_kinds=KINDS, **options)  # type: ignore[arg-type]
 
 
@@ -117,15 +125,18 @@ def test_file_layout_matches_the_documented_names(tmp_path: Path) -> None:
         append_steps(writer, range(1, 13))
         writer.append_eval(12, 1.5)
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
         assert f.attrs["flowdiag_version"] == "9.9.9"
+        assert (f.attrs["phase"], f.attrs["total_steps"]) == ("init", -1)
+        assert f["layers/pixels"][()].tolist() == PIXELS
+        assert f["steps/wall_time"].shape == (12,)
         assert json.loads(f.attrs["config"]) == {"k": [1, 2]}
         assert (f.attrs["status"], f.attrs["nan_onset_step"], f.attrs["nan_onset_layer"]) == (
             "running",
             -1,
             "",
         )
-        growing = [f"steps/{n}" for n in ("step", "loss", "bpd", "penalty", "grad_norm", "lr")]
+        growing = [f"steps/{n}" for n in ("step", "loss", "bpd", "penalty", "grad_norm", "lr", "wall_time")]
         growing += ["layers/max_abs", "layers/logdet", "layers/nonfinite", "eval/step", "eval/bpd"]
         for name in growing:
             dataset = f[name]
@@ -494,4 +505,54 @@ def test_rejects_rows_and_names_of_the_wrong_shape(tmp_path: Path) -> None:
     assert not (tmp_path / "k.h5").exists() and not (tmp_path / "f.h5").exists()
     with pytest.raises(ValueError, match="kind"):
         read_run(path).layer_index("squeeze")
-    assert set(LAYER_KINDS) == {"actnorm", "invconv", "coupling"}
+    assert set(LAYER_KINDS) == {"actnorm", "invconv", "coupling", "other"}
+    with pytest.raises(ValueError, match="h·w"):
+        make_writer(tmp_path / "p.h5", layer_pixels=[1])
+    with pytest.raises(ValueError, match="phase"):
+        writer.set_phase("warming up")
+
+
+def test_flush_timer_makes_rows_readable_before_the_count(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, flush_every=1000, flush_seconds=0.05)
+    append_steps(writer, range(1, 3))
+    assert len(read_run(path).step) == 0  # the first rows came within the timer
+    time.sleep(0.1)
+    append_steps(writer, range(3, 4))  # the timer has run out: this row flushes all three
+    record = read_run(path)
+    assert_rows(record, np.arange(1, 4))
+    assert np.all(np.diff(record.wall_time) >= 0) and record.wall_time[-1] >= 0.1
+
+
+def test_phase_total_steps_and_geometry_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, total_steps=40)
+    assert read_run(path).phase == "init"
+    writer.set_phase("train")
+    append_steps(writer, range(1, 3))
+    writer.close("completed")
+    record = read_run(path)
+    assert (record.phase, record.total_steps, record.status) == ("train", 40, "completed")
+    assert record.layer_pixels.tolist() == PIXELS
+    resumed = RunWriter.open_existing(path, total_steps=60)
+    append_steps(resumed, range(3, 4))
+    resumed.close()
+    record = read_run(path)
+    assert record.total_steps == 60 and record.wall_time[2] >= record.wall_time[1]
+
+
+def test_format_1_file_reads_with_unknown_geometry_and_clock(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    make_writer(path).close()
+    append_steps(RunWriter.open_existing(path), range(1, 3))
+    with h5py.File(path, "r+") as f:  # what flowdiag 0.1 wrote: no pixels, clock, phase or total
+        f.attrs["format_version"] = 1
+        for name in ("layers/pixels", "steps/wall_time"):
+            del f[name]
+        for name in ("phase", "total_steps"):
+            del f.attrs[name]
+    record = read_run(path)
+    assert record.layer_pixels.tolist() == [-1] * N and np.isnan(record.wall_time).all()
+    assert (record.phase, record.total_steps) == ("train", -1)
+    with pytest.raises(UserError, match="older flowdiag"):
+        RunWriter.open_existing(path)

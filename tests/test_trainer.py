@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from flowdiag.config import ModelConfig, RunConfig, TrainConfig
+from flowdiag.files import RUN_FILE
 from flowdiag.model import Glow, dequantize
-from flowdiag.recorder import LayerRecorder
+from flowdiag.monitor import Monitor
 from flowdiag.replay import replay
 from flowdiag.store import read_run
-from flowdiag.trainer import RUN_FILE, Trainer, train
+from flowdiag.trainer import Trainer, train
 
 SMALL_MODEL = ModelConfig(n_levels=3, n_steps=1, hidden=8)
 
@@ -68,14 +69,17 @@ def test_invconv_logdet_column_is_the_penalty_term(tmp_path: Path) -> None:
     assert record.penalty[-1] > 0
 
 
-def test_layer_logdets_sum_to_model_logdet() -> None:
+def test_layer_logdets_sum_to_model_logdet(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Glow(SMALL_MODEL)
-    recorder = LayerRecorder(model)
     x = dequantize(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8))
-    _, logdet = model(x)
-    _, layer_logdets = recorder.layer_values(logdet)
-    assert torch.allclose(layer_logdets.sum(), logdet.mean(), rtol=1e-5)
+    with Monitor(model, tmp_path, adapter="flowdiag") as monitor:
+        _, logdet = model(x)
+        monitor.step(logdet.mean())
+    assert np.isclose(monitor.last.logdet.sum(), float(logdet.detach().mean()), rtol=1e-5)
+    record = read_run(tmp_path / RUN_FILE)
+    assert record.layer_names == [name for name, _ in model.flow_layers()]
+    assert record.layer_pixels.tolist() == [16] * 3 + [4] * 3 + [1] * 3  # 8x8 squeezed once per level
 
 
 def _inject_nan(layer_name: str, at_call: int):
@@ -185,10 +189,10 @@ def test_replay_names_the_first_non_finite_forward_op(tmp_path: Path) -> None:
             model.get_submodule(layer).log_scale.fill_(100.0)  # exp(100) overflows float32
 
     trainer = Trainer(small_config(steps=3), tmp_path / "run")
-    writer = trainer.open()
+    trainer.open()
     poison(trainer.model)
-    onset, _ = trainer.one_step(writer)
-    writer.close("diverged")
+    onset = trainer.one_step()
+    assert trainer.monitor.close() == "diverged"
     assert onset == layer
     report = replay(tmp_path / "run")
     assert report.first_op in {"exp", "mul", "add"} and report.first_op_module == layer
@@ -201,3 +205,52 @@ def test_config_json_is_complete(tmp_path: Path) -> None:
     raw = json.loads(json.dumps(record.config))
     assert raw["train"]["lam"] == 3e-4 and raw["train"]["init_batches"] == 3 and raw["train"]["seed"] == 7
     assert raw["train"]["batch_size"] == 8 and raw["data"]["dataset"] == "digits"
+
+
+def test_resume_after_a_keep_going_onset_keeps_the_onset(tmp_path: Path) -> None:
+    layer = "levels.0.steps.0.coupling"
+    config = small_config(steps=4, stop_on_divergence=False, checkpoint_every=4)
+    first = train(config, tmp_path / "run", instrument=_inject_nan(layer, at_call=2))
+    assert (first.status, first.nan_onset_step) == ("diverged", 2)
+    resumed = train(small_config(steps=8, stop_on_divergence=False), tmp_path / "run", resume=True)
+    assert (resumed.status, resumed.nan_onset_step, resumed.nan_onset_layer) == ("diverged", 2, layer)
+    assert resumed.early_peak == first.early_peak and resumed.steps == 8
+    record = read_run(tmp_path / "run" / RUN_FILE)
+    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == ("diverged", 2, layer)
+    assert record.step.tolist() == list(range(1, 9)) and record.nonfinite[1].any()
+
+
+def test_early_stop_evaluates_each_step_once(tmp_path: Path) -> None:
+    # lr so high that held-out bpd stops improving quickly: the early stop must fire before step 60.
+    result = train(small_config(steps=60, eval_every=1, early_stop=1, lr=0.5), tmp_path / "run")
+    record = read_run(result.h5_path)
+    assert result.steps < 60
+    assert np.all(np.diff(record.eval_step) > 0)
+    assert record.eval_step[-1] == result.steps
+
+
+def test_warmup_ramps_the_learning_rate(tmp_path: Path) -> None:
+    record = read_run(train(small_config(steps=6, warmup=4, lr=1e-3), tmp_path / "run").h5_path)
+    assert np.allclose(record.lr, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_grad_clip_bounds_the_gradient(tmp_path: Path) -> None:
+    def after_one_step(clip: float, name: str) -> tuple[float, float]:
+        trainer = Trainer(small_config(steps=1, grad_clip=clip), tmp_path / name)
+        trainer.open()
+        trainer.one_step()
+        trainer.monitor.close()
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)), trainer.monitor.last.grad_norm
+
+    clipped, recorded = after_one_step(1e-3, "clipped")
+    assert clipped <= 1e-3 * (1 + 1e-4) < recorded  # the record keeps the norm before clipping
+    free, _ = after_one_step(0.0, "free")
+    assert free == pytest.approx(recorded, rel=1e-5)  # same seed and batch, nothing clipped
+
+
+def test_epochs_set_the_budget(tmp_path: Path) -> None:
+    trainer = Trainer(small_config(steps=1000, epochs=1, batch_size=400, eval_every=0), tmp_path / "run")
+    expected = -(-len(trainer.data.train) // 400)
+    result = trainer.run()
+    assert result.steps == expected == read_run(result.h5_path).total_steps

@@ -35,12 +35,12 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from flowdiag.ablation.grid import Grid, cell_key, cell_slug
 from flowdiag.ablation.storage import fail_dead_trials, make_storage
-from flowdiag.config import DataConfig, RunConfig
+from flowdiag.config import DataConfig, RunConfig, validate_config
 from flowdiag.data import ImageData, load_dataset
 from flowdiag.environment import resolve_device
 from flowdiag.errors import UserError
 from flowdiag.options import OPTIONS_BY_NAME
-from flowdiag.trainer import ProgressSink, RunResult, train, validate_train_config
+from flowdiag.trainer import ProgressSink, RunResult, train
 
 STUDY_KIND = "ablation"
 POLL_SECONDS = 1.0  # while waiting for other workers' running cells
@@ -286,7 +286,7 @@ def start_workers(spec: AblationSpec) -> list[multiprocessing.process.BaseProces
 def check_configs(configs: list[RunConfig]) -> dict[DataConfig, ImageData]:
     """What the trainer would refuse, refused before anything is written: settings, device, data."""
     for config in configs:
-        validate_train_config(config.train)
+        validate_config(config)
     for device in {config.train.device for config in configs}:
         resolve_device(device)
     return {data_config: load_dataset(data_config) for data_config in {config.data for config in configs}}

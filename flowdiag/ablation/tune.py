@@ -20,13 +20,11 @@ import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from flowdiag.ablation.grid import PLACEMENT
 from flowdiag.ablation.runner import StorageProgress, check_configs, make_out, open_study, record_result
 from flowdiag.ablation.storage import make_storage
-from flowdiag.config import RunConfig
+from flowdiag.config import RunConfig, placement_fields
 from flowdiag.data import ImageData
 from flowdiag.errors import UserError
-from flowdiag.options import OPTIONS_BY_NAME
 from flowdiag.trainer import ProgressSink, RunResult, train
 
 STUDY_KIND = "tune-lambda"
@@ -50,9 +48,8 @@ class TuneSpec:
         """What defines the study: the config but λ and the placement settings, and λ's range."""
         config = self.config.to_dict()
         config["train"].pop("lam")
-        for name in PLACEMENT:
-            option = OPTIONS_BY_NAME[name]
-            config[option.section].pop(option.field)
+        for section, name in placement_fields():
+            config[section].pop(name)
         return json.dumps({"config": config, "lam_range": [self.lam_min, self.lam_max]}, sort_keys=True)
 
 

@@ -9,9 +9,11 @@ import typer
 from flowdiag import __version__
 from flowdiag.cli.ablate import ablate_command
 from flowdiag.cli.bench import bench_command
-from flowdiag.cli.report import report_command, watch_command
+from flowdiag.cli.audit import audit_command
+from flowdiag.cli.report import report_command
 from flowdiag.cli.train import replay_command, train_command
 from flowdiag.cli.tune import tune_lambda_command
+from flowdiag.cli.watch import watch_command
 
 app = typer.Typer(
     name="flowdiag",
@@ -44,3 +46,4 @@ app.command("ablate")(ablate_command)
 app.command("tune-lambda")(tune_lambda_command)
 app.command("report")(report_command)
 app.command("watch")(watch_command)
+app.command("audit")(audit_command)

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import multiprocessing.connection
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import optuna
 import typer
-from optuna.trial import TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flowdiag.ablation.grid import CORE_AXES, build_grid, cell_key, cell_slug
-from flowdiag.ablation.runner import AblationSpec, CellObjective, prepare, start_workers, work
-from flowdiag.ablation.storage import default_storage_url, display_url
-from flowdiag.ablation.summary import CellRow, extra_axes, summarize
+from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
 from flowdiag.cli.common import console, fail, user_errors_exit_2
-from flowdiag.cli.options import with_trainer_options
+from flowdiag.cli.options import shown, with_trainer_options
 from flowdiag.errors import UserError
+
+# optuna, torch and the runner are imported when a command runs: `flowdiag --help` stays fast.
+if TYPE_CHECKING:
+    import optuna
+
+    from flowdiag.ablation.runner import AblationSpec
+    from flowdiag.ablation.summary import CellRow
 
 DEFAULT_OUT = Path("runs/ablation")
 
@@ -79,11 +81,17 @@ class BoardSink:
 
 
 def _count_done(study: optuna.Study, keys: set[str]) -> int:
+    from optuna.trial import TrialState
+
     done = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     return len(done & keys)
 
 
 def _run_with_board(spec: AblationSpec, study: optuna.Study) -> None:
+    from optuna.trial import TrialState
+
+    from flowdiag.ablation.runner import CellObjective, start_workers, work
+
     keys = {cell_key(cell) for cell in spec.grid.cells}
     board = Board(len(keys))
     board.set_done(_count_done(study, keys))
@@ -121,6 +129,8 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 
 
 def print_summary(rows: list[CellRow]) -> None:
+    from flowdiag.ablation.summary import extra_axes
+
     extra = extra_axes(rows)
     table = Table(title="ablation", header_style="bold")
     for column in [
@@ -156,10 +166,18 @@ def print_summary(rows: list[CellRow]) -> None:
     console.print(table)
 
 
-@with_trainer_options(as_lists=True, exclude=("seed",))
+@with_trainer_options(as_lists=True, exclude=("seed",), defaults=ABLATION_DEFAULTS)
 @user_errors_exit_2
 def ablate_command(
-    seeds: Annotated[str | None, typer.Option("--seeds", help="Seeds, a comma list: one grid axis.")] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="Seeds, a comma list: one grid axis.",
+            show_default=shown(ABLATION_DEFAULTS["seed"]),
+            metavar="INTEGER,...",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", help="Worker processes on this machine.")] = 1,
     storage: Annotated[
         str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite in --out).")
@@ -176,6 +194,10 @@ def ablate_command(
     **options: Any,
 ) -> None:
     """Cross M, λ, batch size and seeds (and any comma-listed trainer option) in one Optuna study."""
+    from flowdiag.ablation.runner import AblationSpec, prepare
+    from flowdiag.ablation.storage import default_storage_url, display_url
+    from flowdiag.ablation.summary import summarize
+
     if workers < 1:
         raise UserError(f"--workers must be a positive integer, got {workers}")
     grid = build_grid({**options, "seed": seeds}, config)

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from flowdiag.bench import run_bench
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
 from flowdiag.config import RunConfig
@@ -31,6 +30,8 @@ def bench_command(
     **options: Any,
 ) -> None:
     """Step time with diagnostics off/on, cumulative-init cost against M forward passes, HDF5 bytes/step."""
+    from flowdiag.bench import run_bench  # torch: imported when the command runs
+
     if timed_steps < 1 or blocks < 1:
         raise UserError("--timed-steps and --blocks must be positive integers")
     try:

@@ -1,9 +1,13 @@
-"""Typer parameters for the trainer options, added to a command's signature from one table."""
+"""Typer parameters for the trainer options, added to a command's signature from one table.
+
+The defaults shown are the ones the command really uses: `ablate` runs the paper's Fig. 4 setting
+(`ABLATION_DEFAULTS`), `train` the config dataclasses' own.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import typer
@@ -11,26 +15,49 @@ import typer
 from flowdiag.options import TRAINER_OPTIONS, TrainerOption
 
 
-def _typer_parameter(option: TrainerOption, *, as_lists: bool) -> inspect.Parameter:
+def shown(value: Any) -> str:
+    """A default as the help prints it: 1e-05, not '1e-05'; none for None; lists comma-separated."""
+    if isinstance(value, list | tuple):
+        return ",".join(shown(v) for v in value)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _typer_parameter(option: TrainerOption, *, as_lists: bool, default: Any) -> inspect.Parameter:
     if option.kind == "bool" and not (as_lists and option.listable):
         flag = f"{option.cli_flag}/--no-{option.cli_flag[2:]}"
         if option.name == "stop_on_divergence":
             flag = "--stop-on-divergence/--keep-going"
         annotation: Any = Annotated[
-            bool | None, typer.Option(flag, help=option.help, show_default=str(option.default))
+            bool | None, typer.Option(flag, help=option.help, show_default=shown(default))
         ]
     else:
-        help_text = option.help + (" Comma list: one grid axis." if as_lists and option.listable else "")
+        listed = as_lists and option.listable
+        help_text = option.help + (" Comma list: one grid axis." if listed else "")
+        metavar = option.metavar + (",..." if listed else "")
         annotation = Annotated[
-            str | None, typer.Option(option.cli_flag, help=help_text, show_default=str(option.default))
+            str | None,
+            typer.Option(option.cli_flag, help=help_text, show_default=shown(default), metavar=metavar),
         ]
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
 def with_trainer_options(
-    *, as_lists: bool, exclude: tuple[str, ...] = ()
+    *,
+    as_lists: bool,
+    exclude: tuple[str, ...] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add every trainer option to a typer command's signature (the command takes **kwargs)."""
+    """Add every trainer option to a typer command's signature (the command takes **kwargs).
+
+    `defaults`: the command's own defaults where they differ from the config dataclasses'.
+    """
+    own_defaults = defaults or {}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [
@@ -38,7 +65,11 @@ def with_trainer_options(
             for p in inspect.signature(command, eval_str=True).parameters.values()
             if p.kind != p.VAR_KEYWORD
         ]
-        extra = [_typer_parameter(o, as_lists=as_lists) for o in TRAINER_OPTIONS if o.name not in exclude]
+        extra = [
+            _typer_parameter(o, as_lists=as_lists, default=own_defaults.get(o.name, o.default))
+            for o in TRAINER_OPTIONS
+            if o.name not in exclude
+        ]
         command.__signature__ = inspect.Signature(own + extra)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in own + extra}
         return command

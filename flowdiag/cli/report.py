@@ -1,4 +1,4 @@
-"""`flowdiag report` and `flowdiag watch`."""
+"""`flowdiag report`."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ import typer
 
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.errors import UserError
-from flowdiag.report import build_report, collect_runs, render_summary, watch
 
-REPORTS_DIR = Path("reports")
+REPORT_FOLDER = "report"
 
 
-def _default_out(path: Path) -> Path:
-    name = path.stem if path.suffix == ".h5" else path.resolve().name
-    return REPORTS_DIR / name
+def default_out(path: Path) -> Path:
+    """Next to the runs: PATH/report for a folder, the run folder's report/ for a run.h5 file."""
+    return (path.parent if path.suffix == ".h5" else path) / REPORT_FOLDER
 
 
 @user_errors_exit_2
@@ -27,7 +26,7 @@ def report_command(
         Path, typer.Argument(help="A run folder or run.h5, or an ablation / tune-lambda output folder.")
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", help="Report folder (default: reports/<name>).")
+        Path | None, typer.Option("--out", help="Report folder (default: PATH/report, next to the runs).")
     ] = None,
     title: Annotated[str | None, typer.Option("--title", help="Report title.")] = None,
     fig5_step: Annotated[
@@ -39,12 +38,14 @@ def report_command(
     ] = 6,
 ) -> None:
     """Write report.md, a self-contained report.html and PNGs; print a summary and a diagnosis per run."""
+    from flowdiag.report import build_report, collect_runs, render_summary  # matplotlib, when it runs
+
     if fig5_step < 1:
         raise UserError(f"--fig5-step must be a positive step number, got {fig5_step}")
     if not threshold > 0:
         raise UserError(f"--threshold must be positive, got {threshold}")
     runs = collect_runs(path)
-    target = out or _default_out(path)
+    target = out or default_out(path)
     command = "flowdiag " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
     summary = build_report(
         runs,
@@ -56,18 +57,3 @@ def report_command(
         max_layer_maps=max_layer_maps,
     )
     render_summary(summary, console)
-
-
-@user_errors_exit_2
-def watch_command(
-    run: Annotated[Path, typer.Argument(help="A running trial's folder or run.h5.")],
-    interval: Annotated[float, typer.Option("--interval", help="Seconds between reads.")] = 1.0,
-    timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Give up after this many seconds.")
-    ] = None,
-) -> None:
-    """Live view of a run while it is written: step, bpd, the top layers by max |output|, onset."""
-    if interval <= 0:
-        raise UserError(f"--interval must be positive, got {interval}")
-    status = watch(run, console, interval=interval, timeout=timeout)
-    console.print(f"run ended: {status}")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from flowdiag.cli.common import RichProgress, console, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
 from flowdiag.config import RunConfig
+from flowdiag.files import REPLAY_FILE, RUN_FILE, SAMPLES_FILE
 from flowdiag.options import apply_options, parse_scalars
-from flowdiag.replay import replay
-from flowdiag.trainer import RUN_FILE, SAMPLES_FILE, RunResult, train
+
+if TYPE_CHECKING:
+    from flowdiag.trainer import RunResult
 
 DEFAULT_OUT = Path("runs/train")
 
@@ -47,6 +49,8 @@ def train_command(
     **options: Any,
 ) -> None:
     """Train one Glow with per-layer diagnostics recorded to OUT/run.h5."""
+    from flowdiag.trainer import train  # torch: imported when the command runs
+
     config = apply_options(RunConfig(), parse_scalars(options))
     result = train(config, out, resume=resume, progress=RichProgress())
     print_result(result)
@@ -61,7 +65,9 @@ def replay_command(
     ],
 ) -> None:
     """Re-run the onset step under anomaly detection and name the first non-finite operation."""
-    if (run_dir / "replay.pt").exists() is False and (run_dir / RUN_FILE).exists():
+    from flowdiag.replay import replay
+
+    if not (run_dir / REPLAY_FILE).exists() and (run_dir / RUN_FILE).exists():
         console.print(f"{run_dir} did not diverge: there is no replay bundle")
         raise typer.Exit(code=0)
     report = replay(run_dir)

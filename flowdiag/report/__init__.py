@@ -1,25 +1,31 @@
-"""Stability reports: what the run files say about when, where and why Glow diverged.
+"""Stability reports: what the run files say about when, where and why a flow diverged.
 
 Data extraction (pure, tested) lives in `runs`, `curves`, `layers`, `grid` and `diagnose`; drawing in
 `draw_steps` and `draw_layers`; the document in `document` and `build`; the terminal in `console` and
-`watch`. The CLI calls `collect_runs`, `build_report`, `render_summary` and `watch`.
+`watch`. The names below load on first use, so importing one submodule (the watch) never pulls in
+matplotlib.
 """
 
-from flowdiag.report.build import ReportSummary, RunRow, build_report
-from flowdiag.report.console import render_summary
-from flowdiag.report.diagnose import Diagnosis, diagnose
-from flowdiag.report.runs import collect_runs
-from flowdiag.report.watch import WatchSnapshot, watch, watch_snapshot
+from __future__ import annotations
 
-__all__ = [
-    "Diagnosis",
-    "ReportSummary",
-    "RunRow",
-    "WatchSnapshot",
-    "build_report",
-    "collect_runs",
-    "diagnose",
-    "render_summary",
-    "watch",
-    "watch_snapshot",
-]
+from importlib import import_module
+from typing import Any
+
+_PUBLIC = {
+    "Diagnosis": "flowdiag.report.diagnose",
+    "diagnose": "flowdiag.report.diagnose",
+    "ReportSummary": "flowdiag.report.build",
+    "RunRow": "flowdiag.report.build",
+    "build_report": "flowdiag.report.build",
+    "render_summary": "flowdiag.report.console",
+    "collect_runs": "flowdiag.report.runs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'flowdiag.report' has no attribute {name!r}")
+    return getattr(import_module(_PUBLIC[name]), name)
+
+
+__all__ = sorted(_PUBLIC)

@@ -9,13 +9,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flowdiag.config import placement_fields
 from flowdiag.report.runs import CellKey, best_eval_bpd, is_diverged, run_settings
 from flowdiag.store import RunRecord
 
-# Settings that change where or how a run is recorded, not what it learns; two runs that differ only
-# in these (and in λ, and in seed) still form a λ sweep. Seeds are allowed to differ so that a sweep
-# repeated over seeds shows its spread.
-_NOT_THE_EXPERIMENT = {"train": ("lam", "seed", "device", "diagnostics", "flush_every", "checkpoint_every")}
+# Two runs that differ only in where or how they were done (the placement settings), in λ and in
+# seed still form a λ sweep. Seeds may differ so that a sweep repeated over seeds shows its spread.
+_SWEPT = {("train", "lam"), ("train", "seed")}
 
 
 class GridCell(NamedTuple):
@@ -65,9 +65,8 @@ class LambdaPoint(NamedTuple):
 
 def _experiment(config: dict[str, Any]) -> str:
     stripped = copy.deepcopy(config)
-    for section, keys in _NOT_THE_EXPERIMENT.items():
-        for key in keys:
-            stripped.get(section, {}).pop(key, None)
+    for section, key in placement_fields() | _SWEPT:
+        stripped.get(section, {}).pop(key, None)
     return json.dumps(stripped, sort_keys=True)
 
 

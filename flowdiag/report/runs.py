@@ -14,9 +14,9 @@ import numpy as np
 
 from flowdiag.config import ModelConfig, TrainConfig
 from flowdiag.errors import UserError
+from flowdiag.files import RUN_FILE
 from flowdiag.store import RunRecord, is_run_file, read_run
 
-RUN_FILE = "run.h5"
 _LEVEL = re.compile(r"(?:^|\.)levels\.(\d+)\.")
 
 

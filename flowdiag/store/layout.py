@@ -14,12 +14,16 @@ import numpy as np
 from flowdiag.errors import UserError
 
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
-LAYER_KINDS = ("actnorm", "invconv", "coupling")
-FORMAT_VERSION = 1
+LAYER_KINDS = ("actnorm", "invconv", "coupling", "other")
+PHASES = ("init", "train")  # the ActNorm init, then the steps (it stays "train" once the run ended)
+# 2: layers/pixels, steps/wall_time and the total_steps / phase attributes. Version 1 files still read.
+FORMAT_VERSION = 2
 
 _SCALARS = ("loss", "bpd", "penalty", "grad_norm", "lr")  # steps/<name>, float64, (T,)
+_WALL_TIME = "steps/wall_time"  # seconds since the run started, resumed runs continuing the clock
 _LAYER_ARRAYS = {"max_abs": np.float32, "logdet": np.float32, "nonfinite": np.bool_}  # layers/<name>, (T, N)
 _STEP_DATASETS = ("steps/step", *(f"steps/{s}" for s in _SCALARS), *(f"layers/{a}" for a in _LAYER_ARRAYS))
+
 _EVAL_DATASETS = ("eval/step", "eval/bpd")
 _INIT_FLOATS = ("log_scale_min", "log_scale_max", "min_input_var")
 _REQUIRED_ATTRS = ("config", "status", "nan_onset_step", "nan_onset_layer")
@@ -91,6 +95,11 @@ def _growing(group: h5py.Group, name: str, dtype: Any, n_columns: int | None = N
 def _common_length(f: h5py.File, names: Sequence[str]) -> int:
     """Rows every dataset has: a reader that caught a flush half done sees only complete rows."""
     return min(f[name].shape[0] for name in names)
+
+
+def _step_datasets(f: h5py.File) -> tuple[str, ...]:
+    """The per-step datasets this file has (a version-1 file has no wall clock)."""
+    return (*_STEP_DATASETS, _WALL_TIME) if _WALL_TIME in f else _STEP_DATASETS
 
 
 def _strings(dataset: h5py.Dataset) -> list[str]:

@@ -16,11 +16,12 @@ from flowdiag.store.layout import (
     _INIT_FLOATS,
     _LAYER_ARRAYS,
     _SCALARS,
-    _STEP_DATASETS,
+    _WALL_TIME,
     LAYER_KINDS,
     _check_run,
     _common_length,
     _reason,
+    _step_datasets,
     _strings,
     _unreadable,
 )
@@ -34,6 +35,8 @@ class RunRecord:
     version: str
     config: dict[str, Any]
     status: str
+    phase: str  # "init" while the ActNorm init runs, then "train"
+    total_steps: int  # the steps the run was set to make; -1 unknown
     nan_onset_step: int
     nan_onset_layer: str
     step: np.ndarray
@@ -42,8 +45,10 @@ class RunRecord:
     penalty: np.ndarray
     grad_norm: np.ndarray
     lr: np.ndarray
+    wall_time: np.ndarray  # seconds since the run started; NaN in files from before format 2
     layer_names: list[str]
     layer_kinds: list[str]
+    layer_pixels: np.ndarray  # (N,) h·w each layer runs at; -1 where unknown
     max_abs: np.ndarray
     logdet: np.ndarray
     nonfinite: np.ndarray
@@ -85,7 +90,8 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
         raise UserError(
             f"{path} has a config attribute that is not valid JSON: re-run the training"
         ) from None
-    t = _common_length(f, _STEP_DATASETS)
+    t = _common_length(f, _step_datasets(f))
+    names = _strings(f["layers/name"])
     e = _common_length(f, _EVAL_DATASETS)
     init: dict[str, np.ndarray | list[str]] | None = None
     if "init" in f:
@@ -98,12 +104,16 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
         version=str(f.attrs["flowdiag_version"]),
         config=config,
         status=str(f.attrs["status"]),
+        phase=str(f.attrs.get("phase", "train")),
+        total_steps=int(f.attrs.get("total_steps", -1)),
         nan_onset_step=int(f.attrs["nan_onset_step"]),
         nan_onset_layer=str(f.attrs["nan_onset_layer"]),
         step=f["steps/step"][:t],
         **{name: f[f"steps/{name}"][:t] for name in _SCALARS},
-        layer_names=_strings(f["layers/name"]),
+        wall_time=f[_WALL_TIME][:t] if _WALL_TIME in f else np.full(t, np.nan),
+        layer_names=names,
         layer_kinds=_strings(f["layers/kind"]),
+        layer_pixels=f["layers/pixels"][()] if "layers/pixels" in f else np.full(len(names), -1, np.int64),
         **{name: f[f"layers/{name}"][:t] for name in _LAYER_ARRAYS},
         eval_step=f["eval/step"][:e],
         eval_bpd=f["eval/bpd"][:e],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +19,11 @@ from flowdiag.store.layout import (
     _INIT_FLOATS,
     _LAYER_ARRAYS,
     _SCALARS,
-    _STEP_DATASETS,
     _STRING,
+    _WALL_TIME,
     FORMAT_VERSION,
     LAYER_KINDS,
+    PHASES,
     STATUSES,
     _append,
     _check_run,
@@ -30,13 +32,18 @@ from flowdiag.store.layout import (
     _open_for_append,
     _reason,
     _rows_through,
+    _step_datasets,
     _strings,
     _unreadable,
 )
 
 
 class RunWriter:
-    """Appends one run's record to its HDF5 file, opening the file only for the length of a flush."""
+    """Appends one run's record to its HDF5 file, opening the file only for the length of a flush.
+
+    Rows reach the file every `flush_every` steps or `flush_seconds` after the last flush, whichever
+    comes first: a reader sees a new run within seconds, and a long run pays one open per block.
+    """
 
     def __init__(
         self,
@@ -46,16 +53,23 @@ class RunWriter:
         version: str,
         layer_names: Sequence[str],
         layer_kinds: Sequence[str],
+        layer_pixels: Sequence[int] | None = None,
+        total_steps: int = -1,
         flush_every: int = 50,
+        flush_seconds: float = 2.0,
         overwrite: bool = False,
     ) -> None:
         path = Path(path)
         names, kinds = list(layer_names), list(layer_kinds)
+        pixels = [-1] * len(names) if layer_pixels is None else [int(p) for p in layer_pixels]
         if flush_every < 1:  # checked here too, so that a bad value creates no file
             raise ValueError(f"flush_every must be at least 1, got {flush_every}")
-        if not names or len(names) != len(kinds):
+        if not flush_seconds > 0:
+            raise ValueError(f"flush_seconds must be positive, got {flush_seconds}")
+        if not names or len(names) != len(kinds) or len(pixels) != len(names):
             raise ValueError(
-                f"need one kind per layer and at least one layer; got {len(names)} names, {len(kinds)} kinds"
+                f"need one kind and one h·w per layer and at least one layer; got {len(names)} names, "
+                f"{len(kinds)} kinds, {len(pixels)} h·w"
             )
         unknown = sorted(set(kinds) - set(LAYER_KINDS))
         if unknown:
@@ -69,32 +83,42 @@ class RunWriter:
             raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
         try:
             with h5py.File(path, "w" if overwrite else "w-") as f:
-                self._create_layout(f, config_json, version, names, kinds)
+                self._create_layout(f, config_json, version, names, kinds, pixels, total_steps)
         except FileExistsError:  # created by someone else since the check above
             raise UserError(
                 f"{path} already exists: refusing to overwrite it; choose another --out"
             ) from None
         except OSError as error:
             raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
-        self._setup(path, names, flush_every, n_steps=0, n_evals=0, status=("running", -1, ""))
+        self._setup(path, names, flush_every, flush_seconds, n_steps=0, n_evals=0, status=("running", -1, ""))
 
     @staticmethod
     def _create_layout(
-        f: h5py.File, config_json: str, version: str, names: list[str], kinds: list[str]
+        f: h5py.File,
+        config_json: str,
+        version: str,
+        names: list[str],
+        kinds: list[str],
+        pixels: list[int],
+        total_steps: int,
     ) -> None:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["flowdiag_version"] = version
         f.attrs["config"] = config_json
         f.attrs["status"] = "running"
+        f.attrs["phase"] = "init"
+        f.attrs["total_steps"] = int(total_steps)
         f.attrs["nan_onset_step"] = -1
         f.attrs["nan_onset_layer"] = ""
         steps = f.create_group("steps")
         _growing(steps, "step", np.int64)
         for name in _SCALARS:
             _growing(steps, name, np.float64)
+        _growing(steps, _WALL_TIME.split("/")[1], np.float64)
         layers = f.create_group("layers")
         layers.create_dataset("name", data=names, dtype=_STRING)
         layers.create_dataset("kind", data=kinds, dtype=_STRING)
+        layers.create_dataset("pixels", data=np.asarray(pixels, dtype=np.int64))
         for name, dtype in _LAYER_ARRAYS.items():
             _growing(layers, name, dtype, n_columns=len(names))
         evals = f.create_group("eval")
@@ -102,7 +126,9 @@ class RunWriter:
         _growing(evals, "bpd", np.float64)
 
     @classmethod
-    def open_existing(cls, path: Path, *, flush_every: int = 50) -> RunWriter:
+    def open_existing(
+        cls, path: Path, *, flush_every: int = 50, flush_seconds: float = 2.0, total_steps: int | None = None
+    ) -> RunWriter:
         """Continue appending to a run file (`--resume`); follow with `truncate_after(checkpoint_step)`."""
         path = Path(path)
         if not path.is_file():
@@ -112,18 +138,29 @@ class RunWriter:
         try:
             with _open_for_append(path) as f:
                 _check_run(path, f)
+                if _WALL_TIME not in f:
+                    raise UserError(
+                        f"{path} was written by an older flowdiag (format 1) and cannot be resumed: "
+                        "start the run afresh in another --out"
+                    )
                 names = _strings(f["layers/name"])
-                n_steps = _common_length(f, _STEP_DATASETS)
+                n_steps = _common_length(f, _step_datasets(f))
                 n_evals = _common_length(f, _EVAL_DATASETS)
                 status = (
                     str(f.attrs["status"]),
                     int(f.attrs["nan_onset_step"]),
                     str(f.attrs["nan_onset_layer"]),
                 )
+                clock = float(f[_WALL_TIME][n_steps - 1]) if n_steps else 0.0
+                if total_steps is not None:
+                    f.attrs["total_steps"] = int(total_steps)
         except (OSError, RuntimeError, KeyError, ValueError):
             raise UserError(_unreadable(path)) from None
         writer = cls.__new__(cls)
-        writer._setup(path, names, flush_every, n_steps=n_steps, n_evals=n_evals, status=status)
+        writer._setup(
+            path, names, flush_every, flush_seconds, n_steps=n_steps, n_evals=n_evals, status=status
+        )
+        writer._clock_offset = clock
         return writer
 
     def _setup(
@@ -131,6 +168,7 @@ class RunWriter:
         path: Path,
         names: list[str],
         flush_every: int,
+        flush_seconds: float,
         *,
         n_steps: int,
         n_evals: int,
@@ -141,10 +179,14 @@ class RunWriter:
         self.path = path
         self.layer_names = names
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
         self._n_disk, self._n_evals_disk = n_steps, n_evals
+        self._started = self._last_flush = time.monotonic()
+        self._clock_offset = 0.0  # a resumed run's clock continues from its last row
         # Preallocated so that a step costs a few copies, not an allocation per array.
         self._n_buffered = 0
         self._step = np.empty(flush_every, np.int64)
+        self._wall_time = np.empty(flush_every, np.float64)
         self._scalars = np.empty((flush_every, len(_SCALARS)), np.float64)
         self._layers = {
             name: np.empty((flush_every, len(names)), dtype) for name, dtype in _LAYER_ARRAYS.items()
@@ -152,6 +194,7 @@ class RunWriter:
         self._evals: list[tuple[int, float]] = []
         self._init: dict[str, Any] | None = None
         self._status, self._onset_step, self._onset_layer = status
+        self._phase: str | None = None  # None: unchanged since the file was opened
         self._attrs_dirty = False
 
     @property
@@ -178,7 +221,7 @@ class RunWriter:
         logdet: ArrayLike,
         nonfinite: ArrayLike,
     ) -> None:
-        """Buffer one step's row; every `flush_every` rows the block goes to the file."""
+        """Buffer one step's row; the block goes to the file every `flush_every` rows or `flush_seconds`."""
         n = len(self.layer_names)
         per_layer = {
             "max_abs": np.asarray(max_abs),
@@ -189,12 +232,14 @@ class RunWriter:
             if values.shape != (n,):
                 raise ValueError(f"{name} has shape {values.shape}; expected ({n},), one value per layer")
         i = self._n_buffered
+        now = time.monotonic()
         self._step[i] = step
+        self._wall_time[i] = self._clock_offset + now - self._started
         self._scalars[i] = (loss, bpd, penalty, grad_norm, lr)
         for name, values in per_layer.items():
             self._layers[name][i] = values
         self._n_buffered += 1
-        if self._n_buffered == self.flush_every:
+        if self._n_buffered == self.flush_every or now - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def append_eval(self, step: int, bpd: float) -> None:
@@ -227,6 +272,14 @@ class RunWriter:
         self._set_status(status, onset_step, onset_layer)
         self.flush()
 
+    def set_phase(self, phase: str) -> None:
+        """`init` while the ActNorm init runs, `train` from the first step on; flushed at once."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        self._phase = phase
+        self._attrs_dirty = True
+        self.flush()
+
     def _set_status(self, status: str, onset_step: int, onset_layer: str) -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; expected one of {STATUSES}")
@@ -257,6 +310,7 @@ class RunWriter:
                     _append(f[f"layers/{name}"], self._n_disk, block[:n])
                 for j, name in enumerate(_SCALARS):
                     _append(f[f"steps/{name}"], self._n_disk, self._scalars[:n, j])
+                _append(f[_WALL_TIME], self._n_disk, self._wall_time[:n])
                 _append(f["steps/step"], self._n_disk, self._step[:n])
             if self._evals:
                 steps, bpds = zip(*self._evals, strict=True)
@@ -274,8 +328,11 @@ class RunWriter:
         self._n_disk += self._n_buffered
         self._n_evals_disk += len(self._evals)
         self._n_buffered, self._evals, self._init, self._attrs_dirty = 0, [], None, False
+        self._last_flush = time.monotonic()
 
     def _write_attrs(self, f: h5py.File) -> None:
+        if self._phase is not None:
+            f.attrs["phase"] = self._phase
         f.attrs["status"] = self._status
         f.attrs["nan_onset_step"] = self._onset_step
         f.attrs["nan_onset_layer"] = self._onset_layer
@@ -286,7 +343,7 @@ class RunWriter:
         with self._opened() as f:
             n_steps = _rows_through(f["steps/step"][: self._n_disk], step)
             n_evals = _rows_through(f["eval/step"][: self._n_evals_disk], step)
-            for name in _STEP_DATASETS:
+            for name in _step_datasets(f):
                 f[name].resize(n_steps, axis=0)
             for name in _EVAL_DATASETS:
                 f[name].resize(n_evals, axis=0)

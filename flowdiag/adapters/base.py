@@ -1,0 +1,175 @@
+"""One protocol between flowdiag and a flow library: what a flow's layers are and how to watch them.
+
+An adapter knows one library (or one hand-written convention) and nothing about recording. It
+- lists the flow layers in data -> latent order (name, kind, spatial size where known);
+- calls `capture(index, output, logdet)` each time a listed layer runs in the data -> latent
+  direction, from inside the library's own call (a forward hook or a per-instance wrapper);
+- reads and writes every ActNorm's statistics, so Algorithm 1 can run on the library's own layers;
+- gives each invertible 1x1 conv's log|det W|, differentiable, for the eq. (2) penalty.
+
+`capture` must not copy to the host: it is called inside the step's hot path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+LayerKind = Literal["actnorm", "invconv", "coupling", "other"]
+# (index into layers(), the layer's output in the data -> latent direction, its log-det or None).
+# A log-det may be a scalar (the same for every sample), shape (B,), or None (volume-preserving).
+Capture = Callable[[int, Tensor, Tensor | None], None]
+
+
+@dataclass(frozen=True)
+class FlowLayer:
+    name: str  # module path in the model, e.g. "flows.3" or "levels.0.steps.1.invconv"
+    kind: LayerKind
+    module: nn.Module
+    pixels: int | None = None  # h·w the layer runs at, where the adapter knows it without a forward
+
+
+class Detach:
+    """What `attach` returns: undo every hook and wrapper it installed."""
+
+    def __init__(self, undo: list[Callable[[], Any]]) -> None:
+        self._undo = undo
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+@dataclass
+class ActNormStats:
+    """Per-channel sums an ActNorm init needs, pooled over minibatches (float64)."""
+
+    count: int  # values per channel: batch · h · w summed over minibatches
+    total: Tensor  # (C,) Σ x
+    total_sq: Tensor  # (C,) Σ x²
+
+    def mean(self) -> Tensor:
+        return self.total / self.count
+
+    def var(self, *, unbiased: bool) -> Tensor:
+        """Pooled per-channel variance; unbiased with one value per channel is 0/0 = NaN, as torch's std."""
+        centered = (self.total_sq - self.total * self.mean()).clamp_min(0.0)
+        return centered / (self.count - 1 if unbiased else self.count)
+
+    def add(self, other: ActNormStats) -> ActNormStats:
+        return ActNormStats(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
+
+
+class ActNormAccess(ABC):
+    """Read and write one library ActNorm with that library's own init formula."""
+
+    name: str
+    module: nn.Module
+    channel_dim: int = 1  # which axis of the layer's input holds channels
+    # normflows and FrEIA initialize on the first call in either direction, so sampling first
+    # initializes them from latent noise; the others only data -> latent.
+    inits_when_sampling: ClassVar[bool] = False
+
+    def stats_of(self, x: Tensor) -> ActNormStats:
+        """Per-channel float64 sums of one input minibatch (every axis but the channels pooled)."""
+        x64 = x.detach().to(torch.float64).movedim(self.channel_dim, 0).reshape(x.shape[self.channel_dim], -1)
+        return ActNormStats(count=x64.shape[1], total=x64.sum(dim=1), total_sq=(x64 * x64).sum(dim=1))
+
+    def watch_input(self, callback: Callable[[Tensor], None]) -> Detach:
+        """Call `callback(input)` just before the layer runs data -> latent; it may raise to stop the pass.
+
+        The default is a forward pre-hook on `module` (libraries whose data -> latent is `__call__`).
+        """
+        handle = self.module.register_forward_pre_hook(lambda module, args: callback(args[0]))
+        return Detach([handle.remove])
+
+    @abstractmethod
+    def is_initialized(self) -> bool: ...
+
+    @abstractmethod
+    def set_initialized(self, value: bool) -> None:
+        """Set the library's own "initialized" flag (so it never initializes itself again)."""
+
+    @abstractmethod
+    def finalize(self, stats: ActNormStats) -> None:
+        """Set scale and bias from pooled statistics exactly as the library's own init would from the
+        concatenation of the minibatches (its std or var, biased or not, its eps)."""
+
+    @abstractmethod
+    def scale_from(self, stats: ActNormStats) -> Tensor:
+        """(C,) the multiplicative scale the library's init would give; NaN/inf where it would."""
+
+
+class FlowAdapter(ABC):
+    """One library's view of a flow model. Subclasses live in one file each under `adapters/`."""
+
+    name: ClassVar[str]  # the name users pass as adapter="..."
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    @abstractmethod
+    def recognizes(cls, model: nn.Module) -> bool:
+        """True when `model` is built from this library's classes (for adapter="auto")."""
+
+    @abstractmethod
+    def layers(self) -> list[FlowLayer]:
+        """Every flow layer, data -> latent order."""
+
+    @abstractmethod
+    def attach(self, capture: Capture) -> Detach:
+        """Call `capture` for every listed layer each time it runs data -> latent."""
+
+    def actnorms(self) -> list[ActNormAccess]:
+        """The model's data-dependent ActNorms in data -> latent order (empty if the library has none)."""
+        return []
+
+    def conv_logabsdets(self) -> list[tuple[str, Tensor]]:
+        """(name, log|det W|) of every invertible 1x1 conv, differentiable; empty if there is none."""
+        return []
+
+    def conv_pixels(self) -> list[int | None]:
+        """h·w each conv of `conv_logabsdets` ran at in the last forward (None: not seen yet).
+
+        The default reads what `remember_pixels` left on each invconv layer's module: adapters call it
+        from their `attach` captures and from `watch_convs`.
+        """
+        return [layer.module.__dict__.get(_PIXELS, layer.pixels) for layer in self.invconvs()]
+
+    def invconvs(self) -> list[FlowLayer]:
+        return [layer for layer in self.layers() if layer.kind == "invconv"]
+
+    def watch_convs(self) -> Detach:
+        """Remember the spatial size every invconv runs at, for the penalty (no host copy)."""
+        return self.attach(lambda index, output, logdet: None)
+
+    def remembering(self, capture: Capture) -> Capture:
+        """`capture`, plus `remember_pixels` for the invconv layers: every adapter's attach uses it."""
+        modules = [layer.module if layer.kind == "invconv" else None for layer in self.layers()]
+
+        def wrapped(index: int, output: Tensor, logdet: Tensor | None) -> None:
+            module = modules[index]
+            if module is not None:
+                remember_pixels(module, output)
+            capture(index, output, logdet)
+
+        return wrapped
+
+    def run_forward(self, x: Tensor) -> Any:
+        """Run the whole model data -> latent on `x` (for probing, the init and the audit)."""
+        return self.model(x)
+
+
+_PIXELS = "_flowdiag_pixels"
+
+
+def remember_pixels(module: nn.Module, output: Tensor) -> None:
+    """Keep h·w of a conv's output on the module (a plain attribute: reading a shape costs no sync)."""
+    if output.dim() >= 3:
+        module.__dict__[_PIXELS] = int(output.shape[-2] * output.shape[-1])

@@ -1,0 +1,108 @@
+"""flowdiag's own Glow (`flowdiag.model.Glow`): layers, hooks and ActNorms straight from its modules."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowAdapter, FlowLayer
+from flowdiag.layers import FLOW_LAYER_KINDS, ActNorm
+from flowdiag.model import Glow
+
+_LEVEL = re.compile(r"^levels\.(\d+)\.")
+
+
+class GlowActNorm(ActNormAccess):
+    """flowdiag's ActNorm: sigma = 1 / sqrt(biased var + eps), tau = -sigma · mean."""
+
+    def __init__(self, name: str, module: ActNorm) -> None:
+        self.name = name
+        self.module: ActNorm = module
+
+    def is_initialized(self) -> bool:
+        return self.module.is_initialized
+
+    def set_initialized(self, value: bool) -> None:
+        self.module.initialized.fill_(value)
+        self.module._ready = value
+
+    def scale_from(self, stats: ActNormStats) -> Tensor:
+        return 1.0 / torch.sqrt(stats.var(unbiased=False) + self.module.eps)
+
+    @torch.no_grad()
+    def finalize(self, stats: ActNormStats) -> None:
+        norm = self.module
+        norm._sum.copy_(stats.total)
+        norm._sum_sq.copy_(stats.total_sq)
+        norm._count.fill_(stats.count)
+        norm.finalize()
+
+
+class GlowAdapter(FlowAdapter):
+    name = "flowdiag"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.glow = _find_glow(model)
+        if self.glow is None:
+            raise TypeError(f"{type(model).__name__} holds no flowdiag.model.Glow")
+        self._prefix = next(n for n, m in model.named_modules() if m is self.glow)
+        self._prefix = f"{self._prefix}." if self._prefix else ""
+
+    @classmethod
+    def recognizes(cls, model: nn.Module) -> bool:
+        return _find_glow(model) is not None
+
+    def _pixels(self, name: str, module: nn.Module) -> int | None:
+        if hasattr(module, "pixels"):
+            return int(module.pixels)
+        match = _LEVEL.match(name)
+        if match is None:
+            return None
+        # Level i runs after i + 1 squeezes.
+        return (self.glow.config.image_size >> (int(match.group(1)) + 1)) ** 2
+
+    def layers(self) -> list[FlowLayer]:
+        # Exactly Glow.flow_layers(): same names (relative to the Glow), same order.
+        return [
+            FlowLayer(
+                name=self._prefix + name,
+                kind=FLOW_LAYER_KINDS[type(module)],  # type: ignore[arg-type]
+                module=module,
+                pixels=self._pixels(name, module),
+            )
+            for name, module in self.glow.flow_layers()
+        ]
+
+    def attach(self, capture: Capture) -> Detach:
+        capture = self.remembering(capture)
+        handles = []
+        for index, layer in enumerate(self.layers()):
+
+            def hook(
+                module: nn.Module, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor], i: int = index
+            ) -> None:
+                capture(i, output[0], output[1])
+
+            handles.append(layer.module.register_forward_hook(hook))
+        return Detach([handle.remove for handle in handles])
+
+    def actnorms(self) -> list[ActNormAccess]:
+        return [GlowActNorm(self._prefix + name, module) for name, module in self.glow.actnorms()]
+
+    def conv_logabsdets(self) -> list[tuple[str, Tensor]]:
+        return [(self._prefix + name, conv.log_abs_det()) for name, conv in self.glow.inv_convs()]
+
+    def conv_pixels(self) -> list[int | None]:
+        return [conv.pixels for _, conv in self.glow.inv_convs()]
+
+
+def _find_glow(model: nn.Module) -> Glow | None:
+    if isinstance(model, Glow):
+        return model
+    return next((m for m in model.modules() if isinstance(m, Glow)), None)
+
+
+ADAPTER = GlowAdapter

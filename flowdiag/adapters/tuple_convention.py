@@ -1,0 +1,52 @@
+"""Hand-written Glows whose layers return `(out, logdet)` (rosinality/glow-pytorch style).
+
+The log-det may be a scalar, shape (B,), or None for a volume-preserving layer. Layers are found by
+class name (ActNorm, InvConv2d / 1x1 conv, ...Coupling); forward hooks see them.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from flowdiag.adapters.base import ActNormAccess, Capture, Detach, FlowAdapter, FlowLayer
+from flowdiag.adapters.handwritten import handwritten_actnorm, handwritten_logabsdet
+from flowdiag.adapters.walk import kind_by_class_name, output_tensor, walk_flow_layers
+
+
+class TupleAdapter(FlowAdapter):
+    name = "tuple"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._layers = walk_flow_layers(model, is_flow=lambda m: kind_by_class_name(m) is not None)
+
+    @classmethod
+    def recognizes(cls, model: nn.Module) -> bool:
+        return any(kind_by_class_name(m) is not None for m in model.modules())
+
+    def layers(self) -> list[FlowLayer]:
+        return self._layers
+
+    def attach(self, capture: Capture) -> Detach:
+        capture = self.remembering(capture)
+        handles = []
+        for index, layer in enumerate(self._layers):
+
+            def hook(module: nn.Module, args: tuple, output: tuple, i: int = index) -> None:
+                out = output_tensor(output[0])
+                logdet = output[1] if len(output) > 1 else None
+                capture(i, out, logdet if isinstance(logdet, Tensor) or logdet is None else out.new_tensor(logdet))
+
+            handles.append(layer.module.register_forward_hook(hook))
+        return Detach([handle.remove for handle in handles])
+
+    def actnorms(self) -> list[ActNormAccess]:
+        found = [handwritten_actnorm(layer.name, layer.module) for layer in self._layers if layer.kind == "actnorm"]
+        return [access for access in found if access is not None]
+
+    def conv_logabsdets(self) -> list[tuple[str, Tensor]]:
+        found = [(layer.name, handwritten_logabsdet(layer.module)) for layer in self.invconvs()]
+        return [(name, value) for name, value in found if value is not None]
+
+
+ADAPTER = TupleAdapter

@@ -1,0 +1,69 @@
+"""Listing a library model's flow layers: the finest modules that are flows, in data -> latent order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from flowdiag.adapters.base import FlowLayer, LayerKind
+
+Children = Callable[[nn.Module], Iterable[tuple[str, nn.Module]]]
+
+
+def kind_by_class_name(module: nn.Module) -> LayerKind | None:
+    """actnorm / invconv / coupling from the class name (libraries and hand-written Glows agree)."""
+    name = type(module).__name__.lower()
+    if "actnorm" in name or "act_norm" in name:
+        return "actnorm"
+    if any(part in name for part in ("1x1", "onebyone", "invconv", "invertibleconv", "channelpermute")):
+        return "invconv"
+    if "coupling" in name:
+        return "coupling"
+    return None
+
+
+def walk_flow_layers(
+    root: nn.Module,
+    *,
+    is_flow: Callable[[nn.Module], bool],
+    children: Children | None = None,
+    kind_of: Callable[[nn.Module], LayerKind | None] = kind_by_class_name,
+) -> list[FlowLayer]:
+    """A flow whose kind is known is a layer (not descended); a flow with no flow inside is an
+    "other" layer; anything else is a container whose children are walked in `children` order."""
+    order = children or (lambda module: module.named_children())
+    layers: list[FlowLayer] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if is_flow(module):
+            kind = kind_of(module)
+            if kind is not None:
+                layers.append(FlowLayer(prefix, kind, module))
+                return
+            if not any(is_flow(m) for m in list(module.modules())[1:]):
+                layers.append(FlowLayer(prefix, "other", module))
+                return
+        for name, child in order(module):
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", root)
+    return layers
+
+
+def output_tensor(output: object) -> Tensor:
+    """A layer's output as one tensor: a split's several outputs are flattened and joined."""
+    if isinstance(output, Tensor):
+        return output
+    tensors = [t for t in output if isinstance(t, Tensor)]  # type: ignore[union-attr]
+    if len(tensors) == 1:
+        return tensors[0]
+    return torch.cat([t.flatten(1) for t in tensors], dim=1)
+
+
+def as_logdet(logdet: object, like: Tensor) -> Tensor:
+    """A library's log-det as a tensor: a plain number (0 for volume-preserving layers) becomes a scalar."""
+    if isinstance(logdet, Tensor):
+        return logdet
+    return like.new_tensor(float(logdet))  # type: ignore[arg-type]

@@ -1,0 +1,100 @@
+"""`flowdiag audit`: would this model's ActNorm init fail at this batch size and M? Nothing is trained."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Annotated, Any
+
+import typer
+
+from flowdiag.cli.common import console, user_errors_exit_2
+from flowdiag.errors import UserError
+
+
+def load_factory_model(spec: str) -> Any:
+    """Call the factory named by `package.module:factory` and return the model it builds."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UserError(f"--model {spec!r} is not package.module:factory; pass e.g. mypkg.models:build_glow")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(f"--model {spec!r}: cannot import {module_name!r} ({error}); check PYTHONPATH") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise UserError(f"--model {spec!r}: {module_name} has no callable {attribute!r}")
+    return factory()
+
+
+def _number(value: float) -> str:
+    return "NaN" if math.isnan(value) else f"{value:.4g}"
+
+
+@user_errors_exit_2
+def audit_command(
+    model: Annotated[
+        str, typer.Option("--model", help="package.module:factory, a callable returning the flow model.")
+    ],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training minibatch size.")] = 16,
+    init_batches: Annotated[int, typer.Option("--init-batches", help="M of the ActNorm init.")] = 1,
+    adapter: Annotated[
+        str, typer.Option("--adapter", help="auto, or a library/convention name (see flowdiag.adapters).")
+    ] = "auto",
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when any ActNorm is at risk.")] = False,
+    dataset: Annotated[str, typer.Option("--dataset", help="Data set.")] = "digits",
+    data_root: Annotated[
+        str | None, typer.Option("--data-root", help="Folder (or .npz file) holding the data set.")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Resize images to this many pixels a side.")
+    ] = None,
+    n_bits: Annotated[
+        int, typer.Option("--n-bits", help="Bits per pixel kept (dequantization bins = 2^n_bits).")
+    ] = 8,
+) -> None:
+    """Preflight: what each ActNorm's init sees at this batch size and M, and the smallest safe M."""
+    # Heavy imports here: the CLI must start fast.
+    from rich.table import Table
+
+    from flowdiag.adapters import ADAPTER_NAMES
+    from flowdiag.audit import audit
+    from flowdiag.config import DataConfig
+    from flowdiag.data import load_dataset
+    from flowdiag.model import dequantize
+
+    if batch_size < 1 or init_batches < 1:
+        raise UserError("--batch-size and --init-batches must be positive integers")
+    if adapter != "auto" and adapter not in ADAPTER_NAMES:
+        raise UserError(f"unknown adapter {adapter!r}; choose one of: auto, {', '.join(ADAPTER_NAMES)}")
+    flow = load_factory_model(model)
+    data = load_dataset(DataConfig(dataset=dataset, root=data_root, n_bits=n_bits, image_size=image_size))
+    needed = batch_size * init_batches
+    if len(data.train) < needed:
+        raise UserError(f"{dataset}: {len(data.train)} images, fewer than --batch-size x --init-batches")
+    reference = next(flow.parameters(), None)
+    x = dequantize(data.train[:needed], n_bits)
+    if reference is not None:
+        x = x.to(device=reference.device, dtype=reference.dtype)
+    result = audit(flow, list(x.split(batch_size)), init_batches=init_batches, adapter=adapter)
+
+    table = Table(title=f"ActNorm init at batch {batch_size}, M = {init_batches} ({result.adapter})")
+    for column in ("ActNorm", "values/channel", "min input var", "scale", "at risk", "inits when sampling"):
+        table.add_column(column)
+    for norm in result.actnorms:
+        scale = f"{_number(norm.scale_min)}..{_number(norm.scale_max)}"
+        table.add_row(
+            norm.name,
+            str(norm.values_per_channel),
+            f"{norm.min_input_var:.3g}",
+            scale,
+            "[red]yes: 1 value/channel[/red]" if norm.at_risk else "no",
+            "yes" if norm.inits_when_sampling else "no",
+        )
+    console.print(table)
+    console.print(
+        f"smallest M giving every ActNorm >= 2 values per channel: {result.min_safe_init_batches}"
+        + (f"; {len(result.at_risk)} ActNorm(s) at risk" if result.at_risk else "")
+    )
+    if strict and result.at_risk:
+        raise typer.Exit(code=1)

@@ -1,0 +1,306 @@
+"""`Monitor`: flowdiag's record of any flow's training, and the one recording path of `flowdiag train`.
+
+    with flowdiag.Monitor(model, "runs/mine") as monitor:
+        for x in loader:
+            loss = -model.log_prob(x).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            monitor.step(loss)  # after backward, before the update
+            optimizer.step()
+
+An adapter (flowdiag.adapters) finds the flow layers and calls back with each layer's output and
+log-det as the library computes them; the Monitor reduces each to max |output| and the batch-mean
+log-det on the device, and at `step` copies the whole step to the host at once: loss, gradient norm
+and every layer's values in one tensor, one device sync per step. The row goes to `out_dir/run.h5`
+in the schema `flowdiag report`, `watch` and the diagnosis read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flowdiag.adapters import resolve_adapter
+from flowdiag.adapters.base import Detach, FlowAdapter
+from flowdiag.errors import UserError
+from flowdiag.files import RUN_FILE
+from flowdiag.run_state import RunState, StepRecord
+from flowdiag.store import RunWriter
+
+if TYPE_CHECKING:
+    from flowdiag.config import RunConfig
+    from flowdiag.init import ActNormInitStats
+
+# Scalars that lead every packed row; their order is the StepRecord's.
+_SCALARS = ("loss", "bpd", "penalty", "grad_norm", "lr")
+Number = float | int | Tensor
+
+
+def _config_json(config: RunConfig | Mapping[str, Any] | None) -> str:
+    if config is None:
+        return "{}"
+    if isinstance(config, Mapping):
+        try:
+            return json.dumps(dict(config), sort_keys=True)
+        except TypeError as error:
+            raise UserError(f"Monitor config is not JSON ({error}): pass plain values") from None
+    return config.to_json()
+
+
+def _version() -> str:
+    from flowdiag import __version__
+
+    return __version__
+
+
+class Monitor:
+    """Record every flow layer of `model` into `out_dir/run.h5`, one row per `step(loss)`.
+
+    `adapter`: "auto" (recognize the library by its classes), a name from
+    `flowdiag.adapters.ADAPTER_NAMES`, or an adapter instance. `config`: what the run file stores as
+    its settings (a RunConfig, or a dict such as {"train": {"batch_size": 1, "init_batches": 1}}; the
+    report groups runs by train.init_batches, lam, batch_size and seed).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out_dir: str | Path,
+        *,
+        adapter: str | FlowAdapter = "auto",
+        config: RunConfig | Mapping[str, Any] | None = None,
+        diagnostics: bool = True,
+        total_steps: int = -1,
+        flush_every: int = 50,
+        flush_seconds: float = 2.0,
+        state: RunState | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.run_file = self.out_dir / RUN_FILE
+        self.resumed = state is not None
+        if not self.resumed and self.run_file.exists():
+            raise UserError(
+                f"{self.run_file} already exists: pass --resume to continue it or choose another --out"
+            )
+        self.model = model
+        self.adapter = resolve_adapter(model, adapter) if isinstance(adapter, str) else adapter
+        layers = self.adapter.layers()
+        self.layer_names: list[str] = [layer.name for layer in layers]
+        self.layer_kinds: list[str] = [layer.kind for layer in layers]
+        self._pixels: list[int | None] = [layer.pixels for layer in layers]
+        self.state = state or RunState()
+        self._config_json = _config_json(config)
+        self._total_steps = total_steps
+        self._flush = (flush_every, flush_seconds)
+        self._writer: RunWriter | None = None
+        self._final_status: str | None = None
+        self.status: str | None = None  # the status written at close; None while the run goes on
+        n = len(layers)
+        self._max_abs: list[Tensor | None] = [None] * n
+        self._logdet: list[Tensor | None] = [None] * n
+        self._zero: Tensor | None = None  # a volume-preserving layer's log-det, made once per run
+        self._active = True
+        self._detach: Detach | None = self.adapter.attach(self._capture) if diagnostics else None
+
+    # --- inside the library's forward: device work only ------------------------------------------
+
+    def _capture(self, index: int, output: Tensor, logdet: Tensor | None) -> None:
+        if not self._active:
+            return
+        if self._pixels[index] is None and output.dim() >= 3:
+            self._pixels[index] = int(output.shape[-2] * output.shape[-1])  # a shape: no sync
+        self._max_abs[index] = torch.linalg.vector_norm(output.detach(), ord=math.inf)
+        if logdet is None:
+            if self._zero is None:
+                self._zero = output.new_zeros(())
+            self._logdet[index] = self._zero
+        else:
+            self._logdet[index] = logdet.detach().mean()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Evaluation, sampling and the init are not training steps: keep them out of the record."""
+        active, self._active = self._active, False
+        try:
+            yield
+        finally:
+            self._active = active
+
+    # --- the run file ----------------------------------------------------------------------------
+
+    @property
+    def writer(self) -> RunWriter:
+        """The run file's writer, created at first use (a library's geometry is known after a forward)."""
+        if self._writer is None:
+            self._writer = self._open_writer()
+        return self._writer
+
+    def _open_writer(self) -> RunWriter:
+        flush_every, flush_seconds = self._flush
+        if self.resumed:
+            writer = RunWriter.open_existing(
+                self.run_file,
+                flush_every=flush_every,
+                flush_seconds=flush_seconds,
+                total_steps=self._total_steps,
+            )
+            writer.truncate_after(self.state.step)
+            writer.set_status("running", onset_step=self.state.onset_step, onset_layer=self.state.onset_layer)
+            return writer
+        return RunWriter(
+            self.run_file,
+            config_json=self._config_json,
+            version=_version(),
+            layer_names=self.layer_names,
+            layer_kinds=self.layer_kinds,
+            layer_pixels=[-1 if p is None else p for p in self._pixels],
+            total_steps=self._total_steps,
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+        )
+
+    def record_init(self, stats: Sequence[ActNormInitStats]) -> None:
+        """The ActNorm init's figures (flowdiag.init), one per ActNorm."""
+        self.writer.write_init(
+            [s.name for s in stats],
+            np.array([s.log_scale_min for s in stats]),
+            np.array([s.log_scale_max for s in stats]),
+            np.array([s.min_input_var for s in stats]),
+            np.array([s.n_values for s in stats], dtype=np.int64),
+        )
+
+    def record_eval(self, bpd: float) -> None:
+        """A held-out evaluation at the current step."""
+        self.writer.append_eval(self.state.step, bpd)
+        self.state.take_eval(bpd)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    # --- one step --------------------------------------------------------------------------------
+
+    def _grad_norm(self) -> Tensor | float:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else math.nan
+
+    def _layer_values(self, like: Tensor) -> list[Tensor]:
+        if any(v is None for v in self._max_abs):  # a layer that did not run this step
+            nan = like.new_full((), math.nan)
+            self._max_abs = [nan if v is None else v for v in self._max_abs]
+            self._logdet = [nan if v is None else v for v in self._logdet]
+        return [*self._max_abs, *self._logdet]  # type: ignore[list-item]
+
+    def step(
+        self,
+        loss: Tensor,
+        *,
+        bpd: Number | None = None,
+        penalty: Number | None = None,
+        grad_norm: Number | None = None,
+        lr: Number | None = None,
+    ) -> str | None:
+        """Record one training step; call after `loss.backward()`, before `optimizer.step()`.
+
+        Returns the first non-finite flow layer in data -> latent order, `loss` when every layer was
+        finite but the loss was not, `backward` when only the gradient norm was; None when all is finite.
+        """
+        if self.state.step == 0 and not self.resumed:
+            self.writer.set_phase("train")
+        values = {
+            "loss": loss,
+            "bpd": bpd,
+            "penalty": penalty,
+            "grad_norm": self._grad_norm() if grad_norm is None else grad_norm,
+            "lr": lr,
+        }
+        # Tensors travel in one packed copy; plain numbers never go to the device and back.
+        on_device = [name for name in _SCALARS if isinstance(values[name], Tensor)]
+        packed: list[Tensor] = [values[name].detach().reshape(()) for name in on_device]  # type: ignore[union-attr]
+        recording = self._detach is not None
+        if recording:
+            packed += self._layer_values(loss)
+        host = torch.stack(packed).to(torch.float64).cpu().numpy()  # the step's one device sync
+        scalars = {name: math.nan if values[name] is None else values[name] for name in _SCALARS}
+        scalars.update({name: float(host[i]) for i, name in enumerate(on_device)})
+        n = len(self.layer_names)
+        if recording:
+            layers = host[len(on_device) :]
+            max_abs, logdet = layers[:n], layers[n:]
+        else:
+            max_abs = logdet = np.full(n, np.nan)
+        with np.errstate(invalid="ignore"):
+            nonfinite = (~np.isfinite(max_abs) | ~np.isfinite(logdet)) if recording else np.zeros(n, bool)
+        record = StepRecord(
+            self.state.step + 1, *(float(scalars[s]) for s in _SCALARS), max_abs, logdet, nonfinite
+        )
+        given = {name for name in ("loss", "bpd", "penalty") if values[name] is not None}
+        onset = self._onset(record, given)
+        self.state.advance(record, onset)
+        self.writer.append_step(
+            record.step,
+            **{name: getattr(record, name) for name in _SCALARS},
+            max_abs=max_abs,
+            logdet=logdet,
+            nonfinite=nonfinite,
+        )
+        if onset is not None and self.state.onset_step == record.step:
+            self.writer.set_status("running", onset_step=record.step, onset_layer=onset)
+        self.last = record
+        self._max_abs = [None] * n
+        self._logdet = [None] * n
+        return onset
+
+    def _onset(self, record: StepRecord, given: set[str]) -> str | None:
+        bad = np.flatnonzero(record.nonfinite)
+        if bad.size:
+            return self.layer_names[int(bad[0])]
+        if not all(math.isfinite(getattr(record, name)) for name in given):
+            return "loss"
+        if not math.isfinite(record.grad_norm):
+            return "backward"
+        return None
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    def end(self, status: str) -> None:
+        """Say how the run ended (`interrupted` on a signal, say); the default comes from the onset."""
+        self._final_status = status
+
+    def close(self, status: str | None = None) -> str:
+        """Write the final status and detach from the model; returns the status. Safe to call twice."""
+        if self.status is not None:
+            return self.status
+        if self._detach is not None:
+            self._detach.remove()
+            self._detach = None
+        final = status or self._final_status or ("diverged" if self.state.diverged else "completed")
+        self.writer.set_status(final, onset_step=self.state.onset_step, onset_layer=self.state.onset_layer)
+        self.status = final
+        return final
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("interrupted")
+        else:
+            self.close("failed")
+
+    @property
+    def layer_pixels(self) -> list[int | None]:
+        """h·w each layer ran at (None until seen, for libraries that only tell in a forward)."""
+        return list(self._pixels)
