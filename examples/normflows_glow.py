@@ -49,14 +49,21 @@ def minibatches(n: int, batch_size: int = 1, seed: int = 0) -> list[torch.Tensor
 
 
 def train(
-    model: nf.MultiscaleFlow, steps: int = 200, *, fix: bool = False, out_dir: str | None = None, seed: int = 0
+    model: nf.MultiscaleFlow,
+    steps: int = 200,
+    *,
+    fix: bool = False,
+    out_dir: str | None = None,
+    seed: int = 0,
 ) -> str | None:
     """Train at batch 1; returns the first non-finite layer (None when every step stayed finite)."""
     data = minibatches(steps, seed=seed)
     if fix:
         flowdiag.cumulative_init(model, minibatches(256, seed=seed + 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with flowdiag.Monitor(model, out_dir or "runs/normflows-glow") as monitor:
+    # What the report groups runs by: M (init minibatches), batch size and seed.
+    settings = {"train": {"init_batches": 256 if fix else 1, "batch_size": 1, "seed": seed, "lam": 0.0}}
+    with flowdiag.Monitor(model, out_dir or "runs/normflows-glow", config=settings) as monitor:
         for x in data:
             optimizer.zero_grad()
             loss = model.forward_kld(x)

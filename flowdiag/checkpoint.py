@@ -22,8 +22,9 @@ def load_payload(path: Path, what: str) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"no {what} at {path}: check the run folder")
     try:
-        # weights_only=False: the payload holds RNG states and plain dicts written by flowdiag itself.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors, RNG states and plain dicts are all a checkpoint holds; nothing in it
+        # may run code when loaded.
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged file
         raise UserError(
             f"{path} is not a readable {what} ({type(error).__name__}): re-run the training"

@@ -31,6 +31,7 @@ class ActNormInitStats:
     log_scale_max: float
     min_input_var: float
     n_values: int  # values per channel its statistics came from: M · batch · h · w
+    pixels: int  # h · w of its input
 
 
 def _init_actnorm(norm: ActNorm, inputs: Sequence[Tensor]) -> None:
@@ -78,9 +79,20 @@ def cumulative_actnorm_init(model: Glow, minibatches: Sequence[Tensor]) -> list[
     return actnorm_init_stats(model)
 
 
+def _actnorms_with_pixels(model: Glow) -> list[tuple[str, ActNorm, int]]:
+    """Every ActNorm in forward order with the h·w of its level (coupling networks' included)."""
+    found = []
+    for i, level in enumerate(model.levels):
+        for k, step in enumerate(level.steps):
+            for name, module in step.named_modules():
+                if isinstance(module, ActNorm):
+                    found.append((f"levels.{i}.steps.{k}.{name}", module, level.pixels))
+    return found
+
+
 def actnorm_init_stats(model: Glow) -> list[ActNormInitStats]:
     stats = []
-    for name, norm in model.actnorms():
+    for name, norm, pixels in _actnorms_with_pixels(model):
         if not norm.is_initialized:
             raise RuntimeError(f"ActNorm {name} was not initialized")
         log_scale = norm.log_scale.detach().double()
@@ -91,6 +103,7 @@ def actnorm_init_stats(model: Glow) -> list[ActNormInitStats]:
                 log_scale_max=float(log_scale.max()),
                 min_input_var=float(norm.init_min_var),
                 n_values=int(norm.init_count),
+                pixels=pixels,
             )
         )
     return stats

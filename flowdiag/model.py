@@ -9,6 +9,7 @@ dequantized image scaled to [-0.5, 0.5), see `dequantize`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,13 +35,14 @@ class FlowStep(nn.Module):
 
     def __init__(self, channels: int, pixels: int, config: ModelConfig) -> None:
         super().__init__()
-        self.actnorm = ActNorm(channels, config.actnorm_eps)
+        make_norm = functools.partial(ActNorm, eps=config.actnorm_eps, formula=config.actnorm_init)
+        self.actnorm = make_norm(channels)
         conv_class = InvConvLU if config.conv == "lu" else InvConvPlain
         self.invconv = conv_class(channels, pixels)
         if config.coupling == "additive":
-            self.coupling: nn.Module = AdditiveCoupling(channels, config.hidden, config.actnorm_eps)
+            self.coupling: nn.Module = AdditiveCoupling(channels, config.hidden, make_norm)
         else:
-            self.coupling = AffineCoupling(channels, config.hidden, config.actnorm_eps, config.affine_scale)
+            self.coupling = AffineCoupling(channels, config.hidden, make_norm, config.affine_scale)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x, ld_norm = self.actnorm(x)

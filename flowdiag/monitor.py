@@ -176,6 +176,7 @@ class Monitor:
             np.array([s.log_scale_max for s in stats]),
             np.array([s.min_input_var for s in stats]),
             np.array([s.n_values for s in stats], dtype=np.int64),
+            np.array([s.pixels for s in stats], dtype=np.int64),
         )
 
     def record_eval(self, bpd: float) -> None:

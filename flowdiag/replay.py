@@ -110,25 +110,40 @@ def _replay_backward(model: Glow, loss: Tensor) -> str:
     return ""
 
 
+def _replay_device(bundle: dict[str, Any]) -> torch.device:
+    """The run's own device when this machine has it (a CUDA onset replays on CUDA), else the CPU."""
+    device = torch.device(bundle.get("device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device
+
+
 def replay(run_dir: Path) -> ReplayReport:
     bundle = load_payload(Path(run_dir) / REPLAY_FILE, "replay bundle")
     config = RunConfig.from_json(bundle["config"])
-    model = Glow(config.model)
+    device = _replay_device(bundle)
+    model = Glow(config.model).to(device)
     model.load_state_dict(bundle["model"])
     model.train()
-    torch.set_rng_state(bundle["rng_cpu"])
     stack: list[str] = []
     handles = _track_modules(model, stack)
     watch = _FirstNonFinite(stack)
-    try:
-        with watch:
-            loss, _, _ = training_loss(model, bundle["images"], config.data.n_bits, config.train.lam)
-    finally:
-        for handle in handles:
-            handle.remove()
-    backward_error = ""
-    if math.isfinite(float(loss.detach())):
-        backward_error = _replay_backward(model, loss)
+    cuda = [device] if device.type == "cuda" else []
+    # The run's RNG states, in a fork: the caller's own random streams are left as they were.
+    with torch.random.fork_rng(devices=cuda):
+        torch.set_rng_state(bundle["rng_cpu"])
+        if cuda and bundle.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(bundle["rng_cuda"], device)
+        try:
+            with watch:
+                images = bundle["images"].to(device)
+                loss, _, _ = training_loss(model, images, config.data.n_bits, config.train.lam)
+        finally:
+            for handle in handles:
+                handle.remove()
+        backward_error = ""
+        if math.isfinite(float(loss.detach())):
+            backward_error = _replay_backward(model, loss)
     return ReplayReport(
         step=int(bundle["step"]),
         onset_layer=str(bundle["onset_layer"]),

@@ -35,6 +35,7 @@ def cumulative_init(
     if isinstance(flow, GlowAdapter):
         return cumulative_actnorm_init(flow.glow, batches)
     figures = []
+    images = sum(int(x.shape[0]) for x in batches)
     for norm, stats in initialize_actnorms(flow, batches):
         log_scale = torch.log(norm.scale_from(stats))
         figures.append(
@@ -44,6 +45,7 @@ def cumulative_init(
                 log_scale_max=float(log_scale.max()),
                 min_input_var=float(stats.var(unbiased=False).min()),
                 n_values=stats.count,
+                pixels=stats.count // images,  # values per channel per image: h·w of its input
             )
         )
     return figures

@@ -75,7 +75,9 @@ class AccActNorm(nn.Module):
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.inited = False
 
-    def forward(self, x: Tensor, logdet: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, logdet: Tensor | None = None, reverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
         if not self.inited:
             with torch.no_grad():
                 mean = x.mean(dim=(0, 2, 3), keepdim=True)
@@ -95,7 +97,9 @@ class AccInvConv(nn.Module):
         q, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
         self.weight = nn.Parameter((q * 0.8).view(channels, channels, 1, 1))
 
-    def forward(self, x: Tensor, logdet: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, logdet: Tensor | None = None, reverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
         change = x.shape[2] * x.shape[3] * torch.linalg.slogdet(self.weight[..., 0, 0]).logabsdet
         return nn.functional.conv2d(x, self.weight), (0 if logdet is None else logdet) + change
 
@@ -109,7 +113,9 @@ class AccFlowStep(nn.Module):
         self.invconv = AccInvConv(channels)
         self.net = nn.Conv2d(channels // 2, 2 * (channels - channels // 2), 3, padding=1)
 
-    def forward(self, x: Tensor, logdet: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, logdet: Tensor | None = None, reverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
         x, logdet = self.actnorm(x, logdet)
         x, logdet = self.invconv(x, logdet)
         a, b = x.chunk(2, dim=1)
@@ -123,7 +129,9 @@ class AccumulatedGlow(nn.Module):
         super().__init__()
         self.steps = nn.ModuleList(AccFlowStep(channels) for _ in range(steps))
 
-    def forward(self, x: Tensor, logdet: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, logdet: Tensor | None = None, reverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
         logdet = x.new_zeros(x.shape[0]) if logdet is None else logdet
         for step in self.steps:
             x, logdet = step(x, logdet)

@@ -198,9 +198,10 @@ def test_an_option_given_as_its_default_is_the_same_study() -> None:
         ({}, "device = ['cpu', 'cuda']\n", "--device takes one value"),
         ({"batch_size": "1,abc"}, "", "--batch-size: 'abc' is not a valid int"),
         ({"init_batches": "1,,2"}, "", "--init-batches: '1,,2' has an empty item"),
-        ({"batch_size": "0"}, "", "--batch-size: 0 is not a positive integer"),
-        ({"seed": "-1"}, "", "--seed: -1 must not be negative"),
-        ({"lam": "1e-3,-1"}, "", "--lam: -1.0 must not be negative"),
+        ({"batch_size": "0"}, "", "--batch-size 0: must be at least 1; pass e.g. 16"),
+        ({"seed": "-1"}, "", "--seed -1: must be at least 0; pass e.g. 0"),
+        ({"lam": "1e-3,-1"}, "", "--lam -1.0: must be at least 0; pass e.g. 0"),
+        ({"lr": "0"}, "", "--lr 0.0: must be greater than 0; pass e.g. 0.001"),
         ({"lam": "nan"}, "", "--lam: 'nan' is not a valid float"),
         ({"coupling": "additive,bogus"}, "", "--coupling: 'bogus' is not one of additive, affine"),
         ({"epochs": "none,2"}, "", "'none' cannot be one value of a grid axis"),
@@ -364,7 +365,7 @@ def tiny_spec(out: Path, init_batches: str = "4") -> AblationSpec:
 def test_a_trial_claimed_by_a_worker_killed_before_its_first_heartbeat_is_queued_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    study, queued = prepare(tiny_spec(tmp_path))
+    study, queued, _ = prepare(tiny_spec(tmp_path))
     assert queued == 1
     waiting = study.get_trials(states=(TrialState.WAITING,))[0]
     # What `ask()` does, with the worker gone before its heartbeat thread wrote anything.
@@ -380,7 +381,7 @@ def test_a_trial_claimed_by_a_worker_killed_before_its_first_heartbeat_is_queued
 
 def test_a_cell_queued_by_two_machines_at_once_runs_once(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path, init_batches="4,8")
-    study, queued = prepare(spec)
+    study, queued, _ = prepare(spec)
     assert queued == 2
     for cell in spec.grid.cells:  # a second machine that synced at the same moment
         distributions = {

@@ -136,4 +136,3 @@ def test_model_without_flow_layers_is_one_line_naming_what_was_looked_for() -> N
         message = str(error.value)
         assert "\n" not in message and "no recognizable flow layers in Sequential" in message
         assert "normflows" in message and "FrEIA" in message and "accumulated" in message
-

@@ -1,14 +1,11 @@
 """Reports from synthetic run files: the extracted numbers are the files' numbers, the figures draw,
-the diagnosis names the injected divergence, and `watch` follows a file while it is written."""
+the diagnosis names the injected divergence."""
 
 from __future__ import annotations
 
 import io
 import math
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,7 +16,7 @@ from rich.console import Console
 
 from flowdiag.config import ModelConfig, RunConfig, TrainConfig
 from flowdiag.errors import UserError
-from flowdiag.report import build_report, collect_runs, diagnose, render_summary, watch, watch_snapshot
+from flowdiag.report import build_report, collect_runs, diagnose, render_summary
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import (
     ActNormInit,
@@ -46,6 +43,7 @@ LAYER_KINDS = [name.rsplit(".", 1)[1] for name in NAMES]
 COUPLINGS = [i for i, kind in enumerate(LAYER_KINDS) if kind == "coupling"]
 CONVS = [i for i, kind in enumerate(LAYER_KINDS) if kind == "invconv"]
 IMAGE_SIZE = 8  # level 0 works at 4x4 (h·w = 16), level 1 at 2x2 (h·w = 4)
+PIXELS = [16 if name.startswith("levels.0.") else 4 for name in NAMES]
 BAD_NORM = "levels.1.steps.0.actnorm"
 INIT_NAMES = [n for n in NAMES if n.endswith("actnorm")] + ["levels.0.steps.1.coupling.net.layers.1"]
 EPS = 1e-6
@@ -85,7 +83,8 @@ def write_init(writer: RunWriter, bad: bool) -> None:
     if bad:  # one value per channel: variance 0, scale 1/sqrt(eps) = 1000
         k = INIT_NAMES.index(BAD_NORM)
         log_max[k], n_values[k], variance[k] = math.log(1000.0), 1, 0.0
-    writer.write_init(INIT_NAMES, log_max - 1.0, log_max, variance, n_values)
+    pixels = [16 if name.startswith("levels.0.") else 4 for name in INIT_NAMES]
+    writer.write_init(INIT_NAMES, log_max - 1.0, log_max, variance, n_values, pixels)
 
 
 def make_run(
@@ -107,6 +106,7 @@ def make_run(
         version="test",
         layer_names=NAMES,
         layer_kinds=LAYER_KINDS,
+        layer_pixels=PIXELS,
         flush_every=7,
     )
     write_init(writer, bad_init)
@@ -238,7 +238,7 @@ def test_penalty_curves_are_the_conv_columns(ablation: Path) -> None:
     curves = penalty_curves(runs[1], "r")
     assert curves.conv_names == [NAMES[i] for i in CONVS]
     np.testing.assert_array_equal(curves.conv_logdet, runs[1].logdet[:, CONVS])
-    np.testing.assert_allclose(curves.penalty, (curves.conv_logdet**2).sum(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(curves.penalty, runs[1].penalty)
     assert select_penalty_runs(runs) == [0, 2]  # one per cell; the diverged run for (M=1, λ=0)
 
 
@@ -272,7 +272,7 @@ def test_diagnose_names_the_injected_divergence(ablation: Path) -> None:
     column = run.logdet[:, CONVS[0]].astype(np.float64)
     assert first_conv.drift == pytest.approx(column[-1] - column[0]) and first_conv.positions == 16
     assert d.rule == "actnorm_init"
-    assert f"ActNorm {BAD_NORM} was initialized from 1 value per channel (M=1 · batch 1 · 1x1)" in d.cause
+    assert f"ActNorm {BAD_NORM} was initialized from 1 value per channel (M=1 · batch 1 · 2x2)" in d.cause
     assert "1/sqrt(eps) = 1000" in d.cause and "--init-batches 256" in d.cause
 
 
@@ -286,13 +286,14 @@ def test_diagnose_warns_on_a_completed_crossing_and_skips_clean_runs(tmp_path: P
 
 
 def _facts(**changes: object) -> CauseFacts:
-    calm = ActNormInit("levels.0.steps.0.actnorm", 0.5, math.exp(0.5), 0.3, 4096)
+    calm = ActNormInit("levels.0.steps.0.actnorm", 0.5, math.exp(0.5), 0.3, 4096, 16)
     base = CauseFacts(
         settings=RunSettings(256, 1e-5, 16, 0),
-        eps=EPS,
+        ceiling=(1 / math.sqrt(EPS), "1/sqrt(eps)"),
         threshold=1e4,
         onset_step=12,
         onset_layer="levels.1.steps.0.coupling",
+        onset_kind="coupling",
         crossing=Crossing(10, "levels.1.steps.0.coupling", 2e4),
         largest_scale=calm,
         smallest_var=calm,
@@ -302,10 +303,10 @@ def _facts(**changes: object) -> CauseFacts:
 
 
 def test_rule_actnorm_init() -> None:
-    huge = ActNormInit(BAD_NORM, math.log(1000.0), 1000.0, 0.0, 1)
+    huge = ActNormInit(BAD_NORM, math.log(1000.0), 1000.0, 0.0, 1, 1)
     sentence = rule_actnorm_init(_facts(largest_scale=huge, settings=RunSettings(1, 0.0, 1, 0)))
     assert sentence is not None and "1/sqrt(eps) = 1000" in sentence and "M=1 · batch 1 · 1x1" in sentence
-    moderate = ActNormInit(BAD_NORM, math.log(150.0), 150.0, 4e-5, 16 * 4)
+    moderate = ActNormInit(BAD_NORM, math.log(150.0), 150.0, 4e-5, 16 * 4, 16)
     sentence = rule_actnorm_init(_facts(largest_scale=moderate, settings=RunSettings(4, 0.0, 1, 0)))
     assert sentence is not None and "scale was 150" in sentence and "M=4 · batch 1 · 4x4" in sentence
     assert rule_actnorm_init(_facts()) is None
@@ -332,7 +333,7 @@ def test_rule_generic_and_rule_order() -> None:
     sentence = rule_generic(_facts())
     assert "no single cause" in sentence and "levels.1.steps.0.coupling" in sentence and "step 10" in sentence
     assert "loss went non-finite at step 12" in rule_generic(_facts(onset_layer="loss", crossing=None))
-    huge = ActNormInit(BAD_NORM, math.log(1000.0), 1000.0, 0.0, 1)
+    huge = ActNormInit(BAD_NORM, math.log(1000.0), 1000.0, 0.0, 1, 1)
     assert likely_cause(_facts(largest_scale=huge, onset_layer="backward"))[0] == "actnorm_init"
     assert likely_cause(_facts(onset_layer="backward"))[0] == "backward_overflow"
     assert likely_cause(_facts())[0] == "generic"
@@ -395,76 +396,3 @@ def test_build_report_refuses_nothing() -> None:
         build_report([], Path("unused"), title="x")
 
 
-# --- watch --------------------------------------------------------------------------------------
-
-
-def _append(writer: RunWriter, steps: range) -> None:
-    for step in steps:
-        max_abs, logdet = layer_row(step, 0)
-        writer.append_step(
-            step, loss=1.0, bpd=train_bpd(step, 0), penalty=0.0, grad_norm=1.0, lr=1e-3,
-            max_abs=max_abs, logdet=logdet, nonfinite=np.zeros(len(NAMES), dtype=bool),
-        )  # fmt: skip
-    writer.flush()
-
-
-def _live_writer(path: Path) -> RunWriter:
-    return RunWriter(
-        path, config_json=config_json(1, 0.0, 1, 0), version="test",
-        layer_names=NAMES, layer_kinds=LAYER_KINDS, flush_every=100,
-    )  # fmt: skip
-
-
-def test_watch_snapshot_sees_rows_appended_between_reads(tmp_path: Path) -> None:
-    path = tmp_path / "run.h5"
-    writer = _live_writer(path)
-    _append(writer, range(1, 4))
-    first = watch_snapshot(read_run(path))
-    assert (first.status, first.rows, first.step) == ("running", 3, 3)
-    _append(writer, range(4, 9))
-    second = watch_snapshot(read_run(path))
-    assert (second.rows, second.step, second.bpd) == (8, 8, train_bpd(8, 0))
-    expected = layer_row(8, 0)[0]
-    assert [p.name for p in second.top_layers] == NAMES[::-1][:5]  # max_abs grows with the column
-    assert second.top_layers[0].max_abs == pytest.approx(float(expected[-1]))
-    writer.close("completed")
-
-
-def test_watch_snapshot_ranks_non_finite_layers_first(tmp_path: Path) -> None:
-    inject = Injected(3, NAMES[4], 99, NAMES[0])
-    snap = watch_snapshot(read_run(make_run(tmp_path, inject=inject)))
-    assert snap.top_layers[0].name == NAMES[4] and snap.top_layers[0].nonfinite
-    assert snap.onset_step == 3 and snap.status == "diverged"
-
-
-# Another process, as in real use: HDF5 refuses to open for writing a file that the same process has
-# open for reading, so a writer thread beside the watcher would fail where a training process does not.
-# It sets the status attribute as RunWriter.flush does, with h5py alone: importing flowdiag pulls in torch.
-_FINISH_LATER = """
-import sys, time
-import h5py
-time.sleep(float(sys.argv[2]))
-with h5py.File(sys.argv[1], "r+") as f:
-    f.attrs["status"] = "completed"
-"""
-
-
-def test_watch_returns_when_the_status_changes(tmp_path: Path) -> None:
-    path = tmp_path / "run.h5"
-    writer = _live_writer(path)
-    _append(writer, range(1, 3))
-    console = Console(file=io.StringIO(), width=120)
-    assert watch(tmp_path, console, interval=0.02, timeout=0.1) == "running"  # the timeout ends it
-    finisher = subprocess.Popen([sys.executable, "-c", _FINISH_LATER, str(path), "0.3"])
-    try:
-        started = time.monotonic()
-        assert watch(path, console, interval=0.02, timeout=30.0) == "completed"
-        assert time.monotonic() - started < 20.0
-    finally:
-        assert finisher.wait(timeout=30) == 0
-    assert "levels.1.steps.1.coupling" in console.file.getvalue()  # type: ignore[attr-defined]
-
-
-def test_watch_missing_file_is_a_user_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="does not exist"):
-        watch(tmp_path / "nope", Console(file=io.StringIO()), timeout=0.1)

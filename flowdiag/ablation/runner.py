@@ -44,6 +44,9 @@ from flowdiag.trainer import ProgressSink, RunResult, train
 
 STUDY_KIND = "ablation"
 POLL_SECONDS = 1.0  # while waiting for other workers' running cells
+# What may fail one cell and let the others run: memory. Anything else is a bug, and must stop the
+# worker loudly rather than leave a FAIL trial that every rerun retries.
+CELL_FAILURES: tuple[type[Exception], ...] = (torch.OutOfMemoryError,)
 
 
 @dataclass(frozen=True)
@@ -196,10 +199,12 @@ class CellObjective:
         self,
         spec: AblationSpec,
         progress: Callable[[optuna.Trial], ProgressSink] | None = None,
+        data: dict[DataConfig, ImageData] | None = None,
     ) -> None:
         self.spec = spec
         self.progress = progress or StorageProgress
-        self._data: dict[DataConfig, ImageData] = {}
+        # What `prepare` already loaded to check the grid; a spawned worker loads its own.
+        self._data: dict[DataConfig, ImageData] = dict(data or {})
 
     def data_for(self, config: DataConfig) -> ImageData:
         if config not in self._data:
@@ -251,7 +256,7 @@ def work(
         fail_dead_trials(study)
         if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             callbacks = [_stop_when_queue_empty] + ([after_trial] if after_trial else [])
-            study.optimize(objective, callbacks=callbacks, catch=(Exception,))
+            study.optimize(objective, callbacks=callbacks, catch=CELL_FAILURES)
         elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             time.sleep(POLL_SECONDS)  # another worker's cell: wait, in case its heartbeat goes stale
         else:
@@ -302,9 +307,10 @@ def make_out(out: Path) -> bool:
     return created
 
 
-def prepare(spec: AblationSpec) -> tuple[optuna.Study, int]:
-    """Open (or resume) the study and queue what is left; nothing runs yet."""
-    check_configs([spec.grid.config_for(cell) for cell in spec.grid.cells])
+def prepare(spec: AblationSpec) -> tuple[optuna.Study, int, dict[DataConfig, ImageData]]:
+    """Open (or resume) the study and queue what is left; nothing runs yet. Returns the study, the
+    number of cells queued and the data sets loaded for the check (the in-process worker reuses them)."""
+    data = check_configs([spec.grid.config_for(cell) for cell in spec.grid.cells])
     created = make_out(spec.out)
     try:
         study = open_study(
@@ -315,4 +321,4 @@ def prepare(spec: AblationSpec) -> tuple[optuna.Study, int]:
         if created:  # a refused command leaves nothing behind
             shutil.rmtree(spec.out, ignore_errors=True)
         raise
-    return study, queued
+    return study, queued, data

@@ -20,7 +20,14 @@ import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from flowdiag.ablation.runner import StorageProgress, check_configs, make_out, open_study, record_result
+from flowdiag.ablation.runner import (
+    CELL_FAILURES,
+    StorageProgress,
+    check_configs,
+    make_out,
+    open_study,
+    record_result,
+)
 from flowdiag.ablation.storage import make_storage
 from flowdiag.config import RunConfig, placement_fields
 from flowdiag.data import ImageData
@@ -139,7 +146,7 @@ def run_tuning(
         n_trials=spec.n_trials - done,
         timeout=spec.timeout,
         callbacks=callbacks,
-        catch=(Exception,),
+        catch=CELL_FAILURES,
     )
     return study
 

@@ -44,9 +44,7 @@ _LIBRARIES_TEXT = "flowdiag Glow, nflows, normflows, FrEIA, zuko or pyro classes
 
 def adapter_class(name: str) -> type[FlowAdapter]:
     if name not in _MODULES:
-        raise UserError(
-            f"unknown adapter {name!r}; choose one of: auto, {', '.join(ADAPTER_NAMES)}"
-        )
+        raise UserError(f"unknown adapter {name!r}; choose one of: auto, {', '.join(ADAPTER_NAMES)}")
     return importlib.import_module(_MODULES[name]).ADAPTER
 
 

@@ -47,8 +47,11 @@ class AccumulatedAdapter(FlowAdapter):
             self._layers.append(FlowLayer(prefix, kind_by_class_name(module) or "other", module))
             self._parent.append(parent)
             return
-        holds_only_leaves = threads_logdet(module) and prefix and inner and all(
-            not any(threads_logdet(c) for c in list(m.modules())[1:]) for _, m in inner
+        holds_only_leaves = (
+            threads_logdet(module)
+            and prefix
+            and inner
+            and all(not any(threads_logdet(c) for c in list(m.modules())[1:]) for _, m in inner)
         )
         if holds_only_leaves:
             # The step: its children first, then its own residual (the inline coupling).
@@ -100,7 +103,9 @@ class AccumulatedAdapter(FlowAdapter):
         return Detach([handle.remove for handle in handles])
 
     def actnorms(self) -> list[ActNormAccess]:
-        found = [handwritten_actnorm(layer.name, layer.module) for layer in self._layers if layer.kind == "actnorm"]
+        found = [
+            handwritten_actnorm(layer.name, layer.module) for layer in self._layers if layer.kind == "actnorm"
+        ]
         return [access for access in found if access is not None]
 
     def conv_logabsdets(self) -> list[tuple[str, Tensor]]:

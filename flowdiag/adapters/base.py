@@ -62,7 +62,9 @@ class ActNormStats:
         return centered / (self.count - 1 if unbiased else self.count)
 
     def add(self, other: ActNormStats) -> ActNormStats:
-        return ActNormStats(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
+        return ActNormStats(
+            self.count + other.count, self.total + other.total, self.total_sq + other.total_sq
+        )
 
 
 class ActNormAccess(ABC):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor, nn
 
 from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowAdapter, FlowLayer
 from flowdiag.layers import FLOW_LAYER_KINDS, ActNorm
 from flowdiag.model import Glow
-
-_LEVEL = re.compile(r"^levels\.(\d+)\.")
 
 
 class GlowActNorm(ActNormAccess):
@@ -29,7 +25,7 @@ class GlowActNorm(ActNormAccess):
         self.module._ready = value
 
     def scale_from(self, stats: ActNormStats) -> Tensor:
-        return 1.0 / torch.sqrt(stats.var(unbiased=False) + self.module.eps)
+        return self.module.scale_for(stats.var(unbiased=False))
 
     @torch.no_grad()
     def finalize(self, stats: ActNormStats) -> None:
@@ -55,15 +51,6 @@ class GlowAdapter(FlowAdapter):
     def recognizes(cls, model: nn.Module) -> bool:
         return _find_glow(model) is not None
 
-    def _pixels(self, name: str, module: nn.Module) -> int | None:
-        if hasattr(module, "pixels"):
-            return int(module.pixels)
-        match = _LEVEL.match(name)
-        if match is None:
-            return None
-        # Level i runs after i + 1 squeezes.
-        return (self.glow.config.image_size >> (int(match.group(1)) + 1)) ** 2
-
     def layers(self) -> list[FlowLayer]:
         # Exactly Glow.flow_layers(): same names (relative to the Glow), same order.
         return [
@@ -71,9 +58,11 @@ class GlowAdapter(FlowAdapter):
                 name=self._prefix + name,
                 kind=FLOW_LAYER_KINDS[type(module)],  # type: ignore[arg-type]
                 module=module,
-                pixels=self._pixels(name, module),
+                pixels=pixels,
             )
-            for name, module in self.glow.flow_layers()
+            for (name, module), pixels in zip(
+                self.glow.flow_layers(), self.glow.flow_layer_pixels(), strict=True
+            )
         ]
 
     def attach(self, capture: Capture) -> Detach:

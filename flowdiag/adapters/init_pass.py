@@ -24,7 +24,9 @@ class _Reached(Exception):
     """Raised inside the library's call to stop the pass once the ActNorm's input is seen."""
 
 
-def _pooled_input_stats(adapter: FlowAdapter, norm: ActNormAccess, minibatches: Sequence[Tensor]) -> ActNormStats:
+def _pooled_input_stats(
+    adapter: FlowAdapter, norm: ActNormAccess, minibatches: Sequence[Tensor]
+) -> ActNormStats:
     pooled: list[ActNormStats] = []
 
     def grab(x: Tensor) -> None:

@@ -12,7 +12,7 @@ from flowdiag.adapters.walk import kind_by_class_name
 
 
 def probe_convention(model: nn.Module, example: Tensor) -> str | None:
-    """"accumulated" if layers take a running `logdet`; "tuple" if a named flow layer returns
+    """ "accumulated" if layers take a running `logdet`; "tuple" if a named flow layer returns
     (Tensor, logdet) in one forward; None otherwise. The forward runs on a deep copy, so a data-dependent
     init in it leaves the model untouched."""
     if any(threads_logdet(m) for m in list(model.modules())[1:]):

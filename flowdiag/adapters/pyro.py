@@ -8,7 +8,6 @@ data -> latent log-det is minus the forward ladj.
 
 from __future__ import annotations
 
-import torch
 from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.transforms import GeneralizedChannelPermute
 from torch import Tensor, nn

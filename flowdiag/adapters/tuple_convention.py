@@ -35,13 +35,17 @@ class TupleAdapter(FlowAdapter):
             def hook(module: nn.Module, args: tuple, output: tuple, i: int = index) -> None:
                 out = output_tensor(output[0])
                 logdet = output[1] if len(output) > 1 else None
-                capture(i, out, logdet if isinstance(logdet, Tensor) or logdet is None else out.new_tensor(logdet))
+                capture(
+                    i, out, logdet if isinstance(logdet, Tensor) or logdet is None else out.new_tensor(logdet)
+                )
 
             handles.append(layer.module.register_forward_hook(hook))
         return Detach([handle.remove for handle in handles])
 
     def actnorms(self) -> list[ActNormAccess]:
-        found = [handwritten_actnorm(layer.name, layer.module) for layer in self._layers if layer.kind == "actnorm"]
+        found = [
+            handwritten_actnorm(layer.name, layer.module) for layer in self._layers if layer.kind == "actnorm"
+        ]
         return [access for access in found if access is not None]
 
     def conv_logabsdets(self) -> list[tuple[str, Tensor]]:

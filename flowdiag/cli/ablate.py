@@ -87,7 +87,7 @@ def _count_done(study: optuna.Study, keys: set[str]) -> int:
     return len(done & keys)
 
 
-def _run_with_board(spec: AblationSpec, study: optuna.Study) -> None:
+def _run_with_board(spec: AblationSpec, study: optuna.Study, data: dict[Any, Any]) -> None:
     from optuna.trial import TrialState
 
     from flowdiag.ablation.runner import CellObjective, start_workers, work
@@ -97,7 +97,7 @@ def _run_with_board(spec: AblationSpec, study: optuna.Study) -> None:
     board.set_done(_count_done(study, keys))
     with board.progress:
         if spec.workers == 1:
-            objective = CellObjective(spec, progress=lambda trial: BoardSink(board, trial))
+            objective = CellObjective(spec, progress=lambda trial: BoardSink(board, trial), data=data)
             work(spec, objective, after_trial=lambda s, _: board.set_done(_count_done(s, keys)))
             board.set_done(_count_done(study, keys))
             return
@@ -202,14 +202,14 @@ def ablate_command(
         raise UserError(f"--workers must be a positive integer, got {workers}")
     grid = build_grid({**options, "seed": seeds}, config)
     spec = AblationSpec(grid, out, storage or default_storage_url(out), study, workers)
-    optuna_study, queued = prepare(spec)
+    optuna_study, queued, data = prepare(spec)
     total = len(grid.cells)
     console.print(
         f"study [bold]{study}[/] ({display_url(spec.storage_url)}): {total} cells, "
         f"{total - queued} already done or running, {queued} to run on {workers} worker(s)"
     )
     try:
-        _run_with_board(spec, optuna_study)
+        _run_with_board(spec, optuna_study, data)
     except KeyboardInterrupt:
         print_summary(summarize(optuna_study, grid.cells))
         raise fail("interrupted: rerun the same command to resume") from None

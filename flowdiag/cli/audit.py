@@ -20,7 +20,9 @@ def load_factory_model(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise UserError(f"--model {spec!r}: cannot import {module_name!r} ({error}); check PYTHONPATH") from None
+        raise UserError(
+            f"--model {spec!r}: cannot import {module_name!r} ({error}); check PYTHONPATH"
+        ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise UserError(f"--model {spec!r}: {module_name} has no callable {attribute!r}")

@@ -3,7 +3,11 @@
 z = x * sigma + tau per channel, sigma = exp(log_scale). Statistics are accumulated with
 `accumulate` over any number of minibatches and turned into sigma and tau by `finalize`:
 
-    sigma = 1 / sqrt(var + eps),   tau = -sigma * mean
+    sigma = 1 / sqrt(var + eps),   tau = -sigma * mean         (formula "paper", the default)
+    sigma = 1 / (sqrt(var) + eps), tau = -sigma * mean         (formula "glow", official Glow's)
+
+A channel that saw one value (var = 0) gets sigma = 1/sqrt(eps) = 1e3 with the first and
+1/eps = 1e6 with the second, at eps = 1e-6.
 
 Sums are pooled (sum and sum of squares over batch and space, divided by the total count), which is
 Algorithm 1 exactly when the minibatches have equal sizes and the pooled estimate otherwise. An
@@ -20,10 +24,13 @@ from torch import Tensor, nn
 
 
 class ActNorm(nn.Module):
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+    def __init__(self, channels: int, eps: float = 1e-6, formula: str = "paper") -> None:
         super().__init__()
+        if formula not in ("paper", "glow"):
+            raise ValueError(f"ActNorm formula must be 'paper' or 'glow', not {formula!r}")
         self.channels = channels
         self.eps = eps
+        self.formula = formula
         self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.tau = nn.Parameter(torch.zeros(1, channels, 1, 1))
         # Buffers, so a loaded checkpoint never initializes itself again.
@@ -52,7 +59,7 @@ class ActNorm(nn.Module):
         count = self._count.to(torch.float64)
         mean = self._sum / count
         var = (self._sum_sq / count - mean * mean).clamp_min(0.0)
-        sigma = 1.0 / torch.sqrt(var + self.eps)
+        sigma = self.scale_for(var)
         self.log_scale.copy_(torch.log(sigma).view_as(self.log_scale))
         self.tau.copy_((-sigma * mean).view_as(self.tau))
         self.init_count.copy_(self._count)
@@ -62,6 +69,12 @@ class ActNorm(nn.Module):
         self._sum.zero_()
         self._sum_sq.zero_()
         self._count.zero_()
+
+    def scale_for(self, var: Tensor) -> Tensor:
+        """sigma for a (biased) per-channel input variance, by this ActNorm's formula."""
+        if self.formula == "glow":
+            return 1.0 / (torch.sqrt(var) + self.eps)
+        return 1.0 / torch.sqrt(var + self.eps)
 
     @property
     def is_initialized(self) -> bool:

@@ -7,11 +7,15 @@ transform of x_b. The network is official Glow's: conv3x3 -> ActNorm -> ReLU -> 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowdiag.layers.actnorm import ActNorm
+
+NormFactory = Callable[[int], ActNorm]  # channels -> an ActNorm with the model's eps and formula
 
 
 class ZeroConv2d(nn.Module):
@@ -31,7 +35,9 @@ class ZeroConv2d(nn.Module):
 class CouplingNet(nn.Module):
     """The conditioner: `layers` is a flat sequence so the ActNorm init can walk it in order."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden: int, eps: float = 1e-6) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, hidden: int, make_norm: NormFactory = ActNorm
+    ) -> None:
         super().__init__()
         conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False)
         conv_mid = nn.Conv2d(hidden, hidden, 1, bias=False)
@@ -40,10 +46,10 @@ class CouplingNet(nn.Module):
         self.layers = nn.ModuleList(
             [
                 conv_in,
-                ActNorm(hidden, eps),
+                make_norm(hidden),
                 nn.ReLU(),
                 conv_mid,
-                ActNorm(hidden, eps),
+                make_norm(hidden),
                 nn.ReLU(),
                 ZeroConv2d(hidden, out_channels),
             ]
@@ -62,11 +68,11 @@ class CouplingNet(nn.Module):
 
 
 class _Coupling(nn.Module):
-    def __init__(self, channels: int, hidden: int, out_factor: int, eps: float) -> None:
+    def __init__(self, channels: int, hidden: int, out_factor: int, make_norm: NormFactory) -> None:
         super().__init__()
         self.channels = channels
         self.n_a = channels // 2
-        self.net = CouplingNet(self.n_a, out_factor * (channels - self.n_a), hidden, eps)
+        self.net = CouplingNet(self.n_a, out_factor * (channels - self.n_a), hidden, make_norm)
 
     def split_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x[:, : self.n_a], x[:, self.n_a :]
@@ -75,8 +81,8 @@ class _Coupling(nn.Module):
 class AdditiveCoupling(_Coupling):
     """z_b = x_b + t(x_a); volume-preserving, so the log-det is zeros(B)."""
 
-    def __init__(self, channels: int, hidden: int, eps: float = 1e-6) -> None:
-        super().__init__(channels, hidden, 1, eps)
+    def __init__(self, channels: int, hidden: int, make_norm: NormFactory = ActNorm) -> None:
+        super().__init__(channels, hidden, 1, make_norm)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = self.split_input(x)
@@ -91,8 +97,10 @@ class AdditiveCoupling(_Coupling):
 class AffineCoupling(_Coupling):
     """Official Glow: z_b = (x_b + t) · sigmoid(s + 2). The paper: z_b = x_b · exp(s) + t."""
 
-    def __init__(self, channels: int, hidden: int, eps: float = 1e-6, scale: str = "sigmoid") -> None:
-        super().__init__(channels, hidden, 2, eps)
+    def __init__(
+        self, channels: int, hidden: int, make_norm: NormFactory = ActNorm, scale: str = "sigmoid"
+    ) -> None:
+        super().__init__(channels, hidden, 2, make_norm)
         if scale not in ("sigmoid", "exp"):
             raise ValueError(f"affine scale must be 'sigmoid' or 'exp', not {scale!r}")
         self.scale = scale

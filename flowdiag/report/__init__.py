@@ -11,14 +11,16 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+# Eager, and light (no matplotlib): `diagnose` is also a submodule's name, so the function must be
+# bound here before anything imports the submodule.
+from flowdiag.report.diagnose import Diagnosis, diagnose
+from flowdiag.report.runs import collect_runs
+
 _PUBLIC = {
-    "Diagnosis": "flowdiag.report.diagnose",
-    "diagnose": "flowdiag.report.diagnose",
     "ReportSummary": "flowdiag.report.build",
     "RunRow": "flowdiag.report.build",
     "build_report": "flowdiag.report.build",
     "render_summary": "flowdiag.report.console",
-    "collect_runs": "flowdiag.report.runs",
 }
 
 
@@ -28,4 +30,4 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(_PUBLIC[name]), name)
 
 
-__all__ = sorted(_PUBLIC)
+__all__ = ["Diagnosis", "collect_runs", "diagnose", *sorted(_PUBLIC)]

@@ -17,9 +17,9 @@ import numpy as np
 
 from flowdiag.report.runs import (
     RunSettings,
-    actnorm_eps,
+    actnorm_ceiling,
     is_diverged,
-    layer_positions,
+    layer_pixels,
     onset_step,
     run_settings,
 )
@@ -49,6 +49,7 @@ class ActNormInit(NamedTuple):
     scale: float  # exp(log_scale_max)
     min_input_var: float
     n_values: int  # values per channel the statistics came from: M · batch · h · w
+    pixels: int  # h·w of its input; -1 where the file does not say
 
 
 class ConvDrift(NamedTuple):
@@ -56,7 +57,7 @@ class ConvDrift(NamedTuple):
     first: float  # first finite h·w·Σlog|u| recorded
     last: float  # last finite one
     drift: float  # last - first
-    positions: int | None  # h·w at the layer, None when its level cannot be read from the name
+    positions: int | None  # h·w at the layer as the run file stores it; None where it does not say
 
     @property
     def per_position(self) -> float:
@@ -68,10 +69,11 @@ class CauseFacts(NamedTuple):
     """Everything the cause rules look at."""
 
     settings: RunSettings
-    eps: float
+    ceiling: tuple[float, str]  # the init scale of a channel that saw one value, and its formula
     threshold: float
     onset_step: int
     onset_layer: str
+    onset_kind: str  # actnorm | invconv | coupling | other; "" for `loss`, `backward` or none
     crossing: Crossing | None
     largest_scale: ActNormInit | None
     smallest_var: ActNormInit | None
@@ -123,6 +125,7 @@ def _actnorm_init(run: RunRecord, index: int) -> ActNormInit:
         scale=math.exp(log_scale_max) if log_scale_max < 700 else math.inf,
         min_input_var=float(run.init["min_input_var"][index]),
         n_values=int(run.init["n_values"][index]),
+        pixels=int(run.init["pixels"][index]),
     )
 
 
@@ -144,7 +147,7 @@ def conv_drifts(run: RunRecord) -> tuple[ConvDrift, ...]:
         finite = values[np.isfinite(values)]
         first, last = (float(finite[0]), float(finite[-1])) if finite.size else (math.nan, math.nan)
         name = run.layer_names[column]
-        drifts.append(ConvDrift(name, first, last, last - first, layer_positions(run, name)))
+        drifts.append(ConvDrift(name, first, last, last - first, layer_pixels(run, int(column))))
     return tuple(drifts)
 
 
@@ -152,10 +155,11 @@ def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseF
     largest, smallest = extreme_actnorms(run)
     return CauseFacts(
         settings=run_settings(run),
-        eps=actnorm_eps(run),
+        ceiling=actnorm_ceiling(run),
         threshold=threshold,
         onset_step=onset_step(run),
         onset_layer=run.nan_onset_layer,
+        onset_kind=dict(zip(run.layer_names, run.layer_kinds, strict=True)).get(run.nan_onset_layer, ""),
         crossing=first_crossing(run, threshold),
         largest_scale=largest,
         smallest_var=smallest,
@@ -166,13 +170,9 @@ def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseF
 # --- the cause rules, in order ------------------------------------------------------------------
 
 
-def _spatial(n_values: int, settings: RunSettings) -> str:
-    per_batch = settings.init_batches * settings.batch_size
-    if per_batch <= 0 or n_values % per_batch:
-        return f"{n_values} values"
-    positions = n_values // per_batch
-    side = math.isqrt(positions)
-    return f"{side}x{side}" if side * side == positions else f"{positions} positions"
+def _spatial(pixels: int) -> str:
+    side = math.isqrt(pixels) if pixels > 0 else 0
+    return f"{side}x{side}" if side * side == pixels > 0 else f"{pixels} positions" if pixels > 0 else "h·w"
 
 
 def rule_actnorm_init(facts: CauseFacts) -> str | None:
@@ -181,9 +181,9 @@ def rule_actnorm_init(facts: CauseFacts) -> str | None:
     if norm is None or not norm.scale >= LARGE_INIT_SCALE:
         return None
     s = facts.settings
-    ceiling = 1.0 / math.sqrt(facts.eps) if facts.eps > 0 else math.inf
+    ceiling, formula = facts.ceiling
     if math.isfinite(ceiling) and abs(norm.scale - ceiling) <= 0.01 * ceiling:
-        how_big = f"1/sqrt(eps) = {ceiling:.4g}"
+        how_big = f"{formula} = {ceiling:.4g}"
     else:
         how_big = f"{norm.scale:.4g}"
     plural = "value" if norm.n_values == 1 else "values"
@@ -193,8 +193,23 @@ def rule_actnorm_init(facts: CauseFacts) -> str | None:
         fix = "even M minibatches leave that channel near-constant: raise --actnorm-eps or --batch-size"
     return (
         f"ActNorm {norm.name} was initialized from {norm.n_values} {plural} per channel "
-        f"(M={s.init_batches} · batch {s.batch_size} · {_spatial(norm.n_values, s)}), so its scale was "
+        f"(M={s.init_batches} · batch {s.batch_size} · {_spatial(norm.pixels)}), so its scale was "
         f"{how_big} and outputs compounded step after step: {fix}"
+    )
+
+
+def rule_actnorm_self_init(facts: CauseFacts) -> str | None:
+    """A library ActNorm that initialized itself from its first minibatch went non-finite at once."""
+    if facts.onset_kind != "actnorm" or not 1 <= facts.onset_step <= 2 or facts.largest_scale is not None:
+        return None
+    when = "in the first forward pass" if facts.onset_step == 1 else "right after the first update"
+    return (
+        f"ActNorm {facts.onset_layer} went non-finite {when} (step {facts.onset_step}): a data-dependent "
+        f"ActNorm initializes itself from its first minibatch, and at batch {facts.settings.batch_size} a "
+        "deep level sees too few values per channel (the std of one value is NaN, or the scale becomes "
+        "1/sqrt(eps)): initialize every ActNorm from many minibatches before training with "
+        "flowdiag.cumulative_init(model, minibatches) over 256 of them (flowdiag audit shows which "
+        "ActNorms are at risk)"
     )
 
 
@@ -244,6 +259,7 @@ def rule_generic(facts: CauseFacts) -> str:
 
 CAUSE_RULES: tuple[tuple[str, Callable[[CauseFacts], str | None]], ...] = (
     ("actnorm_init", rule_actnorm_init),
+    ("actnorm_self_init", rule_actnorm_self_init),
     ("backward_overflow", rule_backward_overflow),
     ("logdet_drift", rule_logdet_drift),
     ("generic", rule_generic),

@@ -6,7 +6,6 @@ Everything here is pure apart from `collect_runs`, which only globs and calls `r
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,8 +15,6 @@ from flowdiag.config import ModelConfig, TrainConfig
 from flowdiag.errors import UserError
 from flowdiag.files import RUN_FILE
 from flowdiag.store import RunRecord, is_run_file, read_run
-
-_LEVEL = re.compile(r"(?:^|\.)levels\.(\d+)\.")
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -94,14 +91,20 @@ def actnorm_eps(run: RunRecord) -> float:
     return float(_section(run, "model").get("actnorm_eps", ModelConfig.actnorm_eps))
 
 
-def layer_positions(run: RunRecord, name: str) -> int | None:
-    """h·w at a layer, from its level in the name: level i works on image_size / 2^(i+1) a side."""
-    match = _LEVEL.search(name)
-    size = _section(run, "model").get("image_size")
-    if match is None or not isinstance(size, int):
-        return None
-    side = size >> (int(match.group(1)) + 1)
-    return side * side if side > 0 else None
+def actnorm_ceiling(run: RunRecord) -> tuple[float, str]:
+    """The scale an ActNorm gets from a channel that saw one value, and how to write it."""
+    eps = actnorm_eps(run)
+    if eps <= 0:
+        return math.inf, "inf"
+    if _section(run, "model").get("actnorm_init", ModelConfig.actnorm_init) == "glow":
+        return 1.0 / eps, "1/eps"
+    return 1.0 / math.sqrt(eps), "1/sqrt(eps)"
+
+
+def layer_pixels(run: RunRecord, column: int) -> int | None:
+    """h·w at a layer as the run file stores it; None where it does not say (format 1, or unseen)."""
+    pixels = int(run.layer_pixels[column])
+    return pixels if pixels > 0 else None
 
 
 def run_label(run: RunRecord) -> str:

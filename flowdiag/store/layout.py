@@ -26,6 +26,7 @@ _STEP_DATASETS = ("steps/step", *(f"steps/{s}" for s in _SCALARS), *(f"layers/{a
 
 _EVAL_DATASETS = ("eval/step", "eval/bpd")
 _INIT_FLOATS = ("log_scale_min", "log_scale_max", "min_input_var")
+_INIT_INTS = ("n_values", "pixels")  # pixels: h·w of the ActNorm's input (-1 unknown, format 1)
 _REQUIRED_ATTRS = ("config", "status", "nan_onset_step", "nan_onset_layer")
 _REQUIRED = (*_STEP_DATASETS, *_EVAL_DATASETS, "layers/name", "layers/kind")
 

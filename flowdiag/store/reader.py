@@ -14,6 +14,7 @@ from flowdiag.errors import UserError
 from flowdiag.store.layout import (
     _EVAL_DATASETS,
     _INIT_FLOATS,
+    _INIT_INTS,
     _LAYER_ARRAYS,
     _SCALARS,
     _WALL_TIME,
@@ -54,7 +55,8 @@ class RunRecord:
     nonfinite: np.ndarray
     eval_step: np.ndarray
     eval_bpd: np.ndarray
-    # Keys name (list[str]), log_scale_min, log_scale_max, min_input_var, n_values; None before init.
+    # Keys name (list[str]), log_scale_min, log_scale_max, min_input_var, n_values, pixels (h·w of the
+    # ActNorm's input, -1 where a format-1 file does not say); None before the init.
     init: dict[str, np.ndarray | list[str]] | None
 
     def layer_index(self, kind: str) -> np.ndarray:
@@ -97,8 +99,8 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
     if "init" in f:
         group = f["init"]
         init = {"name": _strings(group["name"])}
-        for key in (*_INIT_FLOATS, "n_values"):
-            init[key] = group[key][()]
+        for key in (*_INIT_FLOATS, *_INIT_INTS):
+            init[key] = group[key][()] if key in group else np.full(len(init["name"]), -1, np.int64)
     return RunRecord(
         path=path,
         version=str(f.attrs["flowdiag_version"]),

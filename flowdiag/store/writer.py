@@ -17,6 +17,7 @@ from flowdiag.errors import UserError
 from flowdiag.store.layout import (
     _EVAL_DATASETS,
     _INIT_FLOATS,
+    _INIT_INTS,
     _LAYER_ARRAYS,
     _SCALARS,
     _STRING,
@@ -253,12 +254,16 @@ class RunWriter:
         log_scale_max: ArrayLike,
         min_input_var: ArrayLike,
         n_values: ArrayLike,
+        pixels: ArrayLike | None = None,
     ) -> None:
         """Record the ActNorm init statistics (one entry per ActNorm), written at once."""
         init: dict[str, Any] = {"name": [str(n) for n in names]}
         for key, values in zip(_INIT_FLOATS, (log_scale_min, log_scale_max, min_input_var), strict=True):
             init[key] = np.asarray(values, dtype=np.float64)
         init["n_values"] = np.asarray(n_values, dtype=np.int64)
+        init["pixels"] = np.asarray(
+            np.full(len(init["name"]), -1) if pixels is None else pixels, dtype=np.int64
+        )
         for key, values in init.items():
             if len(values) != len(init["name"]) or (key != "name" and values.ndim != 1):
                 raise ValueError(
@@ -321,7 +326,7 @@ class RunWriter:
                     del f["init"]
                 group = f.create_group("init")
                 group.create_dataset("name", data=self._init["name"], dtype=_STRING)
-                for key in (*_INIT_FLOATS, "n_values"):
+                for key in (*_INIT_FLOATS, *_INIT_INTS):
                     group.create_dataset(key, data=self._init[key])
             self._write_attrs(f)
         # Forget the buffer only once the file has closed cleanly: a failed flush can be retried.
