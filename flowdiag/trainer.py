@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,13 +31,8 @@ from flowdiag.init import cumulative_actnorm_init
 from flowdiag.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
 from flowdiag.monitor import Monitor
 from flowdiag.objective import training_loss
+from flowdiag.progress import ProgressSink
 from flowdiag.run_state import RunState
-
-
-class ProgressSink(Protocol):
-    def start(self, total_steps: int, description: str) -> None: ...
-    def advance(self, step: int, bpd: float, steps_per_second: float) -> None: ...
-    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -107,7 +102,7 @@ class Trainer:
         # The Monitor refuses an existing run file unless resuming: nothing is written before that check.
         self.monitor = self._monitor(state)
         self.state = self.monitor.state
-        self.progress = progress
+        self.progress = progress or ProgressSink()
 
     def _monitor(self, state: RunState | None) -> Monitor:
         monitor = Monitor(
@@ -257,6 +252,7 @@ class Trainer:
         if math.isnan(bpd):
             return False
         self.monitor.record_eval(bpd)
+        self.progress.evaluated(self.state.step, bpd)
         patience = self.config.train.early_stop
         return bool(patience) and self.state.evals_without_improvement >= patience
 
@@ -277,7 +273,9 @@ class Trainer:
         """Create (or reopen) the run file and, on a fresh run, initialize: everything before step 1."""
         self.monitor.writer  # noqa: B018 -- creates the file (phase "init") before the init runs
         if not self.monitor.resumed:
+            self.progress.phase("init")
             self._initialize()
+        self.progress.phase("train")
         self.model.train()
 
     def _train(self, stop_request: dict[str, str]) -> None:
@@ -289,8 +287,7 @@ class Trainer:
             onset = self.one_step()
             if onset is not None and cfg.stop_on_divergence:
                 return
-            if self.progress:
-                self.progress.advance(self.state.step, self.state.last_bpd, self._rate())
+            self.progress.advance(self.state.step, self.state.last_bpd, self._rate())
             due = cfg.eval_every and self.state.step % cfg.eval_every == 0
             if due and self._evaluate_and_check_early_stop():
                 break
@@ -307,8 +304,7 @@ class Trainer:
     def run(self) -> RunResult:
         cfg = self.config.train
         self._started, self._first_step = time.perf_counter(), self.state.step
-        if self.progress:
-            self.progress.start(self.total, f"M={cfg.init_batches} λ={cfg.lam:g} b={cfg.batch_size}")
+        self.progress.start(self.total, f"M={cfg.init_batches} λ={cfg.lam:g} b={cfg.batch_size}")
         try:
             with stop_on_signals() as stop_request, self.monitor as monitor:
                 self.open()
@@ -316,8 +312,7 @@ class Trainer:
                 self._train(stop_request)
                 self._save_checkpoint()
         finally:
-            if self.progress:
-                self.progress.stop()
+            self.progress.stop()
         return RunResult(
             status=monitor.close(),  # closed by the block already: this returns the status it wrote
             out_dir=self.out_dir,

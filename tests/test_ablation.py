@@ -262,6 +262,9 @@ def test_ablation_end_to_end_rerun_and_grown_grid(tmp_path: Path) -> None:
             assert attrs["final_bpd"] == pytest.approx(float(record.bpd[-1]))
             row = int(np.flatnonzero(record.step == 2)[0])
             assert attrs["step2_peak_max_abs"] == pytest.approx(float(np.max(record.max_abs[row])))
+            # Every held-out evaluation is an intermediate value: Optuna Dashboard's learning curve.
+            expected = dict(zip(record.eval_step.tolist(), record.eval_bpd.tolist(), strict=True))
+            assert trial.intermediate_values == pytest.approx(expected) and len(expected) == 2
         else:
             assert math.isinf(trial.value) and attrs["best_bpd"] is None
     assert sorted(p.relative_to(out) for p in out.rglob("run.h5")) == sorted(

@@ -56,6 +56,9 @@ def test_train_writes_a_run_and_says_so(tmp_path: Path) -> None:
     result = invoke("train", *TINY, "--steps", "4", "--eval-every", "2", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "completed after 4 steps" in result.output
+    # Not a terminal: log lines (the init, each evaluation, the last step), never a stale bar.
+    assert "ActNorm init..." in result.output and "held-out bpd" in result.output
+    assert "stopped at step 4/4" in result.output and "0/4" not in result.output
     assert str(out / "run.h5") in result.output.replace("\n", "")
     assert read_run(out / "run.h5").status == "completed"
 
@@ -125,7 +128,8 @@ def test_unwritable_output(tmp_path: Path) -> None:
 
 def _start_training(out: Path, flush_every: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "flowdiag", "train", *TINY, "--steps", "100000", "--eval-every", "0"]
-    command += ["--flush-every", str(flush_every), "--out", str(out)]
+    # A flush timer of an hour: these tests count rows per flush.
+    command += ["--flush-every", str(flush_every), "--flush-seconds", "3600", "--out", str(out)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -203,3 +207,114 @@ def test_bench_prints_its_tables(tmp_path: Path) -> None:
     assert "cumulative ActNorm init" in result.output
     bad = invoke("bench", "--init-ms", "1,x")
     assert bad.exit_code == 2 and "--init-ms" in bad.output
+
+
+def _help_line(output: str, flag: str) -> str:
+    """The help text of one option, joined across rich's wrapped lines."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if f"{flag} " in line)
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if "--" in line.split("│")[1][:8] if "│" in line else False:
+            break
+        block.append(line)
+    return " ".join(" ".join(block).replace("│", " ").split())
+
+
+def test_help_shows_the_defaults_each_command_uses() -> None:
+    ablate = invoke("ablate", "--help").output
+    assert "[default: 0.001]" in _help_line(ablate, "--lam")
+    assert "[default: 1e-05]" in _help_line(ablate, "--lr")
+    assert "[default: 100]" in _help_line(ablate, "--eval-every")
+    assert "[default: 100]" in _help_line(ablate, "--flush-every")
+    assert "[default: 0,1]" in _help_line(ablate, "--seeds")
+    assert "[default: 1,256]" in _help_line(ablate, "--init-batches")
+    assert "FLOAT,..." in _help_line(ablate, "--lam") and "<str>" not in _help_line(ablate, "--batch-size")
+    train = invoke("train", "--help").output
+    assert "[default: 0]" in _help_line(train, "--lam") and "FLOAT" in _help_line(train, "--lam")
+    assert "[default: 0.001]" in _help_line(train, "--lr")
+    assert "additive|affine" in _help_line(train, "--coupling")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--lam", "-1"], "--lam -1.0: must be at least 0; pass e.g. 0"),
+        (["--lr", "0"], "--lr 0.0: must be greater than 0; pass e.g. 0.001"),
+        (["--actnorm-eps", "0"], "--actnorm-eps 0.0: must be greater than 0; pass e.g. 1e-06"),
+        (["--actnorm-init", "other"], "--actnorm-init: 'other' is not one of paper, glow"),
+    ],
+)
+def test_range_errors_name_the_fix(tmp_path: Path, args: list[str], needle: str) -> None:
+    for command in ("train", "ablate"):
+        result = invoke(command, *args, "--out", str(tmp_path / command))
+        assert result.exit_code == 2 and needle in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / command).exists()
+
+
+def test_cli_imports_no_torch() -> None:
+    code = "import sys, flowdiag.cli; print(sorted({'torch', 'matplotlib', 'optuna'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _poll(read, done, process: subprocess.Popen, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        try:
+            value = read()
+        except UserError:
+            value = None  # not created yet, or caught mid-flush
+        if value is not None and done(value):
+            return value
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"nothing after {timeout} s")
+
+
+@pytest.mark.slow
+def test_first_rows_are_readable_within_seconds_and_survive_sigkill(tmp_path: Path) -> None:
+    """The flush timer: at batch 1 on the digits, with a step count that would not flush for hours."""
+    out, path = tmp_path / "run", tmp_path / "run" / "run.h5"
+    command = [sys.executable, "-m", "flowdiag", "train", "--batch-size", "1", "--init-batches", "16"]
+    command += ["--steps", "1000000", "--eval-every", "0", "--flush-every", "1000000", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _poll(lambda: read_run(path).phase, lambda phase: phase == "train", process)  # step 1 began
+        first_step = time.monotonic()
+        rows = _poll(lambda: len(read_run(path).step), lambda n: n >= 1, process)
+        assert time.monotonic() - first_step <= 5.0
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    record = read_run(path)
+    assert len(record.step) >= rows and record.step.tolist() == list(range(1, len(record.step) + 1))
+
+
+@pytest.mark.slow
+def test_ablate_to_a_file_logs_every_finished_cell(tmp_path: Path) -> None:
+    out, log = tmp_path / "abl", tmp_path / "log.txt"
+    command = [
+        sys.executable,
+        "-m",
+        "flowdiag",
+        "ablate",
+        *TINY,
+        "--batch-size",
+        "1",
+        "--init-batches",
+        "1,4",
+    ]
+    command += ["--seeds", "0", "--steps", "4", "--eval-every", "2", "--out", str(out)]
+    with log.open("w") as handle:
+        finished = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert finished.returncode == 0, text
+    for m in (1, 4):
+        lines = [line for line in text.splitlines() if line.startswith(f"M{m}-lam0.001-b1-seed0: ")]
+        assert len(lines) == 1, text
+        assert "best held-out bpd" in lines[0]
+    assert "\x1b[" not in text  # no terminal control codes in a file

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from flowdiag.config import ModelConfig
 from flowdiag.layers import ActNorm, AdditiveCoupling, AffineCoupling, InvConvLU, InvConvPlain
 from flowdiag.model import Glow, dequantize
 
@@ -119,7 +120,7 @@ def _ctor_args(layer: nn.Module) -> tuple:
     if isinstance(layer, InvConvLU | InvConvPlain):
         return (layer.channels,)
     if isinstance(layer, AffineCoupling):
-        return (layer.channels, 8, 1e-6, layer.scale)
+        return (layer.channels, 8, ActNorm, layer.scale)
     return (layer.channels, 8)
 
 
@@ -181,3 +182,22 @@ def test_glow_lists_flow_layers_in_forward_order() -> None:
     assert names[:3] == ["levels.0.steps.0.actnorm", "levels.0.steps.0.invconv", "levels.0.steps.0.coupling"]
     assert len(names) == 3 * 2 * 2
     assert not any(".net." in name for name in names)
+
+
+@pytest.mark.parametrize(("formula", "expected"), [("paper", 1e3), ("glow", 1e6)])
+def test_actnorm_formula_on_one_value_per_channel(formula: str, expected: float) -> None:
+    """One value per channel: var = 0. The paper's 1/sqrt(var + eps) gives 1e3, official Glow's
+    1/(sqrt(var) + eps) gives 1e6 (eps = 1e-6); on spread data the two agree to eps."""
+    norm = ActNorm(3, eps=1e-6, formula=formula).double()
+    norm(torch.randn(1, 3, 1, 1, dtype=torch.float64))
+    assert torch.allclose(norm.log_scale.exp().flatten(), torch.full((3,), expected, dtype=torch.float64))
+    spread = ActNorm(3, eps=1e-6, formula=formula).double()
+    x = torch.randn(64, 3, 4, 4, dtype=torch.float64)
+    z, _ = spread(x)
+    assert torch.allclose(z.var(dim=(0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-4)
+
+
+def test_glow_builds_its_actnorms_with_the_configured_formula() -> None:
+    model = Glow(ModelConfig(actnorm_init="glow", actnorm_eps=1e-5))
+    norms = [m for m in model.modules() if isinstance(m, ActNorm)]
+    assert norms and all(n.formula == "glow" and n.eps == 1e-5 for n in norms)

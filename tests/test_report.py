@@ -4,11 +4,13 @@ the diagnosis names the injected divergence."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from pathlib import Path
 from typing import NamedTuple
 
+import h5py
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -30,9 +32,11 @@ from flowdiag.report.diagnose import (
     rule_logdet_drift,
 )
 from flowdiag.report.draw_layers import draw_coupling_peaks
+from flowdiag.report.draw_steps import draw_bpd
 from flowdiag.report.grid import grid_cells, is_lambda_sweep, lambda_points
 from flowdiag.report.layers import coupling_peaks, layer_heatmap, select_heatmap_runs
 from flowdiag.report.runs import RunSettings, best_eval_bpd, run_labels
+from flowdiag.report.wording import diagnosis_lines
 from flowdiag.store import RunWriter, read_run
 
 # --- synthetic runs -----------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def test_penalty_curves_are_the_conv_columns(ablation: Path) -> None:
     assert curves.conv_names == [NAMES[i] for i in CONVS]
     np.testing.assert_array_equal(curves.conv_logdet, runs[1].logdet[:, CONVS])
     np.testing.assert_array_equal(curves.penalty, runs[1].penalty)
-    assert select_penalty_runs(runs) == [0, 2]  # one per cell; the diverged run for (M=1, λ=0)
+    assert select_penalty_runs(runs) == ([0, 1, 2, 3], [])  # every run: by λ, then M, then seed
 
 
 def test_grid_cells_and_lambda_sweep(ablation: Path, tmp_path: Path) -> None:
@@ -298,6 +302,7 @@ def _facts(**changes: object) -> CauseFacts:
         largest_scale=calm,
         smallest_var=calm,
         conv_drifts=(ConvDrift("levels.0.steps.0.invconv", 1.0, 3.0, 2.0, 16),),
+        updates=11,
     )
     return base._replace(**changes)
 
@@ -396,3 +401,70 @@ def test_build_report_refuses_nothing() -> None:
         build_report([], Path("unused"), title="x")
 
 
+def test_step_1_divergence_reads_right(tmp_path: Path) -> None:
+    at1 = Injected(onset_step=1, onset_layer=BAD_NORM, cross_step=99, cross_layer=NAMES[0])
+    run = read_run(make_run(tmp_path / "r", inject=at1, bad_init=True))
+    d = diagnose(run)
+    assert d is not None and d.rule == "actnorm_init" and d.facts.updates == 0
+    assert "first forward pass overflowed, before any update" in d.cause
+    assert "step after step" not in d.cause
+    lines = diagnosis_lines(d)
+    assert "no optimizer update was made, so the 1x1 convs have not drifted" in lines
+    assert not any("+0, +0" in line for line in lines)
+    summary = build_report([run], tmp_path / "report", title="step 1")
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "penalty.png" not in md and "Ended at step 1, before any update" in md
+
+
+def test_backward_onset_points_to_replay(tmp_path: Path) -> None:
+    path = make_run(tmp_path / "r", steps=3, status="diverged")
+    with h5py.File(path, "r+") as f:
+        f.attrs["nan_onset_step"], f.attrs["nan_onset_layer"] = 3, "backward"
+    d = diagnose(read_run(path))
+    assert d is not None and d.rule == "backward_overflow"
+    lines = diagnosis_lines(d)
+    assert (
+        "NaN onset: step 3, in the backward pass (every layer output finite; the gradient was not)" in lines
+    )
+    assert any(f"flowdiag replay {path.parent}" in line for line in lines)
+
+
+def test_header_counts_every_run_past_the_threshold(ablation: Path, tmp_path: Path) -> None:
+    loud = Injected(onset_step=99, onset_layer=NAMES[0], cross_step=4, cross_layer=NAMES[2])
+    make_run(ablation / "runs" / "loud", m=4, inject=loud)
+    summary = build_report(collect_runs(ablation), tmp_path / "report", title="t", max_layer_maps=1)
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "5 run(s), 1 diverged. 2 run(s) had a layer's max |output| over 10000 or non-finite: " in md
+    assert "1 of them diverged, 1 completed (a warning)." in md
+
+
+def test_bpd_axis_keeps_to_the_finite_runs(tmp_path: Path) -> None:
+    blowup = Injected(onset_step=6, onset_layer=NAMES[3], cross_step=99, cross_layer=NAMES[0])
+    runs = [read_run(make_run(tmp_path / "ok")), read_run(make_run(tmp_path / "bad", inject=blowup))]
+    with h5py.File(runs[1].path, "r+") as f:  # the diverging run's loss climbs to 1e25 before NaN
+        f["steps/bpd"][4] = 1e25
+    runs[1] = read_run(runs[1].path)
+    data = bpd_curves(runs, run_labels(runs))
+    ok = runs[0].bpd
+    assert data.y_range is not None and data.y_range[1] < 10 and data.y_range[0] < ok.min() <= ok.max() < 10
+    assert not data.log_y
+    draw_bpd(data, tmp_path / "bpd.png")
+
+
+def test_runs_that_differ_only_in_placement_form_one_sweep(tmp_path: Path) -> None:
+    """The two-machine recipe: another data root, device and flush interval are still one λ sweep."""
+    runs = []
+    for i, (lam, root, device) in enumerate(((0.0, "/data/a", "cpu"), (1e-3, "/mnt/b", "cuda"))):
+        path = make_run(tmp_path / f"r{i}", lam=lam)
+        with h5py.File(path, "r+") as f:
+            config = json.loads(f.attrs["config"])
+            config["data"]["root"], config["train"]["device"] = root, device
+            config["train"]["flush_every"], config["train"]["diagnostics"] = 10 + i, bool(i)
+            f.attrs["config"] = json.dumps(config)
+        runs.append(read_run(path))
+    assert is_lambda_sweep(runs)
+    with h5py.File(runs[1].path, "r+") as f:  # another K is another experiment
+        config = json.loads(f.attrs["config"])
+        config["model"]["n_steps"] = 3
+        f.attrs["config"] = json.dumps(config)
+    assert not is_lambda_sweep([runs[0], read_run(runs[1].path)])

@@ -40,7 +40,8 @@ from flowdiag.data import ImageData, load_dataset
 from flowdiag.environment import resolve_device
 from flowdiag.errors import UserError
 from flowdiag.options import OPTIONS_BY_NAME
-from flowdiag.trainer import ProgressSink, RunResult, train
+from flowdiag.progress import ProgressSink
+from flowdiag.trainer import RunResult, train
 
 STUDY_KIND = "ablation"
 POLL_SECONDS = 1.0  # while waiting for other workers' running cells
@@ -174,8 +175,9 @@ def fresh_run_dir(out: Path, slug: str, trial_number: int) -> Path:
     return run_dir
 
 
-class StorageProgress:
-    """A ProgressSink for worker processes: the trial's step, written to the study every few seconds."""
+class StorageProgress(ProgressSink):
+    """A ProgressSink for worker processes: the trial's step, written to the study every few seconds,
+    and every held-out evaluation as an intermediate value (Optuna Dashboard's learning curves)."""
 
     def __init__(self, trial: optuna.Trial, every_seconds: float = 3.0) -> None:
         self.trial, self.every, self.last = trial, every_seconds, 0.0
@@ -188,8 +190,11 @@ class StorageProgress:
             self.last = time.monotonic()
             self.trial.set_user_attr("progress_step", step)
 
-    def stop(self) -> None:
-        pass
+    def phase(self, name: str) -> None:
+        self.trial.set_user_attr("progress_phase", name)
+
+    def evaluated(self, step: int, bpd: float) -> None:
+        self.trial.report(bpd, step)
 
 
 class CellObjective:

@@ -32,7 +32,8 @@ from flowdiag.ablation.storage import make_storage
 from flowdiag.config import RunConfig, placement_fields
 from flowdiag.data import ImageData
 from flowdiag.errors import UserError
-from flowdiag.trainer import ProgressSink, RunResult, train
+from flowdiag.progress import ProgressSink
+from flowdiag.trainer import RunResult, train
 
 STUDY_KIND = "tune-lambda"
 TrainFn = Callable[..., RunResult]

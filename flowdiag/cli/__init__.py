@@ -8,8 +8,9 @@ import typer
 
 from flowdiag import __version__
 from flowdiag.cli.ablate import ablate_command
-from flowdiag.cli.bench import bench_command
 from flowdiag.cli.audit import audit_command
+from flowdiag.cli.bench import bench_command
+from flowdiag.cli.export import export_command
 from flowdiag.cli.report import report_command
 from flowdiag.cli.train import replay_command, train_command
 from flowdiag.cli.tune import tune_lambda_command
@@ -47,3 +48,4 @@ app.command("tune-lambda")(tune_lambda_command)
 app.command("report")(report_command)
 app.command("watch")(watch_command)
 app.command("audit")(audit_command)
+app.command("export")(export_command)

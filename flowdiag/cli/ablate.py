@@ -12,8 +12,9 @@ from rich.table import Table
 
 from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
 from flowdiag.cli.common import console, fail, user_errors_exit_2
-from flowdiag.cli.options import shown, with_trainer_options
+from flowdiag.cli.options import with_default, with_trainer_options
 from flowdiag.errors import UserError
+from flowdiag.progress import ProgressSink
 
 # optuna, torch and the runner are imported when a command runs: `flowdiag --help` stays fast.
 if TYPE_CHECKING:
@@ -23,10 +24,16 @@ if TYPE_CHECKING:
     from flowdiag.ablation.summary import CellRow
 
 DEFAULT_OUT = Path("runs/ablation")
+PEAKS_EXPLAINED = (
+    "step-2 peak: the largest max |output| over every flow layer at step 2, after one update (the "
+    "paper's Fig. 5). peak steps 1-2: the same over steps 1 and 2, for runs that never reached step 2. "
+    "onset: the first non-finite layer, or loss / backward when every layer output was finite."
+)
 
 
 class Board:
-    """Rich progress: trials done / total, and the steps of each running trial."""
+    """Rich progress on a terminal (trials done / total, the steps of each running trial), and a
+    line per finished trial everywhere: output sent to a file still says what happened."""
 
     def __init__(self, total_cells: int) -> None:
         self.progress = Progress(
@@ -36,12 +43,26 @@ class Board:
             TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(),
             console=console,
+            disable=not console.is_terminal,  # a bar redrawn into a file is noise
         )
         self.overall = self.progress.add_task("[bold]cells", total=total_cells, note="")
         self.trials: dict[int, TaskID] = {}
+        self._logged: set[int] = set()
 
     def set_done(self, done: int) -> None:
         self.progress.update(self.overall, completed=done)
+
+    def log_finished(self, study: optuna.Study) -> None:
+        """One line for every trial that finished since the last call."""
+        from optuna.trial import TrialState
+
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            if trial.number in self._logged or not (
+                "cell" in trial.user_attrs or "lam_value" in trial.user_attrs
+            ):
+                continue
+            self._logged.add(trial.number)
+            console.print(finished_line(trial), highlight=False, soft_wrap=True)
 
     def trial_step(self, number: int, name: str, step: int, total: int, note: str = "") -> None:
         if number not in self.trials:
@@ -53,6 +74,20 @@ class Board:
             self.progress.remove_task(self.trials.pop(number))
 
 
+def finished_line(trial: optuna.trial.FrozenTrial) -> str:
+    """`cell M1-lam0.001-b1-seed0: diverged at step 1 in levels.2.steps.0.actnorm, best held-out bpd -`."""
+    attrs = trial.user_attrs
+    status = attrs.get("status", trial.state.name.lower())
+    onset = attrs.get("nan_onset_step", -1)
+    where = (
+        f" at step {onset} in {attrs.get('nan_onset_layer') or '?'}"
+        if onset is not None and onset >= 0
+        else ""
+    )
+    best = attrs.get("best_bpd")
+    return f"{trial_name(trial)}: {status}{where}, best held-out bpd {_fmt(best)}"
+
+
 def trial_name(trial: optuna.Trial | optuna.trial.FrozenTrial) -> str:
     """A grid cell's folder name; a tuning trial's number and λ."""
     if all(name in trial.params for name in CORE_AXES):
@@ -62,8 +97,9 @@ def trial_name(trial: optuna.Trial | optuna.trial.FrozenTrial) -> str:
     return f"trial {trial.number}"
 
 
-class BoardSink:
-    """The trainer's ProgressSink for an in-process trial, drawn on the board."""
+class BoardSink(ProgressSink):
+    """The trainer's ProgressSink for an in-process trial: drawn on the board, evaluations reported
+    to the study as intermediate values."""
 
     def __init__(self, board: Board, trial: optuna.Trial) -> None:
         self.board, self.trial, self.total = board, trial, 0
@@ -73,8 +109,15 @@ class BoardSink:
         self.total = total_steps
         self.board.trial_step(self.trial.number, self.name, 0, total_steps)
 
+    def phase(self, name: str) -> None:
+        note = "ActNorm init" if name == "init" else ""
+        self.board.trial_step(self.trial.number, self.name, 0, self.total, note)
+
     def advance(self, step: int, bpd: float, steps_per_second: float) -> None:
         self.board.trial_step(self.trial.number, self.name, step, self.total, f"bpd {bpd:.3f}")
+
+    def evaluated(self, step: int, bpd: float) -> None:
+        self.trial.report(bpd, step)
 
     def stop(self) -> None:
         self.board.trial_done(self.trial.number)
@@ -85,6 +128,11 @@ def _count_done(study: optuna.Study, keys: set[str]) -> int:
 
     done = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     return len(done & keys)
+
+
+def _update(board: Board, study: optuna.Study, keys: set[str]) -> None:
+    board.set_done(_count_done(study, keys))
+    board.log_finished(study)
 
 
 def _run_with_board(spec: AblationSpec, study: optuna.Study, data: dict[Any, Any]) -> None:
@@ -98,13 +146,13 @@ def _run_with_board(spec: AblationSpec, study: optuna.Study, data: dict[Any, Any
     with board.progress:
         if spec.workers == 1:
             objective = CellObjective(spec, progress=lambda trial: BoardSink(board, trial), data=data)
-            work(spec, objective, after_trial=lambda s, _: board.set_done(_count_done(s, keys)))
-            board.set_done(_count_done(study, keys))
+            work(spec, objective, after_trial=lambda s, _: _update(board, s, keys))
+            _update(board, study, keys)
             return
         processes = start_workers(spec)
         try:
             while any(p.is_alive() for p in processes):
-                board.set_done(_count_done(study, keys))
+                _update(board, study, keys)
                 for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                     if "cell" in trial.user_attrs:
                         board.trial_step(
@@ -121,7 +169,7 @@ def _run_with_board(spec: AblationSpec, study: optuna.Study, data: dict[Any, Any
         finally:
             for process in processes:
                 process.join()
-        board.set_done(_count_done(study, keys))
+        _update(board, study, keys)
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -141,10 +189,10 @@ def print_summary(rows: list[CellRow]) -> None:
         *extra,
         "status",
         "onset step",
-        "onset layer",
+        "onset",
         "step-2 peak",
         "peak steps 1-2",
-        "best bpd",
+        "best held-out bpd",
     ]:
         table.add_column(column)
     colour = {"completed": "green", "diverged": "red", "pending": "yellow", "interrupted": "yellow"}
@@ -164,6 +212,7 @@ def print_summary(rows: list[CellRow]) -> None:
             _fmt(row.best_bpd),
         )
     console.print(table)
+    console.print(PEAKS_EXPLAINED)
 
 
 @with_trainer_options(as_lists=True, exclude=("seed",), defaults=ABLATION_DEFAULTS)
@@ -173,8 +222,8 @@ def ablate_command(
         str | None,
         typer.Option(
             "--seeds",
-            help="Seeds, a comma list: one grid axis.",
-            show_default=shown(ABLATION_DEFAULTS["seed"]),
+            help=with_default("Seeds, a comma list: one grid axis.", ABLATION_DEFAULTS["seed"]),
+            show_default=False,
             metavar="INTEGER,...",
         ),
     ] = None,

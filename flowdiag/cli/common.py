@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from flowdiag.errors import UserError
+from flowdiag.progress import ProgressSink
 
 # Wide enough for the summary tables when output goes to a file or a pipe (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -37,7 +39,7 @@ def user_errors_exit_2(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class RichProgress:
+class RichProgress(ProgressSink):
     """The trainer's ProgressSink on a rich progress bar: step, bpd and throughput."""
 
     def __init__(self, transient: bool = False) -> None:
@@ -54,11 +56,57 @@ class RichProgress:
         self._task: Any = None
 
     def start(self, total_steps: int, description: str) -> None:
+        self._description = description
         self._progress.start()
         self._task = self._progress.add_task(description, total=total_steps, bpd=float("nan"), rate=0.0)
+
+    def phase(self, name: str) -> None:
+        label = f"{self._description} · ActNorm init" if name == "init" else self._description
+        self._progress.update(self._task, description=label)
 
     def advance(self, step: int, bpd: float, steps_per_second: float) -> None:
         self._progress.update(self._task, completed=step, bpd=bpd, rate=steps_per_second)
 
     def stop(self) -> None:
         self._progress.stop()
+
+
+class LogProgress(ProgressSink):
+    """The same news as plain lines, for output to a file (nohup, CI, a cluster job): the init, a
+    line every `every_s` seconds (step, bpd, steps/s) and the last step."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._total = 0
+        self._description = ""
+        self._last_line = 0.0
+        self._last: tuple[int, float, float] | None = None
+
+    def _say(self, text: str) -> None:
+        console.print(f"{self._description}: {text}", highlight=False, soft_wrap=True)
+
+    def start(self, total_steps: int, description: str) -> None:
+        self._total, self._description = total_steps, description
+        self._last_line = time.monotonic()
+
+    def phase(self, name: str) -> None:
+        self._say("ActNorm init..." if name == "init" else f"training {self._total} steps")
+
+    def advance(self, step: int, bpd: float, steps_per_second: float) -> None:
+        self._last = (step, bpd, steps_per_second)
+        if time.monotonic() - self._last_line >= self.every_s:
+            self._last_line = time.monotonic()
+            self._say(f"step {step}/{self._total} bpd {bpd:.4g} {steps_per_second:.1f} steps/s")
+
+    def evaluated(self, step: int, bpd: float) -> None:
+        self._say(f"step {step}: held-out bpd {bpd:.4f}")
+
+    def stop(self) -> None:
+        if self._last is not None:
+            step, bpd, rate = self._last
+            self._say(f"stopped at step {step}/{self._total} bpd {bpd:.4g} {rate:.1f} steps/s")
+
+
+def training_progress() -> ProgressSink:
+    """A bar on a terminal, log lines otherwise."""
+    return RichProgress() if console.is_terminal else LogProgress()

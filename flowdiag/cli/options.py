@@ -28,13 +28,20 @@ def shown(value: Any) -> str:
     return str(value)
 
 
+def with_default(help_text: str, default: Any) -> str:
+    """Help with its default as click would print it, minus the parentheses click adds to text.
+    The bracket is escaped: typer renders help as rich markup, where [default: …] is a tag."""
+    return f"{help_text} \\[default: {shown(default)}]"
+
+
 def _typer_parameter(option: TrainerOption, *, as_lists: bool, default: Any) -> inspect.Parameter:
+    # The parameters default to None ("not given"), so the real default goes into the help text.
     if option.kind == "bool" and not (as_lists and option.listable):
         flag = f"{option.cli_flag}/--no-{option.cli_flag[2:]}"
         if option.name == "stop_on_divergence":
             flag = "--stop-on-divergence/--keep-going"
         annotation: Any = Annotated[
-            bool | None, typer.Option(flag, help=option.help, show_default=shown(default))
+            bool | None, typer.Option(flag, help=with_default(option.help, default), show_default=False)
         ]
     else:
         listed = as_lists and option.listable
@@ -42,7 +49,9 @@ def _typer_parameter(option: TrainerOption, *, as_lists: bool, default: Any) -> 
         metavar = option.metavar + (",..." if listed else "")
         annotation = Annotated[
             str | None,
-            typer.Option(option.cli_flag, help=help_text, show_default=shown(default), metavar=metavar),
+            typer.Option(
+                option.cli_flag, help=with_default(help_text, default), show_default=False, metavar=metavar
+            ),
         ]
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 

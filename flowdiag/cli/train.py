@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flowdiag.cli.common import RichProgress, console, user_errors_exit_2
+from flowdiag.cli.common import console, training_progress, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
 from flowdiag.config import RunConfig
 from flowdiag.files import REPLAY_FILE, RUN_FILE, SAMPLES_FILE
@@ -52,7 +52,7 @@ def train_command(
     from flowdiag.trainer import train  # torch: imported when the command runs
 
     config = apply_options(RunConfig(), parse_scalars(options))
-    result = train(config, out, resume=resume, progress=RichProgress())
+    result = train(config, out, resume=resume, progress=training_progress())
     print_result(result)
     if result.status == "interrupted":
         raise typer.Exit(code=130)  # the run was saved; the conventional code for Ctrl-C

@@ -79,7 +79,7 @@ def tune_lambda_command(
                 optuna_study,
                 data,
                 progress=lambda trial: BoardSink(board, trial),
-                after_trial=lambda s, _: board.set_done(len(tuning_rows(s))),
+                after_trial=lambda s, _: (board.set_done(len(tuning_rows(s))), board.log_finished(s)),
             )
     except KeyboardInterrupt:
         raise fail("interrupted: rerun the same command to resume") from None

@@ -32,7 +32,6 @@ from flowdiag.store import RunRecord
 
 MARKDOWN_NAME, HTML_NAME = "report.md", "report.html"
 MAX_HEATMAP_RUNS = 12
-MAX_PENALTY_RUNS = 4
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def _runs_table(rows: list[RunRow]) -> Table:
         "final bpd",
         "best held-out bpd",
         "NaN onset step",
-        "onset layer",
+        "onset",
         "file",
     ]
     body = [
@@ -156,6 +155,18 @@ def _lambda_table(points: list[LambdaPoint]) -> Table:
     return Table(["λ", "best held-out bpd", "diverged", "run"], body)
 
 
+def headline_counts(diagnoses: list[tuple[str, Diagnosis]], n_runs: int, threshold: float) -> str:
+    """How many runs diverged, and how many crossed the threshold, diverged or not: one sentence."""
+    n_div = sum(d.severity == "diverged" for _, d in diagnoses)
+    crossed = [d for _, d in diagnoses if d.crossing is not None]
+    crossed_div = sum(d.severity == "diverged" for d in crossed)
+    return (
+        f"{n_runs} run(s), {n_div} diverged. {len(crossed)} run(s) had a layer's max |output| over "
+        f"{threshold:g} or non-finite: {crossed_div} of them diverged, {len(crossed) - crossed_div} "
+        "completed (a warning)."
+    )
+
+
 def _write(path: Path, text: str) -> None:
     try:
         path.write_text(text, encoding="utf-8")
@@ -193,12 +204,8 @@ def build_report(
     figures: list[Path] = []
     doc = Document(title)
 
-    n_div = sum(d.severity == "diverged" for _, d in diagnoses)
     doc.add(
-        Paragraph(
-            f"{len(runs)} run(s), {n_div} diverged, {len(diagnoses) - n_div} warning(s) "
-            f"(a layer's max |output| over {threshold:g}). Written by flowdiag {__version__}."
-        )
+        Paragraph(f"{headline_counts(diagnoses, len(runs), threshold)} Written by flowdiag {__version__}.")
     )
     if command:
         doc.add(Code(command))
@@ -241,9 +248,19 @@ def build_report(
         )
 
     doc.add(Heading("Log-det penalty and 1x1 convs (what λ acts on)"))
-    penalty = [penalty_curves(runs[i], labels[i]) for i in select_penalty_runs(runs, MAX_PENALTY_RUNS)]
-    figures.append(draw_penalty(penalty, out_dir / "penalty.png"))
-    doc.add(Image("penalty.png", "Penalty Σ(h·w·Σlog|u|)² and each 1x1 conv's h·w·Σlog|u| over steps."))
+    drawn, one_step = select_penalty_runs(runs)
+    if drawn:
+        penalty = [penalty_curves(runs[i], labels[i]) for i in drawn]
+        figures.append(draw_penalty(penalty, out_dir / "penalty.png"))
+        doc.add(
+            Image(
+                "penalty.png",
+                "Every run: the penalty Σ(h·w·Σlog|u|)² and each 1x1 conv's h·w·Σlog|u| over steps.",
+            )
+        )
+    if one_step:
+        names = ", ".join(labels[i] for i in one_step)
+        doc.add(Paragraph(f"Ended at step 1, before any update, so no penalty curve to draw: {names}."))
 
     if is_grid(cells):
         doc.add(Heading("Ablation grid (M × λ × batch size)"), _grid_table(cells))

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from flowdiag.report.build import ReportSummary
+from flowdiag.report.build import ReportSummary, headline_counts
 from flowdiag.report.wording import diagnosis_lines, fmt_bpd, fmt_rate, fmt_step, headline
 
 _STATUS_STYLE = {"completed": "green", "diverged": "bold red", "running": "cyan", "failed": "red"}
@@ -16,9 +16,9 @@ def runs_table(summary: ReportSummary) -> Table:
     table = Table(title=summary.title, title_justify="left")
     table.add_column("run")
     table.add_column("status")
-    for column in ("steps", "final bpd", "best held-out bpd", "onset"):
+    for column in ("steps", "final bpd", "best held-out bpd", "onset step"):
         table.add_column(column, justify="right")
-    table.add_column("onset layer")
+    table.add_column("onset")
     for row in summary.runs:
         table.add_row(
             row.label,
@@ -46,6 +46,7 @@ def grid_table(summary: ReportSummary) -> Table:
 def render_summary(summary: ReportSummary, console: Console) -> None:
     """Print the runs, the grid (if any), every diagnosis with its likely cause, and the files written."""
     console.print(runs_table(summary))
+    console.print(headline_counts(list(summary.diagnoses), len(summary.runs), summary.threshold))
     if summary.cells:
         console.print(grid_table(summary))
     for label, diagnosis in summary.diagnoses:

@@ -31,6 +31,9 @@ class BpdCurve(NamedTuple):
 class BpdFigureData(NamedTuple):
     curves: list[BpdCurve]
     log_y: bool
+    # The y range the finite runs need: a diverged run's climb to 1e25 would flatten every healthy
+    # curve to one line. Diverged runs are drawn clipped, their onset marked on the top edge.
+    y_range: tuple[float, float] | None
 
 
 def use_log_scale(values: np.ndarray, factor: float = LOG_RANGE_FACTOR) -> bool:
@@ -63,8 +66,17 @@ def bpd_curve(run: RunRecord, label: str) -> BpdCurve:
 
 def bpd_curves(runs: list[RunRecord], labels: list[str]) -> BpdFigureData:
     curves = [bpd_curve(run, label) for run, label in zip(runs, labels, strict=True)]
-    every = np.concatenate([c.bpd for c in curves]) if curves else np.array([])
-    return BpdFigureData(curves, use_log_scale(every))
+    healthy = [c.bpd for c in curves if not c.diverged] or [c.bpd for c in curves]
+    values = np.concatenate(healthy) if healthy else np.array([])
+    finite = values[np.isfinite(values)]
+    log_y = use_log_scale(finite)
+    if not finite.size:
+        return BpdFigureData(curves, log_y, None)
+    low, high = float(finite.min()), float(finite.max())
+    if log_y:
+        return BpdFigureData(curves, log_y, (low / 1.1, high * 1.1))
+    pad = max(0.05 * (high - low), 0.05)
+    return BpdFigureData(curves, log_y, (low - pad, high + pad))
 
 
 class PenaltyCurves(NamedTuple):
@@ -90,12 +102,19 @@ def penalty_curves(run: RunRecord, label: str) -> PenaltyCurves:
     )
 
 
-def select_penalty_runs(runs: list[RunRecord], cap: int = 4) -> list[int]:
-    """One run per cell (a diverged one if the cell has any), λ ascending: what λ changes, side by side."""
-    chosen: dict[tuple[float, int, int], int] = {}
-    for index, run in enumerate(runs):
-        s = run_settings(run)
-        key = (s.lam, s.init_batches, s.batch_size)
-        if key not in chosen or (is_diverged(run) and not is_diverged(runs[chosen[key]])):
-            chosen[key] = index
-    return [chosen[key] for key in sorted(chosen)][:cap]
+def select_penalty_runs(runs: list[RunRecord]) -> tuple[list[int], list[int]]:
+    """(every run with a curve to draw, λ ascending then M, seed; the runs that ended at step 1).
+
+    A run that stopped at its first step has one point and no drift: it gets a line in the text,
+    not two empty panels.
+    """
+    order = sorted(
+        range(len(runs)),
+        key=lambda i: (
+            run_settings(runs[i]).lam,
+            run_settings(runs[i]).init_batches,
+            run_settings(runs[i]).seed,
+        ),
+    )
+    drawn = [i for i in order if len(runs[i].step) >= 2]
+    return drawn, [i for i in order if len(runs[i].step) < 2]

@@ -78,6 +78,7 @@ class CauseFacts(NamedTuple):
     largest_scale: ActNormInit | None
     smallest_var: ActNormInit | None
     conv_drifts: tuple[ConvDrift, ...]
+    updates: int  # optimizer updates the run made: its last recorded step - 1 (0: it never updated)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseF
         largest_scale=largest,
         smallest_var=smallest,
         conv_drifts=conv_drifts(run),
+        updates=max(int(run.step[-1]) - 1, 0) if len(run.step) else 0,
     )
 
 
@@ -187,6 +189,10 @@ def rule_actnorm_init(facts: CauseFacts) -> str | None:
     else:
         how_big = f"{norm.scale:.4g}"
     plural = "value" if norm.n_values == 1 else "values"
+    if facts.onset_step == 1:
+        growth = "the first forward pass overflowed, before any update"
+    else:
+        growth = "outputs compounded layer after layer and step after step"
     if s.init_batches < RECOMMENDED_INIT_BATCHES:
         fix = f"initialize from more minibatches (--init-batches {RECOMMENDED_INIT_BATCHES})"
     else:
@@ -194,7 +200,7 @@ def rule_actnorm_init(facts: CauseFacts) -> str | None:
     return (
         f"ActNorm {norm.name} was initialized from {norm.n_values} {plural} per channel "
         f"(M={s.init_batches} · batch {s.batch_size} · {_spatial(norm.pixels)}), so its scale was "
-        f"{how_big} and outputs compounded step after step: {fix}"
+        f"{how_big} and {growth}: {fix}"
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 
 from flowdiag.report.canvas import (
     DIVERGED_MARKER,
@@ -34,29 +35,43 @@ def draw_bpd(data: BpdFigureData, path: Path) -> Path:
         axes.plot(curve.steps, curve.bpd, color=colors[key], linewidth=1.2, label=key)
     if data.log_y:
         axes.set_yscale("log")
+    if data.y_range is not None:
+        axes.set_ylim(data.y_range)
     ylim = axes.get_ylim()
     for curve, key in zip(data.curves, keys, strict=True):
         if curve.onset_step < 0:
             continue
-        # A run whose bpd was never finite gets its X on the top edge: marked, not dropped.
-        y = curve.onset_bpd if math.isfinite(curve.onset_bpd) else ylim[1]
+        # The axis belongs to the finite runs: a diverged run's X sits on the top edge at its onset.
         axes.plot(
             [curve.onset_step],
-            [y],
+            [ylim[1]],
             DIVERGED_MARKER,
             color=colors[key],
             markersize=11,
             markeredgecolor="black",
             clip_on=False,
-            label="diverged (NaN onset)",
+            label="diverged: NaN onset (top edge)",
+        )
+        axes.annotate(
+            f"onset {curve.onset_step}",
+            (curve.onset_step, ylim[1]),
+            textcoords="offset points",
+            xytext=(6, -12),
+            fontsize="x-small",
         )
     axes.set_ylim(ylim)
+    _whole_step_ticks(axes)
     axes.set_xlabel("training step (1 = first forward pass after init)")
     axes.set_ylabel("training loss NLL (bits/dim)" + (", log scale" if data.log_y else ""))
     axes.set_title("Training bpd per run: X marks the step where the run diverged")
     axes.grid(alpha=0.3)
     deduplicated_legend(axes, fontsize="small", loc="best")
     return save(figure, path)
+
+
+def _whole_step_ticks(axes: Axes) -> None:
+    """Steps are whole numbers: no tick at step 1.5 when a run has two steps."""
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _penalty_axes(axes: Axes, curves: PenaltyCurves) -> None:
@@ -67,6 +82,7 @@ def _penalty_axes(axes: Axes, curves: PenaltyCurves) -> None:
     axes.set_ylabel("Σ (h·w·Σlog|u|)²  (nats²)")
     axes.set_title(f"{curves.label}: penalty before λ (λ = {curves.lam:g})", fontsize="medium")
     axes.grid(alpha=0.3)
+    _whole_step_ticks(axes)
 
 
 def _conv_axes(axes: Axes, curves: PenaltyCurves) -> None:
@@ -80,6 +96,7 @@ def _conv_axes(axes: Axes, curves: PenaltyCurves) -> None:
     axes.set_ylabel("h·w·Σlog|u| per 1x1 conv (nats)")
     axes.set_title("each 1x1 conv's log-det (what λ pulls to 0)", fontsize="medium")
     axes.grid(alpha=0.3)
+    _whole_step_ticks(axes)
     if 0 < n <= _MAX_CONV_LEGEND:
         axes.legend(fontsize="x-small", loc="best")
     elif n:

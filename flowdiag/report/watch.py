@@ -357,6 +357,8 @@ def cell_text(cell: CellLine, name_width: int = 0) -> str:
 def run_status_line(view: RunView) -> str:
     if view.status == "running" and view.phase == "init":
         return f"{view.name}: ActNorm init over M = {view.init_batches} batches, no training step yet"
+    if view.status == "running" and view.step == 0:
+        return f"{view.name}: running · no step in the file yet (rows arrive with each flush)"
     return (
         f"{view.name}: {_status(view.status, view.phase)} · step {_progress(view.step, view.total_steps)}"
         f" · bpd {fmt_bpd(view.bpd)} · best held-out {fmt_bpd(view.best_eval_bpd)}"

@@ -49,8 +49,7 @@ def diagnosis_lines(diagnosis: Diagnosis) -> list[str]:
     f = diagnosis.facts
     lines = []
     if diagnosis.severity == "diverged":
-        layer = f.onset_layer or "(layer not recorded)"
-        lines.append(f"NaN onset: step {fmt_step(f.onset_step)}, layer {layer}")
+        lines.append(f"NaN onset: step {fmt_step(f.onset_step)}, {onset_place(f.onset_layer)}")
     if f.crossing is not None:
         c = f.crossing
         lines.append(
@@ -74,7 +73,9 @@ def diagnosis_lines(diagnosis: Diagnosis) -> list[str]:
     drifts = sorted(
         (d for d in f.conv_drifts if math.isfinite(d.drift)), key=lambda d: abs(d.drift), reverse=True
     )
-    if drifts:
+    if f.updates == 0:
+        lines.append("no optimizer update was made, so the 1x1 convs have not drifted")
+    elif drifts:
         listed = ", ".join(f"{d.name} {d.drift:+.4g}" for d in drifts[:MAX_DRIFTS_LISTED])
         more = (
             f" (largest {MAX_DRIFTS_LISTED} of {len(drifts)} convs)"
@@ -83,4 +84,18 @@ def diagnosis_lines(diagnosis: Diagnosis) -> list[str]:
         )
         lines.append(f"1x1 conv log-det drift, last minus first h·w·Σlog|u|: {listed}{more}")
     lines.append(f"likely cause: {diagnosis.cause}")
+    if diagnosis.severity == "diverged" and f.onset_layer in ("loss", "backward"):
+        lines.append(
+            f"every layer output was finite: run `flowdiag replay {diagnosis.path.parent}` to name the "
+            "first non-finite operation"
+        )
     return lines
+
+
+def onset_place(onset: str) -> str:
+    """Where a run went non-finite, in words: a layer, the loss, or the backward pass."""
+    if onset == "backward":
+        return "in the backward pass (every layer output finite; the gradient was not)"
+    if onset == "loss":
+        return "in the loss (every layer output finite)"
+    return f"layer {onset}" if onset else "(not recorded)"
