@@ -89,9 +89,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = setting(16, "Minibatch size.", at_least=1)
-    init_batches: int = setting(
-        1, "M: minibatches for the cumulative ActNorm init (1 = Glow's).", at_least=1
-    )
+    init_batches: int = setting(1, "M: minibatches for the cumulative ActNorm init (1 = Glow's).", at_least=1)
     lam: float = setting(0.0, "λ of the log-det penalty, against bits/dim (0: off).", at_least=0)
     lr: float = setting(1e-3, "Learning rate (RAdam).", above=0)
     steps: int = setting(200, "Optimizer steps.", at_least=1)
@@ -103,6 +101,12 @@ class TrainConfig:
     grad_clip: float = setting(0.0, "Clip the gradient norm to this (0: off).", at_least=0)
     seed: int = setting(0, "Random seed.", at_least=0)
     device: str = setting("auto", "auto, cpu or cuda[:N].", placement=True)
+    threads: int = setting(
+        0,
+        "Intra-op CPU threads (0: auto, one per process unless OMP_NUM_THREADS says).",
+        at_least=0,
+        placement=True,
+    )
     diagnostics: bool = setting(True, "Record per-layer diagnostics.", placement=True)
     checkpoint_every: int = setting(
         0, "Steps between checkpoints (0: at the end).", at_least=0, placement=True

@@ -24,7 +24,7 @@ from flowdiag.batches import BatchStream
 from flowdiag.checkpoint import load_payload, save_atomically
 from flowdiag.config import RunConfig, TrainConfig, validate_config
 from flowdiag.data import ImageData, load_dataset
-from flowdiag.environment import resolve_device, stop_on_signals
+from flowdiag.environment import configure_threads, resolve_device, stop_on_signals
 from flowdiag.errors import UserError
 from flowdiag.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE
 from flowdiag.init import cumulative_actnorm_init
@@ -81,6 +81,7 @@ class Trainer:
                 stored, train=replace(stored.train, steps=config.train.steps, epochs=config.train.epochs)
             )
         validate_config(config)
+        configure_threads(config.train.threads)
         self.device = resolve_device(config.train.device)
         self.data = data if data is not None else load_dataset(config.data)
         model_cfg = replace(config.model, in_channels=self.data.channels, image_size=self.data.image_size)

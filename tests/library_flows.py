@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from flowdiag import zoo
+
 
 def images(n: int, channels: int = 1, size: int = 4, seed: int = 0) -> Tensor:
     """Continuous image-like inputs (B, C, H, W) in float64, not centred, so an init has work to do."""
@@ -22,22 +24,8 @@ def _randomize_zero_layers(model: nn.Module, scale: float = 0.1) -> None:
 
 
 def normflows_glow(levels: int = 2, steps: int = 2, channels: int = 1, size: int = 4, hidden: int = 8):
-    """normflows' multiscale Glow recipe (its README's `MultiscaleFlow` with GlowBlocks), shrunk."""
-    import normflows as nf
-
-    q0, merges, flows = [], [], []
-    for i in range(levels):
-        width = channels * 2 ** (levels + 1 - i)
-        level = [nf.flows.GlowBlock(width, hidden, split_mode="channel", scale=True) for _ in range(steps)]
-        flows.append([*level, nf.flows.Squeeze()])
-        if i > 0:
-            merges.append(nf.flows.Merge())
-            factor = 2 ** (levels - i)
-            latent = (channels * factor, size // factor, size // factor)
-        else:
-            latent = (channels * 2 ** (levels + 1), size // 2**levels, size // 2**levels)
-        q0.append(nf.distributions.DiagGaussian(latent))
-    model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False).double()
+    """normflows' multiscale Glow recipe, shrunk, in float64 with non-zero couplings."""
+    model = zoo.normflows_glow(levels, steps, channels, size, hidden).double()
     _randomize_zero_layers(model)
     return model
 

@@ -30,6 +30,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from typer.testing import CliRunner
 
+from flowdiag import environment
 from flowdiag.ablation import storage as storage_module
 from flowdiag.ablation.grid import build_grid, cell_key, cell_slug, read_config_file
 from flowdiag.ablation.runner import AblationSpec, prepare, work
@@ -315,7 +316,7 @@ def test_a_killed_workers_cell_runs_again_and_only_it(
     monkeypatch.setenv("FLOWDIAG_HEARTBEAT_SECONDS", "1")
     monkeypatch.setenv("FLOWDIAG_GRACE_SECONDS", "2")
     args = [*TINY, "--steps", "40", "--eval-every", "20", "--batch-size", "1", "--init-batches", "4,8,16"]
-    args += ["--seeds", "0", "--out", str(out)]
+    args += ["--seeds", "0", "--workers", "1", "--out", str(out)]
     process = subprocess.Popen(
         [sys.executable, "-m", "flowdiag", "ablate", *args],
         stdout=subprocess.DEVNULL,
@@ -567,3 +568,24 @@ def test_two_machines_on_one_postgres_study_cover_the_grid_once(
     files = sorted(tmp_path.rglob("run.h5"))
     assert len(files) == len(cells)
     assert {str(p.resolve()) for p in files} == {t.user_attrs["hdf5_path"] for t in done.values()}
+
+
+def test_workers_auto_is_cells_left_capped_by_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(environment, "cpu_count", lambda: 2)
+    assert [environment.resolve_workers("auto", left) for left in (0, 1, 2, 5)] == [1, 1, 2, 2]
+    assert environment.resolve_workers("3", 1) == 3  # an explicit count is taken as given
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(UserError, match="--workers"):
+            environment.resolve_workers(bad, 4)
+
+
+def test_auto_workers_each_run_one_torch_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the auto policy itself, not the env's
+    out = tmp_path / "abl"
+    result = invoke(*TINY, "--batch-size", "1", "--init-batches", "4,8", "--seeds", "0", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    workers = min(2, environment.cpu_count())
+    assert f"2 to run on {workers} worker(s)" in result.output
+    trials = load(sqlite_url(out)).get_trials(states=COMPLETE)
+    assert [t.user_attrs["torch_threads"] for t in trials] == [1, 1]
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == workers

@@ -37,7 +37,7 @@ from flowdiag.ablation.grid import Grid, cell_key, cell_slug
 from flowdiag.ablation.storage import fail_dead_trials, make_storage
 from flowdiag.config import DataConfig, RunConfig, validate_config
 from flowdiag.data import ImageData, load_dataset
-from flowdiag.environment import resolve_device
+from flowdiag.environment import end_with_parent, process_context, resolve_device
 from flowdiag.errors import UserError
 from flowdiag.options import OPTIONS_BY_NAME
 from flowdiag.progress import ProgressSink
@@ -163,6 +163,9 @@ def record_result(trial: optuna.Trial, result: RunResult) -> None:
     trial.set_user_attr("step2_peak_max_abs", None if math.isnan(result.step2_peak) else result.step2_peak)
     trial.set_user_attr("early_peak_max_abs", None if math.isnan(result.early_peak) else result.early_peak)
     trial.set_user_attr("steps", result.steps)
+    # Where it ran: which process, on how many intra-op threads (one per worker unless told otherwise).
+    trial.set_user_attr("worker_pid", os.getpid())
+    trial.set_user_attr("torch_threads", torch.get_num_threads())
 
 
 def fresh_run_dir(out: Path, slug: str, trial_number: int) -> Path:
@@ -268,25 +271,25 @@ def work(
             return
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _worker_process(spec: AblationSpec) -> None:
-    if "OMP_NUM_THREADS" not in os.environ:  # N workers share the cores; oversubscribed threads crawl
-        torch.set_num_threads(max(1, _cpu_count() // spec.workers))
+def _worker_process(spec: AblationSpec, data: dict[DataConfig, ImageData]) -> None:
+    end_with_parent()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the launcher prints the summary
-        work(spec)
+        work(spec, CellObjective(spec, data=data))
 
 
-def start_workers(spec: AblationSpec) -> list[multiprocessing.process.BaseProcess]:
-    """Worker processes (spawned: each gets its own storage engine and its own torch threads)."""
-    context = multiprocessing.get_context("spawn")
+def start_workers(
+    spec: AblationSpec, data: dict[DataConfig, ImageData] | None = None
+) -> list[multiprocessing.process.BaseProcess]:
+    """Worker processes, each with its own storage engine and one torch thread (see environment).
+
+    Forked where that is safe, so they start with the launcher's imports and data; spawned ones load
+    their own data (passing it would pickle it through a pipe).
+    """
+    context = process_context()
+    shared = data if context.get_start_method() == "fork" else {}
     processes = [
-        context.Process(target=_worker_process, args=(spec,), daemon=False) for _ in range(spec.workers)
+        context.Process(target=_worker_process, args=(spec, shared), daemon=False)
+        for _ in range(spec.workers)
     ]
     for process in processes:
         process.start()

@@ -8,6 +8,7 @@ infeasibility constraint, so the sampler learns that region diverges.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -31,6 +32,7 @@ from flowdiag.ablation.runner import (
 from flowdiag.ablation.storage import make_storage
 from flowdiag.config import RunConfig, placement_fields
 from flowdiag.data import ImageData
+from flowdiag.environment import end_with_parent, process_context
 from flowdiag.errors import UserError
 from flowdiag.progress import ProgressSink
 from flowdiag.trainer import RunResult, train
@@ -124,7 +126,7 @@ def open_tuning(spec: TuneSpec) -> tuple[optuna.Study, ImageData]:
 
 def run_tuning(
     spec: TuneSpec,
-    study: optuna.Study,
+    study: optuna.Study | None,
     data: ImageData,
     *,
     progress: Callable[[optuna.Trial], ProgressSink] | None = None,
@@ -139,7 +141,11 @@ def run_tuning(
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= spec.n_trials:
         return study
-    callbacks: list[Any] = [MaxTrialsCallback(spec.n_trials, states=(TrialState.COMPLETE,))]
+    # Running trials count: with N workers, one that finishes must not start a trial that the
+    # others' running ones already make one too many.
+    callbacks: list[Any] = [
+        MaxTrialsCallback(spec.n_trials, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    ]
     if after_trial:
         callbacks.append(after_trial)
     study.optimize(
@@ -150,6 +156,22 @@ def run_tuning(
         catch=CELL_FAILURES,
     )
     return study
+
+
+def _tuning_worker(spec: TuneSpec, data: ImageData | None) -> None:
+    end_with_parent()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the launcher prints the table
+        run_tuning(spec, None, data if data is not None else check_configs([spec.config])[spec.config.data])
+
+
+def start_tuning_workers(spec: TuneSpec, data: ImageData, workers: int) -> list[Any]:
+    """N processes sharing the study: TPE proposes each a λ as it frees up (one torch thread each)."""
+    context = process_context()
+    shared = data if context.get_start_method() == "fork" else None
+    processes = [context.Process(target=_tuning_worker, args=(spec, shared)) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    return processes
 
 
 @dataclass(frozen=True)

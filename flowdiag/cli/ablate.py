@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing.connection
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,7 +15,6 @@ from rich.table import Table
 from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_default, with_trainer_options
-from flowdiag.errors import UserError
 from flowdiag.progress import ProgressSink
 
 # optuna, torch and the runner are imported when a command runs: `flowdiag --help` stays fast.
@@ -136,40 +137,49 @@ def _update(board: Board, study: optuna.Study, keys: set[str]) -> None:
 
 
 def _run_with_board(spec: AblationSpec, study: optuna.Study, data: dict[Any, Any]) -> None:
-    from optuna.trial import TrialState
-
     from flowdiag.ablation.runner import CellObjective, start_workers, work
 
     keys = {cell_key(cell) for cell in spec.grid.cells}
     board = Board(len(keys))
     board.set_done(_count_done(study, keys))
-    with board.progress:
-        if spec.workers == 1:
+    if spec.workers == 1:
+        with board.progress:
             objective = CellObjective(spec, progress=lambda trial: BoardSink(board, trial), data=data)
             work(spec, objective, after_trial=lambda s, _: _update(board, s, keys))
-            _update(board, study, keys)
-            return
-        processes = start_workers(spec)
-        try:
-            while any(p.is_alive() for p in processes):
-                _update(board, study, keys)
-                for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                    if "cell" in trial.user_attrs:
-                        board.trial_step(
-                            trial.number,
-                            trial_name(trial),
-                            trial.user_attrs.get("progress_step", 0),
-                            trial.user_attrs.get("progress_total", 1),
-                        )
-                running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-                for number in list(board.trials):
-                    if number not in running:
-                        board.trial_done(number)
-                multiprocessing.connection.wait([p.sentinel for p in processes], timeout=1.0)
-        finally:
-            for process in processes:
-                process.join()
         _update(board, study, keys)
+        return
+    # Started before the board's refresh thread exists: a forked child must not inherit its locks.
+    processes = start_workers(spec, data)
+    with board.progress:
+        follow_workers(board, study, processes, update=lambda: _update(board, study, keys))
+
+
+def follow_workers(
+    board: Board, study: optuna.Study, processes: list[Any], update: Callable[[], None]
+) -> None:
+    """Show worker processes' trials on the board (from the study) until every worker has ended."""
+    from optuna.trial import TrialState
+
+    try:
+        while any(p.is_alive() for p in processes):
+            update()
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            for trial in running:
+                if "progress_total" in trial.user_attrs:
+                    board.trial_step(
+                        trial.number,
+                        trial_name(trial),
+                        trial.user_attrs.get("progress_step", 0),
+                        trial.user_attrs["progress_total"],
+                        "ActNorm init" if trial.user_attrs.get("progress_phase") == "init" else "",
+                    )
+            for number in set(board.trials) - {t.number for t in running}:
+                board.trial_done(number)
+            multiprocessing.connection.wait([p.sentinel for p in processes], timeout=1.0)
+    finally:
+        for process in processes:
+            process.join()
+    update()
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -227,7 +237,14 @@ def ablate_command(
             metavar="INTEGER,...",
         ),
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Worker processes on this machine.")] = 1,
+    workers: Annotated[
+        str,
+        typer.Option(
+            "--workers",
+            help="Worker processes on this machine, one torch thread each; auto: min(cells left, cores).",
+            metavar="auto|INTEGER",
+        ),
+    ] = "auto",
     storage: Annotated[
         str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite in --out).")
     ] = None,
@@ -246,16 +263,19 @@ def ablate_command(
     from flowdiag.ablation.runner import AblationSpec, prepare
     from flowdiag.ablation.storage import default_storage_url, display_url
     from flowdiag.ablation.summary import summarize
+    from flowdiag.environment import configure_threads, resolve_workers
 
-    if workers < 1:
-        raise UserError(f"--workers must be a positive integer, got {workers}")
+    resolve_workers(workers, 1)  # a bad value fails before anything is created
+    configure_threads(0)  # the launcher too: its thread pool must not exist when it forks workers
     grid = build_grid({**options, "seed": seeds}, config)
-    spec = AblationSpec(grid, out, storage or default_storage_url(out), study, workers)
+    spec = AblationSpec(grid, out, storage or default_storage_url(out), study)
     optuna_study, queued, data = prepare(spec)
+    spec = replace(spec, workers=resolve_workers(workers, queued))
     total = len(grid.cells)
     console.print(
         f"study [bold]{study}[/] ({display_url(spec.storage_url)}): {total} cells, "
-        f"{total - queued} already done or running, {queued} to run on {workers} worker(s)"
+        f"{total - queued} already done or running, {queued} to run on {spec.workers} worker(s)",
+        soft_wrap=True,
     )
     try:
         _run_with_board(spec, optuna_study, data)

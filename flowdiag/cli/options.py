@@ -29,9 +29,8 @@ def shown(value: Any) -> str:
 
 
 def with_default(help_text: str, default: Any) -> str:
-    """Help with its default as click would print it, minus the parentheses click adds to text.
-    The bracket is escaped: typer renders help as rich markup, where [default: …] is a tag."""
-    return f"{help_text} \\[default: {shown(default)}]"
+    """Help with its default as click would print it, minus the parentheses click adds to text."""
+    return f"{help_text} [default: {shown(default)}]"
 
 
 def _typer_parameter(option: TrainerOption, *, as_lists: bool, default: Any) -> inspect.Parameter:

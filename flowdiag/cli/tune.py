@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from flowdiag.cli.ablate import Board, BoardSink
+from flowdiag.cli.ablate import Board, BoardSink, follow_workers
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
 from flowdiag.config import RunConfig
@@ -50,12 +50,30 @@ def tune_lambda_command(
     study: Annotated[str, typer.Option("--study", help="Study name; rerun to resume.")] = "tune-lambda",
     out: Annotated[Path, typer.Option("--out", help="Output folder: study.db and runs/.")] = DEFAULT_OUT,
     sampler_seed: Annotated[int, typer.Option("--sampler-seed", help="TPE's seed.")] = 0,
+    workers: Annotated[
+        str,
+        typer.Option(
+            "--workers",
+            help="Worker processes, one torch thread each; auto: min(trials left, cores).",
+            metavar="auto|INTEGER",
+        ),
+    ] = "auto",
     **options: Any,
 ) -> None:
     """TPE over λ (λ = 0 included) at fixed M, batch size and the rest; objective: held-out bpd."""
     from flowdiag.ablation.storage import default_storage_url
-    from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tuning, tuning_rows
+    from flowdiag.ablation.tune import (
+        TuneSpec,
+        best_lambda,
+        open_tuning,
+        run_tuning,
+        start_tuning_workers,
+        tuning_rows,
+    )
+    from flowdiag.environment import configure_threads, resolve_workers
 
+    resolve_workers(workers, 1)  # a bad value fails before anything is created
+    configure_threads(0)  # the launcher's thread pool must not exist when it forks workers
     values = parse_scalars(options)
     config = apply_options(RunConfig(), values)
     spec = TuneSpec(
@@ -70,17 +88,29 @@ def tune_lambda_command(
         sampler_seed=sampler_seed,
     )
     optuna_study, data = open_tuning(spec)
+    left = max(n_trials - len(tuning_rows(optuna_study)), 1)
+    n_workers = min(resolve_workers(workers, left), left)
     board = Board(n_trials)
+
+    def update(study: Any = optuna_study) -> None:
+        board.set_done(len(tuning_rows(study)))
+        board.log_finished(study)
+
     board.set_done(len(tuning_rows(optuna_study)))
     try:
-        with board.progress:
-            run_tuning(
-                spec,
-                optuna_study,
-                data,
-                progress=lambda trial: BoardSink(board, trial),
-                after_trial=lambda s, _: (board.set_done(len(tuning_rows(s))), board.log_finished(s)),
-            )
+        if n_workers == 1:
+            with board.progress:
+                run_tuning(
+                    spec,
+                    optuna_study,
+                    data,
+                    progress=lambda trial: BoardSink(board, trial),
+                    after_trial=lambda s, _: update(s),
+                )
+        else:
+            processes = start_tuning_workers(spec, data, n_workers)  # before the board's thread starts
+            with board.progress:
+                follow_workers(board, optuna_study, processes, update=update)
     except KeyboardInterrupt:
         raise fail("interrupted: rerun the same command to resume") from None
     rows = tuning_rows(optuna_study)
