@@ -114,6 +114,9 @@ class TrainConfig:
     flush_every: int = setting(50, "Steps between HDF5 flushes, at most.", at_least=1, placement=True)
     flush_seconds: float = setting(2.0, "Seconds between HDF5 flushes, at most.", above=0, placement=True)
     stop_on_divergence: bool = setting(True, "Stop at the NaN onset.", listable=False)
+    # torch.compile of the model's log-density (the hooks are traced into the graph: every layer is
+    # still recorded). The first step pays the compilation, a minute or more on CPU.
+    compile: bool = setting(False, "torch.compile the model (first step compiles).", placement=True)
     sample_temperature: float = 0.7
 
 

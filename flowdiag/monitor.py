@@ -105,7 +105,10 @@ class Monitor:
         self._final_status: str | None = None
         self.status: str | None = None  # the status written at close; None while the run goes on
         n = len(layers)
-        self._max_abs: list[Tensor | None] = [None] * n
+        # Per layer, on the device: the output's min and max (max |output| = max(max, -min) is taken
+        # on the host) and the batch-mean log-det. None: the layer has not run this step.
+        self._min: list[Tensor | None] = [None] * n
+        self._max: list[Tensor | None] = [None] * n
         self._logdet: list[Tensor | None] = [None] * n
         self._zero: Tensor | None = None  # a volume-preserving layer's log-det, made once per run
         self._active = True
@@ -118,7 +121,9 @@ class Monitor:
             return
         if self._pixels[index] is None and output.dim() >= 3:
             self._pixels[index] = int(output.shape[-2] * output.shape[-1])  # a shape: no sync
-        self._max_abs[index] = torch.linalg.vector_norm(output.detach(), ord=math.inf)
+        # One pass over the output. aminmax, not vector_norm(ord=inf): measured 8 against 170 µs for
+        # 49k floats on one CPU thread; both propagate NaN and inf.
+        self._min[index], self._max[index] = torch.aminmax(output.detach())
         if logdet is None:
             if self._zero is None:
                 self._zero = output.new_zeros(())
@@ -194,11 +199,12 @@ class Monitor:
         return torch.nn.utils.get_total_norm(grads) if grads else math.nan
 
     def _layer_values(self, like: Tensor) -> list[Tensor]:
-        if any(v is None for v in self._max_abs):  # a layer that did not run this step
+        if any(v is None for v in self._max):  # a layer that did not run this step
             nan = like.new_full((), math.nan)
-            self._max_abs = [nan if v is None else v for v in self._max_abs]
-            self._logdet = [nan if v is None else v for v in self._logdet]
-        return [*self._max_abs, *self._logdet]  # type: ignore[list-item]
+            self._min, self._max, self._logdet = (
+                [nan if v is None else v for v in values] for values in (self._min, self._max, self._logdet)
+            )
+        return [*self._min, *self._max, *self._logdet]  # type: ignore[list-item]
 
     def step(
         self,
@@ -234,8 +240,9 @@ class Monitor:
         scalars.update({name: float(host[i]) for i, name in enumerate(on_device)})
         n = len(self.layer_names)
         if recording:
-            layers = host[len(on_device) :]
-            max_abs, logdet = layers[:n], layers[n:]
+            low, high, logdet = np.split(host[len(on_device) :], 3)
+            with np.errstate(invalid="ignore"):
+                max_abs = np.maximum(high, -low)  # NaN stays NaN
         else:
             max_abs = logdet = np.full(n, np.nan)
         with np.errstate(invalid="ignore"):
@@ -256,8 +263,7 @@ class Monitor:
         if onset is not None and self.state.onset_step == record.step:
             self.writer.set_status("running", onset_step=record.step, onset_layer=onset)
         self.last = record
-        self._max_abs = [None] * n
-        self._logdet = [None] * n
+        self._min, self._max, self._logdet = [None] * n, [None] * n, [None] * n
         return onset
 
     def _onset(self, record: StepRecord, given: set[str]) -> str | None:

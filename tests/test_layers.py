@@ -201,3 +201,21 @@ def test_glow_builds_its_actnorms_with_the_configured_formula() -> None:
     model = Glow(ModelConfig(actnorm_init="glow", actnorm_eps=1e-5))
     norms = [m for m in model.modules() if isinstance(m, ActNorm)]
     assert norms and all(n.formula == "glow" and n.eps == 1e-5 for n in norms)
+
+
+def test_folded_coupling_net_is_the_unfolded_one() -> None:
+    """Each ActNorm folded into the conv before it (and the zero conv's scale into its weights) is the
+    same function, to rounding, and gives the same gradients."""
+    glow = tiny_glow("affine")
+    with torch.no_grad():
+        for module in glow.modules():
+            if isinstance(module, ActNorm):  # away from identity, so a wrong fold would show
+                module.log_scale.normal_(0.0, 0.3)
+                module.tau.normal_(0.0, 0.3)
+    net = glow.levels[0].steps[0].coupling.net
+    x = torch.randn(3, net.layers[0].in_channels, 4, 4, dtype=torch.float64, requires_grad=True)
+    folded, unfolded = net(x), net.run(x)
+    assert torch.allclose(folded, unfolded, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(out.square().sum(), [x, *net.parameters()]) for out in (folded, unfolded)]
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

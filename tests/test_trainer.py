@@ -254,3 +254,15 @@ def test_epochs_set_the_budget(tmp_path: Path) -> None:
     expected = -(-len(trainer.data.train) // 400)
     result = trainer.run()
     assert result.steps == expected == read_run(result.h5_path).total_steps
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_loss_and_records_every_layer(tmp_path: Path) -> None:
+    tiny = ModelConfig(n_levels=1, n_steps=1, hidden=4)
+    config = RunConfig(model=tiny, train=TrainConfig(batch_size=4, steps=3, eval_every=0, eval_batches=1))
+    eager = read_run(train(config, tmp_path / "eager").h5_path)
+    compiled_config = replace(config, train=replace(config.train, compile=True))
+    compiled = read_run(train(compiled_config, tmp_path / "compiled").h5_path)
+    assert np.allclose(compiled.loss, eager.loss, rtol=1e-5, atol=0)
+    assert compiled.max_abs.shape == eager.max_abs.shape and np.isfinite(compiled.max_abs).all()
+    assert np.allclose(compiled.max_abs, eager.max_abs, rtol=1e-4)

@@ -84,7 +84,7 @@ class ActNorm(nn.Module):
         if not self._ready:
             self.accumulate(x)
             self.finalize()
-        z = x * torch.exp(self.log_scale) + self.tau  # (B, C, H, W)
+        z = torch.addcmul(self.tau, x, torch.exp(self.log_scale))  # x·σ + τ in one pass, (B, C, H, W)
         pixels = x.shape[2] * x.shape[3]
         logdet = (pixels * self.log_scale.sum()).expand(x.shape[0])
         return z, logdet
