@@ -25,6 +25,14 @@ ConvKind = Literal["lu", "plain"]
 # sigma = 1/(sqrt(var) + eps), which gives 1/eps (1e6) where a channel saw one value.
 ActNormInit = Literal["paper", "glow"]
 Dataset = Literal["digits", "mnist", "cifar10", "celeba", "folder", "npz"]
+Precision = Literal["fp32", "bf16", "fp16"]
+# The largest finite value of each format (torch.finfo): past it, a layer's output is inf.
+LARGEST_FINITE: dict[str, float] = {
+    "fp32": 3.4028234663852886e38,
+    "bf16": 3.3895313892515355e38,
+    "fp16": 65504.0,
+}
+FORMAT_NAMES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def setting(
@@ -98,6 +106,9 @@ class TrainConfig:
     eval_batches: int = setting(4, "Held-out minibatches per evaluation (0: all).", at_least=0)
     early_stop: int = setting(0, "Stop after N evaluations without improvement (0: off).", at_least=0)
     warmup: int = setting(0, "Linear learning-rate warmup, in steps.", at_least=0)
+    # Autocast for the forward and backward; log-dets and priors stay in float32 (or float64), and
+    # fp16 gets a gradient scaler. Evaluation and the inverse checks run in float32.
+    precision: Precision = setting("fp32", "Training precision (autocast); fp16 adds a gradient scaler.")
     grad_clip: float = setting(0.0, "Clip the gradient norm to this (0: off).", at_least=0)
     seed: int = setting(0, "Random seed.", at_least=0)
     device: str = setting("auto", "auto, cpu or cuda[:N].", placement=True)

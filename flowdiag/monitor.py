@@ -34,11 +34,12 @@ from flowdiag.adapters.base import Detach, FlowAdapter
 from flowdiag.errors import UserError
 from flowdiag.files import RUN_FILE
 from flowdiag.run_state import RunState, StepRecord
-from flowdiag.store import RunWriter
+from flowdiag.store import InverseRow, RunWriter
 
 if TYPE_CHECKING:
     from flowdiag.config import RunConfig
     from flowdiag.init import ActNormInitStats
+    from flowdiag.inverse import InverseCheck
 
 # Scalars that lead every packed row; their order is the StepRecord's.
 _SCALARS = ("loss", "bpd", "penalty", "grad_norm", "lr")
@@ -189,6 +190,22 @@ class Monitor:
         self.writer.append_eval(self.state.step, bpd)
         self.state.take_eval(bpd)
 
+    def record_inverse(self, check: InverseCheck) -> None:
+        """An evaluation's inverse check (flowdiag.inverse) at the current step."""
+        state = self.state
+        if check.onset_layer and state.inverse_onset_step < 0:
+            state.inverse_onset_step, state.inverse_onset_layer = state.step, check.onset_layer
+        row = InverseRow(
+            state.step,
+            check.max_abs,
+            check.nonfinite,
+            check.recon_error,
+            check.nonfinite_samples,
+            check.conv_logabsdet,
+            check.conv_cond,
+        )
+        self.writer.append_inverse(row, (state.inverse_onset_step, state.inverse_onset_layer))
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -214,11 +231,14 @@ class Monitor:
         penalty: Number | None = None,
         grad_norm: Number | None = None,
         lr: Number | None = None,
+        loss_scaled: bool = False,
     ) -> str | None:
         """Record one training step; call after `loss.backward()`, before `optimizer.step()`.
 
         Returns the first non-finite flow layer in data -> latent order, `loss` when every layer was
         finite but the loss was not, `backward` when only the gradient norm was; None when all is finite.
+        `loss_scaled`: the gradients come from an fp16 loss scaler, which skips an update whose gradient
+        overflowed and lowers its scale: a non-finite gradient alone is then no divergence.
         """
         if self.state.step == 0 and not self.resumed:
             self.writer.set_phase("train")
@@ -251,7 +271,7 @@ class Monitor:
             self.state.step + 1, *(float(scalars[s]) for s in _SCALARS), max_abs, logdet, nonfinite
         )
         given = {name for name in ("loss", "bpd", "penalty") if values[name] is not None}
-        onset = self._onset(record, given)
+        onset = self._onset(record, given, loss_scaled)
         self.state.advance(record, onset)
         self.writer.append_step(
             record.step,
@@ -266,13 +286,13 @@ class Monitor:
         self._min, self._max, self._logdet = [None] * n, [None] * n, [None] * n
         return onset
 
-    def _onset(self, record: StepRecord, given: set[str]) -> str | None:
+    def _onset(self, record: StepRecord, given: set[str], loss_scaled: bool) -> str | None:
         bad = np.flatnonzero(record.nonfinite)
         if bad.size:
             return self.layer_names[int(bad[0])]
         if not all(math.isfinite(getattr(record, name)) for name in given):
             return "loss"
-        if not math.isfinite(record.grad_norm):
+        if not math.isfinite(record.grad_norm) and not loss_scaled:
             return "backward"
         return None
 

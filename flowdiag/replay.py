@@ -24,6 +24,7 @@ from flowdiag.config import RunConfig
 from flowdiag.files import REPLAY_FILE
 from flowdiag.model import Glow
 from flowdiag.objective import training_loss
+from flowdiag.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def replay(run_dir: Path) -> ReplayReport:
         if cuda and bundle.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(bundle["rng_cuda"], device)
         try:
-            with watch:
+            with watch, autocast(device, config.train.precision):
                 images = bundle["images"].to(device)
                 loss, _, _ = training_loss(model, images, config.data.n_bits, config.train.lam)
         finally:

@@ -28,9 +28,11 @@ from flowdiag.environment import configure_threads, resolve_device, stop_on_sign
 from flowdiag.errors import UserError
 from flowdiag.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE
 from flowdiag.init import cumulative_actnorm_init
+from flowdiag.inverse import SAMPLES, check_inverse
 from flowdiag.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
 from flowdiag.monitor import Monitor
 from flowdiag.objective import training_loss
+from flowdiag.precision import autocast, check_supported, grad_scaler
 from flowdiag.progress import ProgressSink
 from flowdiag.run_state import RunState
 
@@ -97,6 +99,8 @@ class Trainer:
         self.stream = BatchStream(len(self.data.train), self.config.train.batch_size, self.config.train.seed)
         if instrument is not None:  # before the Monitor, so its hooks see what instrument changes
             instrument(self.model)
+        check_supported(self.device, self.config.train.precision)
+        self.scaler = grad_scaler(self.device, self.config.train.precision)
         # torch compiles at the first step, after the Monitor below attached its hooks: dynamo traces
         # them into the graph, so every layer is still recorded.
         self._log_prob = torch.compile(self.model.log_prob) if self.config.train.compile else None
@@ -151,6 +155,8 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.stream.load_state_dict(checkpoint["stream"])
+        if self.scaler is not None and checkpoint.get("scaler") is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng_cpu"])
         if checkpoint.get("rng_cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["rng_cuda"], self.device)
@@ -162,6 +168,7 @@ class Trainer:
                 "config": self.config.to_json(),
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "stream": self.stream.state_dict(),
                 "state": self.state.to_dict(),
                 "rng_cpu": torch.get_rng_state(),
@@ -209,12 +216,24 @@ class Trainer:
         images = self._next_batch()
         self.optimizer.zero_grad(set_to_none=True)
         cfg = self.config
-        loss, bpd, penalty = training_loss(self.model, images, cfg.data.n_bits, cfg.train.lam, self._log_prob)
-        loss.backward()
+        with autocast(self.device, cfg.train.precision):
+            loss, bpd, penalty = training_loss(
+                self.model, images, cfg.data.n_bits, cfg.train.lam, self._log_prob
+            )
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # the clipping and the record see true gradients
+        else:
+            loss.backward()
         max_norm = self.config.train.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        onset = self.monitor.step(loss, bpd=bpd, penalty=penalty, grad_norm=grad_norm, lr=lr)
-        if onset is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        onset = self.monitor.step(
+            loss, bpd=bpd, penalty=penalty, grad_norm=grad_norm, lr=lr, loss_scaled=self.scaler is not None
+        )
+        if onset is None and self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped by the scaler itself when the gradient overflowed
+            self.scaler.update()
+        elif onset is None:
             self.optimizer.step()
         elif self.state.onset_step == self.state.step:  # the first onset: keep what reproduces it
             self._save_replay(images, rng_cpu, rng_cuda, onset)
@@ -259,8 +278,22 @@ class Trainer:
             return False
         self.monitor.record_eval(bpd)
         self.progress.evaluated(self.state.step, bpd)
+        self._check_inverse()
         patience = self.config.train.early_stop
         return bool(patience) and self.state.evals_without_improvement >= patience
+
+    def _check_inverse(self) -> None:
+        """Sampling, reconstruction and conditioning at this evaluation (flowdiag.inverse)."""
+        held_out = self.data.held_out if len(self.data.held_out) else self.data.train
+        noise = torch.rand(held_out[:SAMPLES].shape, generator=torch.Generator().manual_seed(54321))
+        batch = dequantize(held_out[:SAMPLES].to(self.device), self.config.data.n_bits, noise.to(self.device))
+        self.model.eval()
+        with self.monitor.paused():
+            check = check_inverse(
+                self.model, batch, self.config.train.sample_temperature, self.config.train.seed
+            )
+        self.model.train()
+        self.monitor.record_inverse(check)
 
     def _save_samples(self) -> None:
         from torchvision.utils import save_image

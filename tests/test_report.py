@@ -303,6 +303,10 @@ def _facts(**changes: object) -> CauseFacts:
         smallest_var=calm,
         conv_drifts=(ConvDrift("levels.0.steps.0.invconv", 1.0, 3.0, 2.0, 16),),
         updates=11,
+        precision="fp32",
+        peak_before_onset=2e4,
+        recon_threshold=0.25 / 256,
+        inverse_failure=None,
     )
     return base._replace(**changes)
 

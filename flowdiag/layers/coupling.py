@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowdiag.layers.actnorm import ActNorm
+from flowdiag.precision import at_least_float32
 
 NormFactory = Callable[[int], ActNorm]  # channels -> an ActNorm with the model's eps and formula
 
@@ -127,7 +128,7 @@ class AffineCoupling(_Coupling):
         self.scale = scale
 
     def _shift_and_log_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.net(x_a)
+        h = at_least_float32(self.net(x_a))  # the log-det is summed from these: never in 16 bits
         shift, raw = h[:, 0::2], h[:, 1::2]
         log_scale = F.logsigmoid(raw + 2.0) if self.scale == "sigmoid" else raw
         return shift, log_scale

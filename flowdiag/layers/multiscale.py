@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdiag.layers.coupling import ZeroConv2d
+from flowdiag.precision import at_least_float32
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -28,7 +29,8 @@ def unsqueeze(x: Tensor) -> Tensor:
 
 
 def gaussian_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """Sum over all but the batch dimension of log N(z; mean, exp(log_std)²)."""
+    """Sum over all but the batch dimension of log N(z; mean, exp(log_std)²), in float32 at least."""
+    z, mean, log_std = (at_least_float32(t) for t in (z, mean, log_std))
     log_p = -0.5 * (_LOG_2PI + 2.0 * log_std + (z - mean) ** 2 * torch.exp(-2.0 * log_std))
     return log_p.flatten(1).sum(dim=1)
 

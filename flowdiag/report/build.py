@@ -160,10 +160,11 @@ def headline_counts(diagnoses: list[tuple[str, Diagnosis]], n_runs: int, thresho
     n_div = sum(d.severity == "diverged" for _, d in diagnoses)
     crossed = [d for _, d in diagnoses if d.crossing is not None]
     crossed_div = sum(d.severity == "diverged" for d in crossed)
+    inverse = sum(d.severity == "invertibility" for _, d in diagnoses)
     return (
         f"{n_runs} run(s), {n_div} diverged. {len(crossed)} run(s) had a layer's max |output| over "
         f"{threshold:g} or non-finite: {crossed_div} of them diverged, {len(crossed) - crossed_div} "
-        "completed (a warning)."
+        f"completed (a warning). {inverse} completed run(s) lost invertibility."
     )
 
 

@@ -15,8 +15,10 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from flowdiag.config import FORMAT_NAMES, LARGEST_FINITE, DataConfig, TrainConfig
 from flowdiag.report.runs import (
     RunSettings,
+    _section,
     actnorm_ceiling,
     is_diverged,
     layer_pixels,
@@ -65,6 +67,18 @@ class ConvDrift(NamedTuple):
         return self.drift / self.positions if self.positions else math.nan
 
 
+class InverseFailure(NamedTuple):
+    """The first evaluation at which the inverse failed, and the conv most likely to blame."""
+
+    step: int
+    onset_layer: str  # first non-finite layer while sampling; "" when sampling stayed finite
+    recon_error: float  # max |x - f^-1(f(x))| at that evaluation
+    nonfinite_samples: float
+    worst_conv: str  # the conv with the largest condition number then
+    worst_cond: float
+    worst_logabsdet_drift: float  # its log|det W| then, minus at the first evaluation
+
+
 class CauseFacts(NamedTuple):
     """Everything the cause rules look at."""
 
@@ -79,12 +93,18 @@ class CauseFacts(NamedTuple):
     smallest_var: ActNormInit | None
     conv_drifts: tuple[ConvDrift, ...]
     updates: int  # optimizer updates the run made: its last recorded step - 1 (0: it never updated)
+    precision: str  # fp32 | bf16 | fp16
+    peak_before_onset: float  # the largest finite max |output| over the rows before the onset; NaN: none
+    recon_threshold: float  # a quarter of a quantization bin: 0.25 / 2^n_bits
+    inverse_failure: InverseFailure | None
 
 
 @dataclass(frozen=True)
 class Diagnosis:
     path: Path
-    severity: Literal["diverged", "warning"]  # warning: completed, but some layer crossed the threshold
+    # warning: completed, but some layer crossed the threshold; invertibility: the forward stayed
+    # finite, the inverse did not (non-finite samples, or reconstruction error past a quarter bin)
+    severity: Literal["diverged", "warning", "invertibility"]
     facts: CauseFacts
     rule: str  # name of the rule that produced `cause`
     cause: str
@@ -152,8 +172,39 @@ def conv_drifts(run: RunRecord) -> tuple[ConvDrift, ...]:
     return tuple(drifts)
 
 
+def inverse_failure(run: RunRecord, recon_threshold: float) -> InverseFailure | None:
+    inv = run.inverse
+    with np.errstate(invalid="ignore"):
+        failed = (
+            ~(inv.recon_error <= recon_threshold) | (inv.nonfinite_samples > 0) | inv.nonfinite.any(axis=1)
+        )
+    rows = np.flatnonzero(failed)
+    if not rows.size:
+        return None
+    row = int(rows[0])
+    worst, cond, drift = "", math.nan, math.nan
+    if inv.conv_names:
+        conds = np.where(np.isnan(inv.conv_cond[row]), np.inf, inv.conv_cond[row])
+        column = int(np.argmax(conds))
+        worst, cond = inv.conv_names[column], float(inv.conv_cond[row, column])
+        drift = float(inv.conv_logabsdet[row, column] - inv.conv_logabsdet[0, column])
+    onset = inv.onset_layer if inv.onset_step == int(inv.step[row]) else ""
+    return InverseFailure(
+        int(inv.step[row]), onset, float(inv.recon_error[row]), float(inv.nonfinite_samples[row]),
+        worst, cond, drift,
+    )  # fmt: skip
+
+
+def _peak_before(run: RunRecord, step: int) -> float:
+    with np.errstate(invalid="ignore"):
+        before = np.asarray(run.max_abs[run.step < step], dtype=np.float64) if step > 0 else np.zeros((0,))
+    finite = before[np.isfinite(before)]
+    return float(finite.max()) if finite.size else math.nan
+
+
 def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseFacts:
     largest, smallest = extreme_actnorms(run)
+    recon_threshold = 0.25 / 2 ** int(_section(run, "data").get("n_bits", DataConfig.n_bits))
     return CauseFacts(
         settings=run_settings(run),
         ceiling=actnorm_ceiling(run),
@@ -166,6 +217,10 @@ def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseF
         smallest_var=smallest,
         conv_drifts=conv_drifts(run),
         updates=max(int(run.step[-1]) - 1, 0) if len(run.step) else 0,
+        precision=str(_section(run, "train").get("precision", TrainConfig.precision)),
+        peak_before_onset=_peak_before(run, onset_step(run)),
+        recon_threshold=recon_threshold,
+        inverse_failure=inverse_failure(run, recon_threshold),
     )
 
 
@@ -219,6 +274,63 @@ def rule_actnorm_self_init(facts: CauseFacts) -> str | None:
     )
 
 
+def rule_format_overflow(facts: CauseFacts) -> str | None:
+    """A layer's output passed the reduced-precision format's largest finite value."""
+    if facts.precision == "fp32" or facts.onset_step < 0:
+        return None
+    largest, name = LARGEST_FINITE[facts.precision], FORMAT_NAMES[facts.precision]
+    where = (
+        facts.onset_layer
+        if facts.onset_kind
+        else "the backward pass"
+        if facts.onset_layer == "backward"
+        else ""
+    )
+    if not where:
+        return None
+    before = (
+        f"max |output| had reached {facts.peak_before_onset:.3g} before the onset, "
+        if math.isfinite(facts.peak_before_onset)
+        else ""
+    )
+    fix = (
+        "train in bfloat16 (--precision bf16, float32's range)"
+        if facts.precision == "fp16"
+        else "train in float32"
+    )
+    return (
+        f"{where} overflowed {name} at step {facts.onset_step}: {before}and {name}'s largest finite value is "
+        f"{largest:.6g}: {fix} (--precision fp32 to confirm), or lower --lr / add --grad-clip"
+    )
+
+
+def rule_inverse_failure(facts: CauseFacts) -> str | None:
+    """The forward stayed finite; sampling or reconstruction did not (Behrmann et al.'s exploding inverse)."""
+    f = facts.inverse_failure
+    if f is None or facts.onset_step >= 0:
+        return None
+    if f.onset_layer:
+        what = f"sampling went non-finite in {f.onset_layer}"
+    elif f.nonfinite_samples > 0:
+        what = f"{100 * f.nonfinite_samples:.0f} % of samples were non-finite"
+    else:
+        what = (
+            f"reconstruction error max |x - f^-1(f(x))| was {f.recon_error:.3g}, past a quarter of a "
+            f"quantization bin ({facts.recon_threshold:.3g})"
+        )
+    conv = (
+        f"; {f.worst_conv} had the largest condition number, {f.worst_cond:.3g} (its log|det W| moved "
+        f"{f.worst_logabsdet_drift:+.3g} since the first evaluation)"
+        if f.worst_conv
+        else ""
+    )
+    fix = "add the log-det penalty (--lam 1e-4)" if facts.settings.lam == 0 else "raise --lam"
+    return (
+        f"the inverse failed at the evaluation of step {f.step} while every forward pass stayed finite: "
+        f"{what}{conv}: {fix}, or lower --lr"
+    )
+
+
 def rule_backward_overflow(facts: CauseFacts) -> str | None:
     """The gradient went non-finite while every layer output was still finite."""
     if facts.onset_layer != "backward":
@@ -266,8 +378,10 @@ def rule_generic(facts: CauseFacts) -> str:
 CAUSE_RULES: tuple[tuple[str, Callable[[CauseFacts], str | None]], ...] = (
     ("actnorm_init", rule_actnorm_init),
     ("actnorm_self_init", rule_actnorm_self_init),
+    ("format_overflow", rule_format_overflow),
     ("backward_overflow", rule_backward_overflow),
     ("logdet_drift", rule_logdet_drift),
+    ("inverse_failure", rule_inverse_failure),
     ("generic", rule_generic),
 )
 
@@ -282,10 +396,19 @@ def likely_cause(facts: CauseFacts) -> tuple[str, str]:
 
 
 def diagnose(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> Diagnosis | None:
-    """A diagnosis for a diverged run, a warning for a completed one that crossed `threshold`, else None."""
-    diverged = is_diverged(run)
+    """A diagnosis for a diverged run; for a completed one whose inverse failed (invertibility) or that
+    crossed `threshold` (warning); else None."""
     facts = gather_facts(run, threshold)
-    if not diverged and facts.crossing is None:
+    if is_diverged(run):
+        severity = "diverged"
+    elif facts.inverse_failure is not None:
+        severity = "invertibility"
+    elif facts.crossing is not None:
+        severity = "warning"
+    else:
         return None
-    rule, cause = likely_cause(facts)
-    return Diagnosis(run.path, "diverged" if diverged else "warning", facts, rule, cause)
+    if severity == "invertibility":
+        rule, cause = "inverse_failure", rule_inverse_failure(facts) or ""
+    else:
+        rule, cause = likely_cause(facts)
+    return Diagnosis(run.path, severity, facts, rule, cause)

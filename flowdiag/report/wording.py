@@ -39,6 +39,9 @@ def headline(diagnosis: Diagnosis) -> str:
     if diagnosis.severity == "diverged":
         where = f"step {fmt_step(f.onset_step)}" + (f" in {f.onset_layer}" if f.onset_layer else "")
         return f"diverged at {where}"
+    if diagnosis.severity == "invertibility":
+        assert f.inverse_failure is not None
+        return f"completed, but the inverse failed at step {f.inverse_failure.step}"
     crossing = f.crossing
     assert crossing is not None  # a warning exists only because of a crossing
     return f"warning: completed, but {crossing.layer} passed {f.threshold:g} at step {crossing.step}"
@@ -83,6 +86,15 @@ def diagnosis_lines(diagnosis: Diagnosis) -> list[str]:
             else ""
         )
         lines.append(f"1x1 conv log-det drift, last minus first h·w·Σlog|u|: {listed}{more}")
+    if f.inverse_failure is not None:
+        inv = f.inverse_failure
+        lines.append(
+            f"inverse at step {inv.step}: reconstruction error {fmt(inv.recon_error)} (threshold "
+            f"{fmt(f.recon_threshold, 3)}), non-finite samples {100 * inv.nonfinite_samples:.0f} %"
+            + (f", worst-conditioned conv {inv.worst_conv} ({fmt(inv.worst_cond)})" if inv.worst_conv else "")
+        )
+    if f.precision != "fp32":
+        lines.append(f"precision: {f.precision}")
     lines.append(f"likely cause: {diagnosis.cause}")
     if diagnosis.severity == "diverged" and f.onset_layer in ("loss", "backward"):
         lines.append(

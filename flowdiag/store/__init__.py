@@ -7,8 +7,19 @@ every row up to its last flush, and other processes can read that file while the
 A kill during the few milliseconds of a flush itself is not covered: HDF5 has no journal.
 """
 
+from flowdiag.store.inverse import InverseRecord, InverseRow
 from flowdiag.store.layout import FORMAT_VERSION, LAYER_KINDS, STATUSES
 from flowdiag.store.reader import RunRecord, is_run_file, read_run
 from flowdiag.store.writer import RunWriter
 
-__all__ = ["FORMAT_VERSION", "LAYER_KINDS", "STATUSES", "RunRecord", "RunWriter", "is_run_file", "read_run"]
+__all__ = [
+    "FORMAT_VERSION",
+    "LAYER_KINDS",
+    "STATUSES",
+    "InverseRecord",
+    "InverseRow",
+    "RunRecord",
+    "RunWriter",
+    "is_run_file",
+    "read_run",
+]

@@ -11,6 +11,8 @@ import h5py
 import numpy as np
 
 from flowdiag.errors import UserError
+from flowdiag.store import inverse
+from flowdiag.store.inverse import InverseRecord
 from flowdiag.store.layout import (
     _EVAL_DATASETS,
     _INIT_FLOATS,
@@ -55,6 +57,7 @@ class RunRecord:
     nonfinite: np.ndarray
     eval_step: np.ndarray
     eval_bpd: np.ndarray
+    inverse: InverseRecord  # the inverse checks, one row per evaluation (empty before format 2)
     # Keys name (list[str]), log_scale_min, log_scale_max, min_input_var, n_values, pixels (h·w of the
     # ActNorm's input, -1 where a format-1 file does not say); None before the init.
     init: dict[str, np.ndarray | list[str]] | None
@@ -120,6 +123,7 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
         eval_step=f["eval/step"][:e],
         eval_bpd=f["eval/bpd"][:e],
         init=init,
+        inverse=inverse.read(f, len(names)),
     )
 
 

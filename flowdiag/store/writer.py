@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from flowdiag.errors import UserError
+from flowdiag.store import inverse
 from flowdiag.store.layout import (
     _EVAL_DATASETS,
     _INIT_FLOATS,
@@ -125,6 +126,7 @@ class RunWriter:
         evals = f.create_group("eval")
         _growing(evals, "step", np.int64)
         _growing(evals, "bpd", np.float64)
+        inverse.create(f, names, kinds)
 
     @classmethod
     def open_existing(
@@ -147,6 +149,11 @@ class RunWriter:
                 names = _strings(f["layers/name"])
                 n_steps = _common_length(f, _step_datasets(f))
                 n_evals = _common_length(f, _EVAL_DATASETS)
+                n_inverse = inverse.rows_on_disk(f)
+                inverse_onset = (
+                    int(f.attrs.get("reverse_onset_step", -1)),
+                    str(f.attrs.get("reverse_onset_layer", "")),
+                )
                 status = (
                     str(f.attrs["status"]),
                     int(f.attrs["nan_onset_step"]),
@@ -162,6 +169,8 @@ class RunWriter:
             path, names, flush_every, flush_seconds, n_steps=n_steps, n_evals=n_evals, status=status
         )
         writer._clock_offset = clock
+        writer._n_inverse_disk = n_inverse
+        writer._inverse_onset = inverse_onset
         return writer
 
     def _setup(
@@ -193,6 +202,9 @@ class RunWriter:
             name: np.empty((flush_every, len(names)), dtype) for name, dtype in _LAYER_ARRAYS.items()
         }
         self._evals: list[tuple[int, float]] = []
+        self._inverse: list[inverse.InverseRow] = []
+        self._n_inverse_disk = 0
+        self._inverse_onset = (-1, "")
         self._init: dict[str, Any] | None = None
         self._status, self._onset_step, self._onset_layer = status
         self._phase: str | None = None  # None: unchanged since the file was opened
@@ -246,6 +258,14 @@ class RunWriter:
     def append_eval(self, step: int, bpd: float) -> None:
         """Buffer one held-out evaluation; it reaches the file with the next flush of the steps."""
         self._evals.append((int(step), float(bpd)))
+
+    def append_inverse(self, row: inverse.InverseRow, onset: tuple[int, str]) -> None:
+        """Buffer one evaluation's inverse check; `onset`: the inverse's first non-finite (step, layer)
+        so far, (-1, "") while none. It reaches the file with the next flush."""
+        self._inverse.append(row)
+        if onset != self._inverse_onset:
+            self._inverse_onset = onset
+            self._attrs_dirty = True
 
     def write_init(
         self,
@@ -306,7 +326,9 @@ class RunWriter:
 
     def flush(self) -> None:
         """Write everything buffered (rows, evaluations, init, status) in one open of the file."""
-        if not (self._n_buffered or self._evals or self._init is not None or self._attrs_dirty):
+        if not (
+            self._n_buffered or self._evals or self._inverse or self._init is not None or self._attrs_dirty
+        ):
             return
         with self._opened() as f:
             n = self._n_buffered
@@ -321,6 +343,8 @@ class RunWriter:
                 steps, bpds = zip(*self._evals, strict=True)
                 _append(f["eval/bpd"], self._n_evals_disk, np.array(bpds, dtype=np.float64))
                 _append(f["eval/step"], self._n_evals_disk, np.array(steps, dtype=np.int64))
+            if self._inverse:
+                inverse.append(f, self._n_inverse_disk, self._inverse)
             if self._init is not None:
                 if "init" in f:
                     del f["init"]
@@ -332,7 +356,9 @@ class RunWriter:
         # Forget the buffer only once the file has closed cleanly: a failed flush can be retried.
         self._n_disk += self._n_buffered
         self._n_evals_disk += len(self._evals)
+        self._n_inverse_disk += len(self._inverse)
         self._n_buffered, self._evals, self._init, self._attrs_dirty = 0, [], None, False
+        self._inverse = []
         self._last_flush = time.monotonic()
 
     def _write_attrs(self, f: h5py.File) -> None:
@@ -341,6 +367,7 @@ class RunWriter:
         f.attrs["status"] = self._status
         f.attrs["nan_onset_step"] = self._onset_step
         f.attrs["nan_onset_layer"] = self._onset_layer
+        inverse.set_onset(f, *self._inverse_onset)
 
     def truncate_after(self, step: int) -> None:
         """Drop step and eval rows past `step`: a resumed run restarts from its checkpoint's step."""
@@ -352,9 +379,12 @@ class RunWriter:
                 f[name].resize(n_steps, axis=0)
             for name in _EVAL_DATASETS:
                 f[name].resize(n_evals, axis=0)
+            self._n_inverse_disk = inverse.truncate_after(f, step)
+            if self._inverse_onset[0] > step:
+                self._inverse_onset = (-1, "")
             if self._onset_step > step:  # the rows that showed the onset are gone
                 self._onset_step, self._onset_layer = -1, ""
-                self._write_attrs(f)
+            self._write_attrs(f)
         self._n_disk, self._n_evals_disk = n_steps, n_evals
 
     def close(self, status: str | None = None) -> None:

@@ -1,0 +1,114 @@
+"""The trainer step (`Trainer.one_step`: forward, backward, optimizer) in three modes, each timed in
+blocks of its own fresh process, the modes interleaved:
+
+- no hooks: `diagnostics=False` and the run file's writes dropped;
+- hooks: the per-layer hooks and the packed row copied to the host every step, writes dropped;
+- hooks + HDF5: as `flowdiag train` runs, the real writer with the run's own flush settings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from flowdiag.bench.processes import in_fresh_process, sync
+from flowdiag.bench.results import HOOKS_HDF5, MODES, NO_HOOKS, ModeTiming, StepTiming
+from flowdiag.config import RunConfig
+from flowdiag.data import ImageData
+from flowdiag.files import RUN_FILE
+from flowdiag.trainer import Trainer
+
+WARMUP_STEPS = 5  # first-call allocations and the writer's first rows: not the steady state
+
+
+class NullWriter:
+    """Stands in for the Monitor's RunWriter and drops every write: the step without HDF5."""
+
+    def append_step(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def append_eval(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def write_init(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def set_status(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def set_phase(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def open_trainer(config: RunConfig, data: ImageData, mode: str, folder: Path) -> Trainer:
+    """A trainer ready for step 1 (initialized), recording as `mode` says."""
+    train = replace(config.train, diagnostics=mode != NO_HOOKS)
+    trainer = Trainer(replace(config, train=train), folder, data=data)
+    trainer.open()
+    if mode != HOOKS_HDF5:
+        trainer.monitor.writer.close()  # the init is written; from here on nothing is
+        # The Monitor has no public way to swap its writer; `_writer` is where it keeps it.
+        trainer.monitor._writer = NullWriter()  # type: ignore[assignment]
+    return trainer
+
+
+def step_times(trainer: Trainer, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        sync(trainer.device)
+        start = time.perf_counter()
+        trainer.one_step()
+        sync(trainer.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _block(
+    config_json: str, data: ImageData, mode: str, steps: int, folder: str
+) -> tuple[list[float], float]:
+    """In a fresh process: warm up, time `steps` steps; returns the times and HDF5 bytes per step."""
+    trainer = open_trainer(RunConfig.from_json(config_json), data, mode, Path(folder))
+    run_file = trainer.out_dir / RUN_FILE
+    step_times(trainer, WARMUP_STEPS)
+    trainer.monitor.flush()
+    size_before = run_file.stat().st_size
+    times = step_times(trainer, steps)
+    trainer.monitor.flush()  # untimed: what the timed steps left in the buffer
+    grown = (run_file.stat().st_size - size_before) / steps if mode == HOOKS_HDF5 else math.nan
+    trainer.monitor.close()
+    return times, grown
+
+
+def run_block(
+    config: RunConfig, data: ImageData, mode: str, steps: int, folder: Path
+) -> tuple[list[float], float]:
+    """One block of `mode` in a fresh process: step times, and HDF5 bytes per step (NaN without HDF5)."""
+    return in_fresh_process(_block, config.to_json(), data, mode, steps, str(folder))
+
+
+def time_steps(
+    config: RunConfig, data: ImageData, steps: int, blocks: int, workdir: Path, modes: tuple[str, ...] = MODES
+) -> StepTiming:
+    """Median step per mode over `blocks` rounds; each round runs every mode once, in a rotated order,
+    so no mode always runs first or last."""
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    grown: list[float] = []
+    for block in range(blocks):
+        shift = block % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            folder = workdir / f"steps-{block}-{mode.replace(' ', '').replace('+', '-')}"
+            times, bytes_per_step = run_block(config, data, mode, steps, folder)
+            samples[mode] += times
+            if mode == HOOKS_HDF5:
+                grown.append(bytes_per_step)
+    timings = tuple(ModeTiming(mode, tuple(samples[mode])) for mode in modes)
+    return StepTiming(timings, sum(grown) / len(grown) if grown else math.nan)

@@ -1,0 +1,92 @@
+"""`run_bench`: the chosen parts of `flowdiag bench`, on one configuration, in one temporary folder."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from flowdiag.bench import grid as grid_module
+from flowdiag.bench.competition import measure_competition
+from flowdiag.bench.init_cost import init_cost
+from flowdiag.bench.library import library_overhead
+from flowdiag.bench.parts import PARTS
+from flowdiag.bench.results import BenchResult, WorkersResult
+from flowdiag.bench.steps import time_steps
+from flowdiag.bench.sync_check import check_syncs
+from flowdiag.bench.workers import worker_startup
+from flowdiag.config import RunConfig, validate_config
+from flowdiag.data import load_dataset
+from flowdiag.environment import configure_threads, cpu_count, resolve_device
+from flowdiag.errors import UserError
+from flowdiag.model import Glow, validate_model_config
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    parts: tuple[str, ...] = PARTS
+    timed_steps: int = 20  # steps per timed block
+    blocks: int = 4  # rounds of blocks, each block in a fresh process
+    init_ms: tuple[int, ...] = (1, 16, 256)
+    grid_steps: int = 100  # the small grid's --steps; 0 leaves the grid out
+    startup_repeats: int = 3
+
+    def check(self) -> None:
+        if self.timed_steps < 1 or self.blocks < 1 or self.startup_repeats < 1:
+            raise UserError("--timed-steps, --blocks and --startup-repeats must be positive integers")
+        if any(m < 1 for m in self.init_ms):
+            raise UserError("--init-ms: every M must be a positive integer")
+        if self.grid_steps < 0:
+            raise UserError("--grid-steps must be 0 (no grid) or a positive integer")
+        unknown = set(self.parts) - set(PARTS)
+        if unknown:
+            raise UserError(f"--parts: unknown part {sorted(unknown)[0]!r}; choose from {','.join(PARTS)}")
+
+
+def run_bench(config: RunConfig, settings: BenchSettings | None = None) -> BenchResult:
+    """Measure the parts `settings.parts` names on `config`'s model, data and device.
+
+    This process never touches CUDA: every measurement on the device runs in a child, so children
+    fork (`process_context`) and the worker start-up it reports is the one `flowdiag ablate` gets.
+    """
+    s = settings or BenchSettings()
+    s.check()
+    validate_config(config)
+    device = resolve_device(config.train.device)
+    # As `ablate`'s launcher: one thread pool setting before any fork (children inherit it).
+    threads = configure_threads(config.train.threads)
+    data = load_dataset(config.data)
+    config = replace(
+        config, model=replace(config.model, in_channels=data.channels, image_size=data.image_size)
+    )
+    validate_model_config(config.model)
+    n_parameters = sum(p.numel() for p in Glow(config.model).parameters())
+    result = BenchResult(str(device), n_parameters, config.train.batch_size, threads, s.parts)
+    job = grid_module.main_job(s.grid_steps) if s.grid_steps > 0 else None
+    counts = grid_module.worker_counts(cpu_count())
+    extra = grid_module.passthrough_args(config)
+    with tempfile.TemporaryDirectory(prefix="flowdiag-bench-") as tmp:
+        work = Path(tmp)
+        if "steps" in s.parts:
+            steps = time_steps(config, data, s.timed_steps, s.blocks, work)
+            result = replace(result, steps=steps, sync=check_syncs(config, data, work))
+        if "init" in s.parts:
+            result = replace(result, init=tuple(init_cost(config, data, m) for m in s.init_ms))
+        if "workers" in s.parts:
+            startup = worker_startup(config, data, s.startup_repeats, work)
+            grid = grid_module.time_grid(job, counts, work, "idle", extra) if job is not None else None
+            result = replace(result, workers=WorkersResult(startup, grid))
+        if "competition" in s.parts:
+            competition = measure_competition(
+                config,
+                data,
+                s.timed_steps,
+                s.blocks,
+                work,
+                grid=(job, counts, extra) if job is not None else None,
+                grid_idle=result.workers.grid if result.workers is not None else None,
+            )
+            result = replace(result, competition=competition)
+        if "library" in s.parts:
+            result = replace(result, library=library_overhead(config, data, s.timed_steps, s.blocks, work))
+    return result

@@ -1,0 +1,194 @@
+"""The rich tables `flowdiag bench` prints, one per part, from a BenchResult (no measuring here)."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from flowdiag.bench.results import (
+    HOOKS_HDF5,
+    MODES,
+    NO_HOOKS,
+    BenchResult,
+    CompetitionResult,
+    GridTiming,
+    InitCost,
+    LibraryOverhead,
+    StepTiming,
+    SyncCheck,
+    WorkersResult,
+)
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.2f} ms"
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.2f} s"
+
+
+def _mib(n: int) -> str:
+    # CPU: growth of peak RSS over the process's own start-up peak; 0 means it stayed below that.
+    return "< start-up peak" if n <= 0 else f"{n / 2**20:.1f} MiB"
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title, header_style="bold", title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+def header(result: BenchResult) -> str:
+    thread = "thread" if result.threads == 1 else "threads"
+    return (
+        f"device {result.device}, {result.n_parameters:,} parameters, batch {result.batch_size}, "
+        f"{result.threads} torch {thread} per process. Timings on a shared machine are noisy."
+    )
+
+
+def steps_table(steps: StepTiming) -> Table:
+    n = len(steps.timing(NO_HOOKS).times_s)
+    table = _table(
+        f"trainer step (forward, backward, optimizer): {n} steps per mode, fresh process per block",
+        "mode",
+        "median step",
+        "overhead",
+        "mean step (with flushes)",
+        "HDF5 bytes/step",
+    )
+    for mode in MODES:
+        timing = steps.timing(mode)
+        overhead = "-" if mode == NO_HOOKS else f"{steps.overhead_percent(mode):+.1f} %"
+        hdf5 = f"{steps.hdf5_bytes_per_step:.0f}" if mode == HOOKS_HDF5 else "-"
+        table.add_row(mode, _ms(timing.median_s), overhead, _ms(timing.mean_s), hdf5)
+    return table
+
+
+def sync_line(sync: SyncCheck) -> Text:
+    text = f"CUDA sync check: {sync.note}"
+    if sync.ran and len(sync.syncs) > 1:
+        text += ": " + ", ".join(sync.syncs)
+    return Text(text)
+
+
+def init_table(costs: tuple[InitCost, ...]) -> Table:
+    table = _table(
+        "cumulative ActNorm init vs M plain forward passes",
+        "M",
+        "init",
+        "M forwards",
+        "ratio",
+        "init peak mem",
+        "forwards peak mem",
+    )
+    for cost in costs:
+        table.add_row(
+            str(cost.m),
+            f"{cost.init_s * 1e3:.1f} ms",
+            f"{cost.forward_s * 1e3:.1f} ms",
+            f"{cost.init_s / max(cost.forward_s, 1e-12):.2f}x",
+            _mib(cost.init_peak_bytes),
+            _mib(cost.forward_peak_bytes),
+        )
+    return table
+
+
+def startup_table(workers: WorkersResult) -> Table:
+    table = _table(
+        "worker start-up: process start until ready to train (imports, data, first trainer)",
+        "start method",
+        "median",
+        "runs",
+        "flowdiag uses it",
+    )
+    for startup in workers.startup:
+        table.add_row(
+            startup.method,
+            _s(startup.median_s),
+            str(len(startup.times_s)),
+            "yes" if startup.flowdiag_uses else "no",
+        )
+    return table
+
+
+def grid_table(grid: GridTiming) -> Table:
+    table = _table(f"small grid, wall time: {grid.description}", "workers", "wall time", "speed-up")
+    for workers, wall in sorted(grid.wall_s.items()):
+        table.add_row(str(workers), _s(wall), f"{grid.speedup(workers):.2f}x")
+    return table
+
+
+def competition_table(competition: CompetitionResult) -> Table:
+    table = _table("with one competing CPU-bound process, against idle", "work", "idle", "competing", "ratio")
+    table.add_row(
+        f"train step ({HOOKS_HDF5}, median)",
+        _ms(competition.step_idle_s),
+        _ms(competition.step_competing_s),
+        f"{competition.step_ratio:.2f}x",
+    )
+    if competition.grid_idle is not None and competition.grid_competing is not None:
+        for workers in sorted(competition.grid_competing.wall_s):
+            table.add_row(
+                f"small grid, {workers} worker{'s' if workers > 1 else ''}",
+                _s(competition.grid_idle.wall_s[workers]),
+                _s(competition.grid_competing.wall_s[workers]),
+                f"{competition.grid_ratio(workers):.2f}x",
+            )
+    return table
+
+
+def library_table(library: LibraryOverhead, steps: StepTiming | None) -> Table:
+    table = _table(
+        "Monitor overhead on a training step (median)",
+        "model",
+        "recorded layers",
+        "without Monitor",
+        "with Monitor",
+        "overhead",
+    )
+    if library.available:
+        table.add_row(
+            library.model,
+            str(library.n_layers),
+            _ms(library.off_s),
+            _ms(library.on_s),
+            f"{library.overhead_percent:+.1f} %",
+        )
+    else:
+        table.add_row(library.model, "-", "-", "-", library.note)
+    if steps is not None:
+        table.add_row(
+            f"flowdiag Glow ({NO_HOOKS} vs {HOOKS_HDF5})",
+            "-",
+            _ms(steps.timing(NO_HOOKS).median_s),
+            _ms(steps.timing(HOOKS_HDF5).median_s),
+            f"{steps.overhead_percent(HOOKS_HDF5):+.1f} %",
+        )
+    else:
+        table.add_row("flowdiag Glow", "-", "-", "-", "run with --parts steps,library")
+    return table
+
+
+def bench_tables(result: BenchResult) -> list[RenderableType]:
+    """What `flowdiag bench` prints after its header line, in part order."""
+    out: list[RenderableType] = []
+    if result.steps is not None:
+        out.append(steps_table(result.steps))
+    if result.sync is not None:
+        out.append(sync_line(result.sync))
+    if result.init:
+        out.append(init_table(result.init))
+    if result.workers is not None:
+        out.append(startup_table(result.workers))
+        if result.workers.grid is not None:
+            out.append(grid_table(result.workers.grid))
+    if result.competition is not None:
+        out.append(competition_table(result.competition))
+    if result.library is not None:
+        out.append(library_table(result.library, result.steps))
+    return out
