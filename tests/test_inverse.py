@@ -142,3 +142,29 @@ def test_unsupported_precision_is_one_line_naming_the_alternative(monkeypatch: p
         UserError, match=r"^--precision fp16: this cpu cannot compute in float16; use --precision bf16$"
     ):
         precision_module.check_supported(torch.device("cpu"), "fp16")
+
+
+def test_report_shows_the_inverse_and_failures_against_lambda(tmp_path: Path) -> None:
+    from flowdiag.report import build_report, collect_runs
+    from flowdiag.report.inverse import FailureRate, failure_rates, inverse_curves
+
+    for lam, cond in ((0.0, 1e8), (1e-3, 2.0)):
+        train_config = TrainConfig(batch_size=8, steps=2, eval_every=1, lr=1e-12, lam=lam)
+        train(
+            RunConfig(model=SMALL, train=train_config),
+            tmp_path / "runs" / f"lam{lam:g}",
+            instrument=_set_first_conv(cond),
+        )
+    runs = collect_runs(tmp_path / "runs")
+    assert failure_rates(runs) == [
+        FailureRate(0.0, 1, 0, 1, ("inverse",)),
+        FailureRate(1e-3, 1, 0, 0, ("ok",)),
+    ]
+    curves = inverse_curves(runs[0], "r")
+    np.testing.assert_array_equal(curves.recon_error, runs[0].inverse.recon_error)
+    np.testing.assert_array_equal(curves.conv_cond, runs[0].inverse.conv_cond)
+    summary = build_report(runs, tmp_path / "report", title="inverse", max_layer_maps=2)
+    assert {"invertibility.png", "inverse_layers.png", "failures.png"} <= {p.name for p in summary.figures}
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "1 completed run(s) lost invertibility." in md and "## The inverse" in md
+    assert [d.severity for _, d in summary.diagnoses] == ["invertibility"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +23,20 @@ from flowdiag.report.document import (
     to_html,
     to_markdown,
 )
+from flowdiag.report.draw_inverse import draw_failure_rates, draw_inverse_layers, draw_invertibility
 from flowdiag.report.draw_layers import draw_coupling_peaks, draw_grid, draw_heatmap
 from flowdiag.report.draw_steps import draw_bpd, draw_lambda, draw_penalty
 from flowdiag.report.grid import GridCell, LambdaPoint, grid_cells, is_grid, lambda_points
+from flowdiag.report.inverse import failure_rates, has_inverse_records, inverse_curves
 from flowdiag.report.layers import CouplingPeaks, coupling_peaks, layer_heatmap, select_heatmap_runs
-from flowdiag.report.runs import best_eval_bpd, final_bpd, is_diverged, onset_step, run_labels
+from flowdiag.report.runs import (
+    best_eval_bpd,
+    final_bpd,
+    is_diverged,
+    onset_step,
+    recon_threshold,
+    run_labels,
+)
 from flowdiag.report.wording import diagnosis_lines, fmt, fmt_bpd, fmt_rate, fmt_step, headline
 from flowdiag.store import RunRecord
 
@@ -168,6 +178,51 @@ def headline_counts(diagnoses: list[tuple[str, Diagnosis]], n_runs: int, thresho
     )
 
 
+def _inverse_section(
+    doc: Document,
+    figures: list[Path],
+    runs: list[RunRecord],
+    labels: list[str],
+    indices: list[int],
+    heatmap_runs: list[int],
+    out_dir: Path,
+) -> None:
+    """Sampling, reconstruction and conditioning at every evaluation: where a drifting conv shows first."""
+    doc.add(Heading("The inverse: sampling, reconstruction, conditioning"))
+    curves = [inverse_curves(runs[i], labels[i]) for i in indices]
+    threshold = recon_threshold(runs[indices[0]])
+    figures.append(draw_invertibility(curves, threshold, out_dir / "invertibility.png"))
+    doc.add(
+        Image(
+            "invertibility.png",
+            "Reconstruction error max |x - f⁻¹(f(x))| and each 1x1 conv's condition number at every "
+            "evaluation, coloured by λ.",
+        )
+    )
+    body = []
+    for c, i in zip(curves, indices, strict=True):
+        inv = runs[i].inverse
+        worst = float(np.nanmax(c.conv_cond[-1])) if c.conv_cond.size else math.nan
+        onset = f"step {inv.onset_step} in {inv.onset_layer}" if inv.onset_step >= 0 else "-"
+        body.append(
+            [c.label, fmt(float(c.recon_error[-1])), fmt(worst), fmt(float(inv.nonfinite_samples[-1])), onset]
+        )
+    doc.add(
+        Table(
+            ["run", "last recon error", "worst conv condition", "non-finite samples", "inverse onset"], body
+        )
+    )
+    shown = [i for i in heatmap_runs if i in indices]
+    if shown:
+        picked = [inverse_curves(runs[i], labels[i]) for i in shown]
+        figures.append(draw_inverse_layers(picked, out_dir / "inverse_layers.png"))
+        doc.add(Image("inverse_layers.png", "The inverse's per-layer log10 max |output| while sampling."))
+    rates = failure_rates([runs[i] for i in indices])
+    if len(rates) > 1:
+        figures.append(draw_failure_rates(rates, out_dir / "failures.png"))
+        doc.add(Image("failures.png", "Divergence and inverse-failure rate against λ, every run marked."))
+
+
 def _write(path: Path, text: str) -> None:
     try:
         path.write_text(text, encoding="utf-8")
@@ -262,6 +317,10 @@ def build_report(
     if one_step:
         names = ", ".join(labels[i] for i in one_step)
         doc.add(Paragraph(f"Ended at step 1, before any update, so no penalty curve to draw: {names}."))
+
+    inverse_runs = [i for i, run in enumerate(runs) if has_inverse_records(run)]
+    if inverse_runs:
+        _inverse_section(doc, figures, runs, labels, inverse_runs, chosen, out_dir)
 
     if is_grid(cells):
         doc.add(Heading("Ablation grid (M × λ × batch size)"), _grid_table(cells))

@@ -15,14 +15,15 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from flowdiag.config import FORMAT_NAMES, LARGEST_FINITE, DataConfig, TrainConfig
+from flowdiag.config import FORMAT_NAMES, LARGEST_FINITE, TrainConfig
 from flowdiag.report.runs import (
     RunSettings,
-    _section,
     actnorm_ceiling,
+    config_section,
     is_diverged,
     layer_pixels,
     onset_step,
+    recon_threshold,
     run_settings,
 )
 from flowdiag.store import RunRecord
@@ -204,7 +205,7 @@ def _peak_before(run: RunRecord, step: int) -> float:
 
 def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseFacts:
     largest, smallest = extreme_actnorms(run)
-    recon_threshold = 0.25 / 2 ** int(_section(run, "data").get("n_bits", DataConfig.n_bits))
+    threshold_recon = recon_threshold(run)
     return CauseFacts(
         settings=run_settings(run),
         ceiling=actnorm_ceiling(run),
@@ -217,10 +218,10 @@ def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseF
         smallest_var=smallest,
         conv_drifts=conv_drifts(run),
         updates=max(int(run.step[-1]) - 1, 0) if len(run.step) else 0,
-        precision=str(_section(run, "train").get("precision", TrainConfig.precision)),
+        precision=str(config_section(run, "train").get("precision", TrainConfig.precision)),
         peak_before_onset=_peak_before(run, onset_step(run)),
-        recon_threshold=recon_threshold,
-        inverse_failure=inverse_failure(run, recon_threshold),
+        recon_threshold=threshold_recon,
+        inverse_failure=inverse_failure(run, threshold_recon),
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flowdiag.config import ModelConfig, TrainConfig
+from flowdiag.config import DataConfig, ModelConfig, TrainConfig
 from flowdiag.errors import UserError
 from flowdiag.files import RUN_FILE
 from flowdiag.store import RunRecord, is_run_file, read_run
@@ -71,14 +71,14 @@ class RunSettings(NamedTuple):
         return CellKey(self.init_batches, self.lam, self.batch_size)
 
 
-def _section(run: RunRecord, name: str) -> dict[str, Any]:
+def config_section(run: RunRecord, name: str) -> dict[str, Any]:
     section = run.config.get(name, {})
     return section if isinstance(section, dict) else {}
 
 
 def run_settings(run: RunRecord) -> RunSettings:
     # Defaults from the config dataclasses, so a file from an older flowdiag still groups sensibly.
-    train = _section(run, "train")
+    train = config_section(run, "train")
     return RunSettings(
         init_batches=int(train.get("init_batches", TrainConfig.init_batches)),
         lam=float(train.get("lam", TrainConfig.lam)),
@@ -88,7 +88,13 @@ def run_settings(run: RunRecord) -> RunSettings:
 
 
 def actnorm_eps(run: RunRecord) -> float:
-    return float(_section(run, "model").get("actnorm_eps", ModelConfig.actnorm_eps))
+    return float(config_section(run, "model").get("actnorm_eps", ModelConfig.actnorm_eps))
+
+
+def recon_threshold(run: RunRecord) -> float:
+    """A quarter of a quantization bin, 0.25 / 2^n_bits: a reconstruction off by more than this is no
+    longer the image it came from (about 1e-3 at 8 bits)."""
+    return 0.25 / 2 ** int(config_section(run, "data").get("n_bits", DataConfig.n_bits))
 
 
 def actnorm_ceiling(run: RunRecord) -> tuple[float, str]:
@@ -96,7 +102,7 @@ def actnorm_ceiling(run: RunRecord) -> tuple[float, str]:
     eps = actnorm_eps(run)
     if eps <= 0:
         return math.inf, "inf"
-    if _section(run, "model").get("actnorm_init", ModelConfig.actnorm_init) == "glow":
+    if config_section(run, "model").get("actnorm_init", ModelConfig.actnorm_init) == "glow":
         return 1.0 / eps, "1/eps"
     return 1.0 / math.sqrt(eps), "1/sqrt(eps)"
 

@@ -1,0 +1,72 @@
+"""Data for the inverse views: per run the reconstruction error and each conv's condition number over
+evaluations, the inverse's per-layer max |output|, and failure rates against λ. Pure."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from flowdiag.report.diagnose import inverse_failure
+from flowdiag.report.runs import is_diverged, recon_threshold, run_settings
+from flowdiag.store import RunRecord
+
+
+class InverseCurves(NamedTuple):
+    label: str
+    lam: float
+    steps: np.ndarray  # (E,) evaluation steps
+    recon_error: np.ndarray  # (E,) NaN/inf kept
+    conv_names: list[str]
+    conv_cond: np.ndarray  # (E, C)
+    layer_names: list[str]
+    log10_max_abs: np.ndarray  # (N, E): the inverse's per-layer max |output| while sampling
+    nonfinite: np.ndarray  # (N, E)
+
+
+def has_inverse_records(run: RunRecord) -> bool:
+    return len(run.inverse.step) > 0
+
+
+def inverse_curves(run: RunRecord, label: str) -> InverseCurves:
+    inv = run.inverse
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log10 = np.log10(np.asarray(inv.max_abs, dtype=np.float64)).T
+    return InverseCurves(
+        label=label,
+        lam=run_settings(run).lam,
+        steps=np.asarray(inv.step),
+        recon_error=np.asarray(inv.recon_error, dtype=np.float64),
+        conv_names=list(inv.conv_names),
+        conv_cond=np.asarray(inv.conv_cond, dtype=np.float64),
+        layer_names=list(run.layer_names),
+        log10_max_abs=log10,
+        nonfinite=np.asarray(inv.nonfinite, dtype=bool).T,
+    )
+
+
+class FailureRate(NamedTuple):
+    """Outcomes at one λ, over the runs (seeds) that share it."""
+
+    lam: float
+    n_runs: int
+    n_diverged: int  # the training forward or backward went non-finite
+    n_inverse_failed: int  # completed, but the inverse failed (samples or reconstruction)
+    run_outcomes: tuple[str, ...]  # per run: "diverged", "inverse" or "ok"
+
+
+def failure_rates(runs: list[RunRecord]) -> list[FailureRate]:
+    """Divergence and invertibility failures per λ, λ ascending."""
+    by_lam: dict[float, list[str]] = {}
+    for run in runs:
+        if is_diverged(run):
+            outcome = "diverged"
+        elif inverse_failure(run, recon_threshold(run)) is not None:
+            outcome = "inverse"
+        else:
+            outcome = "ok"
+        by_lam.setdefault(run_settings(run).lam, []).append(outcome)
+    return [
+        FailureRate(lam, len(o), o.count("diverged"), o.count("inverse"), tuple(o))
+        for lam, o in sorted(by_lam.items())
+    ]
