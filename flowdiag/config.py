@@ -112,6 +112,9 @@ class TrainConfig:
     grad_clip: float = setting(0.0, "Clip the gradient norm to this (0: off).", at_least=0)
     seed: int = setting(0, "Random seed.", at_least=0)
     device: str = setting("auto", "auto, cpu or cuda[:N].", placement=True)
+    dist_timeout: float = setting(
+        60.0, "Seconds a rank waits for the others before the run fails (torchrun).", above=0, placement=True
+    )
     threads: int = setting(
         0,
         "Intra-op CPU threads (0: auto, one per process unless OMP_NUM_THREADS says).",

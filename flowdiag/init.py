@@ -12,7 +12,7 @@ With equal minibatch sizes the result equals the standard (M = 1) init on their 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +34,27 @@ class ActNormInitStats:
     pixels: int  # h · w of its input
 
 
-def _init_actnorm(norm: ActNorm, inputs: Sequence[Tensor]) -> None:
+Pool = Callable[[list[Tensor]], None]  # sums accumulators over data-parallel ranks, in place
+
+
+def _no_pool(tensors: list[Tensor]) -> None:
+    pass
+
+
+def _init_actnorm(norm: ActNorm, inputs: Sequence[Tensor], pool: Pool) -> None:
     for x in inputs:
         norm.accumulate(x)
+    pool(norm.accumulators())
     norm.finalize()
 
 
-def _init_coupling_net(net: CouplingNet, inputs: Sequence[Tensor]) -> None:
+def _init_coupling_net(net: CouplingNet, inputs: Sequence[Tensor], pool: Pool) -> None:
     """Initialize the net's ActNorms in order, recomputing the layers before each from `inputs`."""
     for index, layer in enumerate(net.layers):
         if isinstance(layer, ActNorm):
             for x in inputs:
                 layer.accumulate(net.run(x, stop=index))
+            pool(layer.accumulators())
             layer.finalize()
 
 
@@ -54,11 +63,15 @@ def _advance(layer: nn.Module, frontier: list[Tensor]) -> list[Tensor]:
 
 
 @torch.no_grad()
-def cumulative_actnorm_init(model: Glow, minibatches: Sequence[Tensor]) -> list[ActNormInitStats]:
+def cumulative_actnorm_init(
+    model: Glow, minibatches: Sequence[Tensor], *, pool: Pool = _no_pool
+) -> list[ActNormInitStats]:
     """Initialize every ActNorm of `model` from `minibatches` (dequantized, on the model's device).
 
-    M = len(minibatches); M = 1 is the standard Glow init. Returns the per-ActNorm figures, every
-    ActNorm of the model included, in forward order.
+    M = len(minibatches); M = 1 is the standard Glow init. `pool` sums each ActNorm's accumulators
+    over data-parallel ranks before it is finalized (flowdiag.distributed.pool), so every rank gets
+    the init of all ranks' minibatches together. Returns the per-ActNorm figures, every ActNorm of the
+    model included, in forward order.
     """
     if not minibatches:
         raise ValueError("the ActNorm init needs at least one minibatch")
@@ -68,10 +81,10 @@ def cumulative_actnorm_init(model: Glow, minibatches: Sequence[Tensor]) -> list[
     for level in model.levels:
         frontier = [squeeze(x) for x in frontier]
         for step in level.steps:
-            _init_actnorm(step.actnorm, frontier)
+            _init_actnorm(step.actnorm, frontier, pool)
             frontier = _advance(step.actnorm, frontier)
             frontier = _advance(step.invconv, frontier)
-            _init_coupling_net(step.coupling.net, [step.coupling.split_input(x)[0] for x in frontier])
+            _init_coupling_net(step.coupling.net, [step.coupling.split_input(x)[0] for x in frontier], pool)
             frontier = _advance(step.coupling, frontier)
         if level.split is not None:
             frontier = [level.split(x)[0] for x in frontier]

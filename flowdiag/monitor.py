@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from flowdiag.adapters import resolve_adapter
 from flowdiag.adapters.base import Detach, FlowAdapter
+from flowdiag.distributed import SINGLE, Ranks, reduce_layer_row
 from flowdiag.errors import UserError
 from flowdiag.files import RUN_FILE
 from flowdiag.run_state import RunState, StepRecord
-from flowdiag.store import InverseRow, RunWriter
+from flowdiag.store import InverseRow, NullWriter, RunWriter
 
 if TYPE_CHECKING:
     from flowdiag.config import RunConfig
@@ -84,11 +85,12 @@ class Monitor:
         flush_every: int = 50,
         flush_seconds: float = 2.0,
         state: RunState | None = None,
+        ranks: Ranks = SINGLE,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.run_file = self.out_dir / RUN_FILE
         self.resumed = state is not None
-        if not self.resumed and self.run_file.exists():
+        if not self.resumed and ranks.is_main and self.run_file.exists():
             raise UserError(
                 f"{self.run_file} already exists: pass --resume to continue it or choose another --out"
             )
@@ -99,6 +101,7 @@ class Monitor:
         self.layer_kinds: list[str] = [layer.kind for layer in layers]
         self._pixels: list[int | None] = [layer.pixels for layer in layers]
         self.state = state or RunState()
+        self.ranks = ranks  # data-parallel: rows are reduced across ranks, and rank 0 writes
         self._config_json = _config_json(config)
         self._total_steps = total_steps
         self._flush = (flush_every, flush_seconds)
@@ -144,10 +147,10 @@ class Monitor:
     # --- the run file ----------------------------------------------------------------------------
 
     @property
-    def writer(self) -> RunWriter:
+    def writer(self) -> RunWriter | NullWriter:
         """The run file's writer, created at first use (a library's geometry is known after a forward)."""
         if self._writer is None:
-            self._writer = self._open_writer()
+            self._writer = self._open_writer() if self.ranks.is_main else NullWriter()
         return self._writer
 
     def _open_writer(self) -> RunWriter:
@@ -255,12 +258,18 @@ class Monitor:
         recording = self._detach is not None
         if recording:
             packed += self._layer_values(loss)
-        host = torch.stack(packed).to(torch.float64).cpu().numpy()  # the step's one device sync
+        n, k = len(self.layer_names), len(on_device)
+        row = torch.stack(packed).to(torch.float64)
+        if self.ranks.enabled:  # the same row on every rank: every rank takes the same decisions
+            layer = row[k:] if recording else row.new_zeros(3 * n)
+            reduced = reduce_layer_row(self.ranks, row[:k], *layer.split(n))
+            row = torch.cat(reduced)
+        host = row.cpu().numpy()  # the step's one device sync
+        onset_ranks = np.flatnonzero(host[k + 3 * n :] > 0) if self.ranks.enabled else np.zeros(0, int)
         scalars = {name: math.nan if values[name] is None else values[name] for name in _SCALARS}
         scalars.update({name: float(host[i]) for i, name in enumerate(on_device)})
-        n = len(self.layer_names)
         if recording:
-            low, high, logdet = np.split(host[len(on_device) :], 3)
+            low, high, logdet = np.split(host[k : k + 3 * n], 3)
             with np.errstate(invalid="ignore"):
                 max_abs = np.maximum(high, -low)  # NaN stays NaN
         else:
@@ -282,6 +291,9 @@ class Monitor:
         )
         if onset is not None and self.state.onset_step == record.step:
             self.writer.set_status("running", onset_step=record.step, onset_layer=onset)
+            if onset_ranks.size:
+                self.state.onset_rank = int(onset_ranks[0])
+                self.writer.set_onset_rank(self.state.onset_rank)
         self.last = record
         self._min, self._max, self._logdet = [None] * n, [None] * n, [None] * n
         return onset

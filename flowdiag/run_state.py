@@ -37,6 +37,7 @@ class RunState:
     last_eval_step: int = -1  # the step of the latest held-out evaluation; -1: none yet
     onset_step: int = -1  # first step with a non-finite loss, gradient or layer output; -1: none
     onset_layer: str = ""  # first non-finite layer in forward order, or `loss` / `backward`
+    onset_rank: int = -1  # data-parallel runs: the (lowest) rank that saw it
     inverse_onset_step: int = -1  # first evaluation whose inverse (sampling) went non-finite; -1: none
     inverse_onset_layer: str = ""
     step2_peak: float = math.nan  # max |output| over all flow layers at step 2 (after one update), Fig. 5

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from flowdiag import __version__
+from flowdiag import __version__, distributed
 from flowdiag.batches import BatchStream
 from flowdiag.checkpoint import load_payload, save_atomically
 from flowdiag.config import RunConfig, TrainConfig, validate_config
@@ -84,19 +85,27 @@ class Trainer:
             )
         validate_config(config)
         configure_threads(config.train.threads)
-        self.device = resolve_device(config.train.device)
+        self.ranks = distributed.from_environment()
+        self.device = distributed.device_for(self.ranks, resolve_device(config.train.device))
+        distributed.start(self.ranks, self.device, config.train.dist_timeout)
         self.data = data if data is not None else load_dataset(config.data)
         model_cfg = replace(config.model, in_channels=self.data.channels, image_size=self.data.image_size)
         validate_model_config(model_cfg)
         self.config = replace(config, model=model_cfg)
         self.total = total_steps(self.config.train, len(self.data.train))
         torch.manual_seed(self.config.train.seed)
-        self.model = Glow(self.config.model).to(self.device)
+        self.model = Glow(self.config.model).to(self.device)  # the same weights on every rank
+        if self.ranks.enabled:  # and each rank its own dequantization noise
+            torch.manual_seed(self.config.train.seed * 1009 + 1 + self.ranks.rank)
         # foreach: one fused update over all parameters (measured 1.6x faster than per-tensor on CPU).
         self.optimizer = torch.optim.RAdam(
             self.model.parameters(), lr=self.config.train.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True
         )
-        self.stream = BatchStream(len(self.data.train), self.config.train.batch_size, self.config.train.seed)
+        # One seeded stream of global batches (batch size x ranks); each rank takes its own slice, so
+        # ranks draw disjoint minibatches and a checkpoint of one stream resumes them all.
+        batch, world = self.config.train.batch_size, self.ranks.world
+        self.stream = BatchStream(len(self.data.train), batch * world, self.config.train.seed)
+        self._slice = slice(self.ranks.rank * batch, (self.ranks.rank + 1) * batch)
         if instrument is not None:  # before the Monitor, so its hooks see what instrument changes
             instrument(self.model)
         check_supported(self.device, self.config.train.precision)
@@ -104,7 +113,7 @@ class Trainer:
         # torch compiles at the first step, after the Monitor below attached its hooks: dynamo traces
         # them into the graph, so every layer is still recorded.
         self._log_prob = torch.compile(self.model.log_prob) if self.config.train.compile else None
-        state = None
+        state = None  # `open` wraps the model in DDP when this is one rank of several
         if checkpoint is not None:
             self._restore(checkpoint)
             state = _run_state(checkpoint)
@@ -124,6 +133,7 @@ class Trainer:
             flush_every=self.config.train.flush_every,
             flush_seconds=self.config.train.flush_seconds,
             state=state,
+            ranks=self.ranks,
         )
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,14 +151,15 @@ class Trainer:
         return load_payload(self.out_dir / CHECKPOINT_FILE, "checkpoint")
 
     def _next_batch(self) -> Tensor:
-        return self.data.train[self.stream.next_indices()].to(self.device, non_blocking=True)
+        indices = self.stream.next_indices()[self._slice]
+        return self.data.train[indices].to(self.device, non_blocking=True)
 
     def _initialize(self) -> None:
         """Algorithm 1 over the first M minibatches of the training stream."""
         n_bits = self.config.data.n_bits
         batches = [dequantize(self._next_batch(), n_bits) for _ in range(self.config.train.init_batches)]
         with self.monitor.paused():
-            stats = cumulative_actnorm_init(self.model, batches)
+            stats = cumulative_actnorm_init(self.model, batches, pool=distributed.pool)
         self.monitor.record_init(stats)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
@@ -157,11 +168,15 @@ class Trainer:
         self.stream.load_state_dict(checkpoint["stream"])
         if self.scaler is not None and checkpoint.get("scaler") is not None:
             self.scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng_cpu"])
+        ranks_rng = checkpoint.get("rng_cpu_ranks")
+        torch.set_rng_state(ranks_rng[self.ranks.rank] if ranks_rng else checkpoint["rng_cpu"])
         if checkpoint.get("rng_cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["rng_cuda"], self.device)
 
     def _save_checkpoint(self) -> None:
+        rngs = distributed.gather(torch.get_rng_state())  # every rank's noise stream, to resume each
+        if not self.ranks.is_main:
+            return
         save_atomically(
             {
                 "flowdiag_version": __version__,
@@ -171,7 +186,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "stream": self.stream.state_dict(),
                 "state": self.state.to_dict(),
-                "rng_cpu": torch.get_rng_state(),
+                "rng_cpu": rngs[0],
+                "rng_cpu_ranks": rngs if self.ranks.enabled else None,
                 "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             },
             self.out_dir / CHECKPOINT_FILE,
@@ -235,7 +251,7 @@ class Trainer:
             self.scaler.update()
         elif onset is None:
             self.optimizer.step()
-        elif self.state.onset_step == self.state.step:  # the first onset: keep what reproduces it
+        elif self.state.onset_step == self.state.step and self.ranks.is_main:  # what reproduces it
             self._save_replay(images, rng_cpu, rng_cuda, onset)
         return onset
 
@@ -278,7 +294,8 @@ class Trainer:
             return False
         self.monitor.record_eval(bpd)
         self.progress.evaluated(self.state.step, bpd)
-        self._check_inverse()
+        if self.ranks.is_main:  # what it measures is the same on every rank; only rank 0 records
+            self._check_inverse()
         patience = self.config.train.early_stop
         return bool(patience) and self.state.evals_without_improvement >= patience
 
@@ -296,6 +313,8 @@ class Trainer:
         self.monitor.record_inverse(check)
 
     def _save_samples(self) -> None:
+        if not self.ranks.is_main:
+            return
         from torchvision.utils import save_image
 
         # A forked RNG: drawing samples must not shift the noise of a run resumed from here.
@@ -314,6 +333,9 @@ class Trainer:
         if not self.monitor.resumed:
             self.progress.phase("init")
             self._initialize()
+        if self.ranks.enabled:  # after the init: DDP starts from rank 0's weights, the same on all
+            ddp = distributed.data_parallel(self.model, self.device)
+            self._log_prob = torch.compile(ddp) if self.config.train.compile else ddp
         self.progress.phase("train")
         self.model.train()
 
@@ -350,8 +372,18 @@ class Trainer:
                 self._first_step = self.state.step
                 self._train(stop_request)
                 self._save_checkpoint()
+        except (RuntimeError, dist.DistBackendError) as error:
+            if not self.ranks.enabled:
+                raise
+            # The Monitor has written `failed`: say why in one line, not a traceback per rank.
+            reason = str(error).strip().splitlines()[0][:160]
+            raise UserError(
+                f"rank {self.ranks.rank}: another rank stopped answering within --dist-timeout "
+                f"{cfg.dist_timeout:g} s ({reason}); the run ended as failed"
+            ) from None
         finally:
             self.progress.stop()
+            distributed.stop()
         return RunResult(
             status=monitor.close(),  # closed by the block already: this returns the status it wrote
             out_dir=self.out_dir,

@@ -120,6 +120,7 @@ def test_init_cost_against_forwards(config: RunConfig, data: ImageData) -> None:
     _columns_in(_render(tables.init_table((cost,))), "M", "init", "M forwards", "ratio", "init peak mem")
 
 
+@pytest.mark.slow
 def test_worker_startup_for_flowdiags_method_and_spawn(
     config: RunConfig, data: ImageData, tmp_path: Path
 ) -> None:
@@ -154,7 +155,7 @@ def test_competition_ratios_with_a_grid(config: RunConfig, data: ImageData, tmp_
 def test_grid_passes_the_model_and_placement_options() -> None:
     assert passthrough_args(RunConfig()) == ("--device", "auto", "--threads", "0")
     args = passthrough_args(TINY)
-    assert args[:6] == ("--levels", "3", "--steps-per-level", "1", "--hidden", "8")
+    assert args == ("--steps-per-level", "1", "--hidden", "8", "--device", "cpu", "--threads", "0")
     assert "--batch-size" not in args and "--init-batches" not in args  # the main job keeps its own
     command = grid.main_job(7).command(2, Path("out"), args)
     assert command[-6:] == ["--steps", "7", "--workers", "2", "--out", "out"]

@@ -201,12 +201,20 @@ def test_report_on_corrupt_file_is_one_line_exit_2(tmp_path: Path) -> None:
 
 
 def test_bench_prints_its_tables(tmp_path: Path) -> None:
-    result = invoke("bench", *TINY, "--timed-steps", "2", "--blocks", "2", "--init-ms", "1,2")
+    # The parts that cost little (workers and competition run `flowdiag ablate`: tests/test_bench.py).
+    tiny_budget = ["--timed-steps", "2", "--blocks", "1", "--init-ms", "1"]
+    result = invoke("bench", *TINY, *tiny_budget, "--parts", "steps,init,library")
     assert result.exit_code == 0, result.output
-    assert "overhead" in result.output and "HDF5 bytes/step" in result.output
-    assert "cumulative ActNorm init" in result.output
-    bad = invoke("bench", "--init-ms", "1,x")
-    assert bad.exit_code == 2 and "--init-ms" in bad.output
+    for column in ("median step", "overhead", "HDF5 bytes/step", "no hooks", "hooks + HDF5"):
+        assert column in result.output, result.output
+    assert "CUDA sync check: skipped on cpu" in result.output
+    assert "cumulative ActNorm init" in result.output and "M forwards" in result.output
+    assert "Monitor overhead" in result.output and "flowdiag Glow" in result.output
+    assert "worker start-up" not in result.output  # a part not asked for
+    for args, needle in ((["--init-ms", "1,x"], "--init-ms"), (["--parts", "steps,speed"], "'speed'")):
+        bad = invoke("bench", *args)
+        assert bad.exit_code == 2 and needle in bad.output, bad.output
+        assert len(bad.output.strip().splitlines()) == 1, bad.output
 
 
 def _help_line(output: str, flag: str) -> str:

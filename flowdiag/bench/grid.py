@@ -17,7 +17,7 @@ MAIN_JOB_ARGS: tuple[str, ...] = ("--batch-size", "1", "--init-batches", "1,16,2
 
 @dataclass(frozen=True)
 class GridJob:
-    steps: int = 100
+    steps: int = 50
     args: tuple[str, ...] = MAIN_JOB_ARGS
     # The program to time; tests put a trivial one here.
     program: tuple[str, ...] = (sys.executable, "-m", "flowdiag", "ablate")

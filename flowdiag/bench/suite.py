@@ -28,8 +28,8 @@ class BenchSettings:
     timed_steps: int = 20  # steps per timed block
     blocks: int = 4  # rounds of blocks, each block in a fresh process
     init_ms: tuple[int, ...] = (1, 16, 256)
-    grid_steps: int = 100  # the small grid's --steps; 0 leaves the grid out
-    startup_repeats: int = 3
+    grid_steps: int = 50  # the small grid's --steps; 0 leaves the grid out
+    startup_repeats: int = 2
 
     def check(self) -> None:
         if self.timed_steps < 1 or self.blocks < 1 or self.startup_repeats < 1:

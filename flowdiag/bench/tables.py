@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -36,11 +36,16 @@ def _mib(n: int) -> str:
     return "< start-up peak" if n <= 0 else f"{n / 2**20:.1f} MiB"
 
 
-def _table(title: str, *columns: str) -> Table:
-    table = Table(title=title, header_style="bold", title_justify="left")
+def _table(title: str, *columns: str) -> tuple[str, Table]:
+    table = Table(header_style="bold")
     for column in columns:
         table.add_column(column)
-    return table
+    return title, table
+
+
+def _titled(title: str, table: Table) -> Group:
+    # A line of its own above the table: as rich's table title it would wrap to the table's width.
+    return Group(Text(title, style="bold"), table)
 
 
 def header(result: BenchResult) -> str:
@@ -51,9 +56,9 @@ def header(result: BenchResult) -> str:
     )
 
 
-def steps_table(steps: StepTiming) -> Table:
+def steps_table(steps: StepTiming) -> Group:
     n = len(steps.timing(NO_HOOKS).times_s)
-    table = _table(
+    title, table = _table(
         f"trainer step (forward, backward, optimizer): {n} steps per mode, fresh process per block",
         "mode",
         "median step",
@@ -66,7 +71,7 @@ def steps_table(steps: StepTiming) -> Table:
         overhead = "-" if mode == NO_HOOKS else f"{steps.overhead_percent(mode):+.1f} %"
         hdf5 = f"{steps.hdf5_bytes_per_step:.0f}" if mode == HOOKS_HDF5 else "-"
         table.add_row(mode, _ms(timing.median_s), overhead, _ms(timing.mean_s), hdf5)
-    return table
+    return _titled(title, table)
 
 
 def sync_line(sync: SyncCheck) -> Text:
@@ -76,8 +81,8 @@ def sync_line(sync: SyncCheck) -> Text:
     return Text(text)
 
 
-def init_table(costs: tuple[InitCost, ...]) -> Table:
-    table = _table(
+def init_table(costs: tuple[InitCost, ...]) -> Group:
+    title, table = _table(
         "cumulative ActNorm init vs M plain forward passes",
         "M",
         "init",
@@ -95,11 +100,11 @@ def init_table(costs: tuple[InitCost, ...]) -> Table:
             _mib(cost.init_peak_bytes),
             _mib(cost.forward_peak_bytes),
         )
-    return table
+    return _titled(title, table)
 
 
-def startup_table(workers: WorkersResult) -> Table:
-    table = _table(
+def startup_table(workers: WorkersResult) -> Group:
+    title, table = _table(
         "worker start-up: process start until ready to train (imports, data, first trainer)",
         "start method",
         "median",
@@ -113,18 +118,20 @@ def startup_table(workers: WorkersResult) -> Table:
             str(len(startup.times_s)),
             "yes" if startup.flowdiag_uses else "no",
         )
-    return table
+    return _titled(title, table)
 
 
-def grid_table(grid: GridTiming) -> Table:
-    table = _table(f"small grid, wall time: {grid.description}", "workers", "wall time", "speed-up")
+def grid_table(grid: GridTiming) -> Group:
+    title, table = _table(f"small grid, wall time: {grid.description}", "workers", "wall time", "speed-up")
     for workers, wall in sorted(grid.wall_s.items()):
         table.add_row(str(workers), _s(wall), f"{grid.speedup(workers):.2f}x")
-    return table
+    return _titled(title, table)
 
 
-def competition_table(competition: CompetitionResult) -> Table:
-    table = _table("with one competing CPU-bound process, against idle", "work", "idle", "competing", "ratio")
+def competition_table(competition: CompetitionResult) -> Group:
+    title, table = _table(
+        "with one competing CPU-bound process, against idle", "work", "idle", "competing", "ratio"
+    )
     table.add_row(
         f"train step ({HOOKS_HDF5}, median)",
         _ms(competition.step_idle_s),
@@ -139,11 +146,11 @@ def competition_table(competition: CompetitionResult) -> Table:
                 _s(competition.grid_competing.wall_s[workers]),
                 f"{competition.grid_ratio(workers):.2f}x",
             )
-    return table
+    return _titled(title, table)
 
 
-def library_table(library: LibraryOverhead, steps: StepTiming | None) -> Table:
-    table = _table(
+def library_table(library: LibraryOverhead, steps: StepTiming | None) -> Group:
+    title, table = _table(
         "Monitor overhead on a training step (median)",
         "model",
         "recorded layers",
@@ -160,7 +167,7 @@ def library_table(library: LibraryOverhead, steps: StepTiming | None) -> Table:
             f"{library.overhead_percent:+.1f} %",
         )
     else:
-        table.add_row(library.model, "-", "-", "-", library.note)
+        table.add_row(library.model, "-", "-", "-", Text(library.note))  # Text: [libs] is no markup
     if steps is not None:
         table.add_row(
             f"flowdiag Glow ({NO_HOOKS} vs {HOOKS_HDF5})",
@@ -171,11 +178,11 @@ def library_table(library: LibraryOverhead, steps: StepTiming | None) -> Table:
         )
     else:
         table.add_row("flowdiag Glow", "-", "-", "-", "run with --parts steps,library")
-    return table
+    return _titled(title, table)
 
 
 def bench_tables(result: BenchResult) -> list[RenderableType]:
-    """What `flowdiag bench` prints after its header line, in part order."""
+    """What `flowdiag bench` prints after its header line, in part order: each table after its title."""
     out: list[RenderableType] = []
     if result.steps is not None:
         out.append(steps_table(result.steps))

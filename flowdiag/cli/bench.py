@@ -40,10 +40,10 @@ def bench_command(
     grid_steps: Annotated[
         int,
         typer.Option("--grid-steps", help="--steps of the small grid (workers, competition); 0: no grid."),
-    ] = 100,
+    ] = 50,
     startup_repeats: Annotated[
         int, typer.Option("--startup-repeats", help="Worker start-ups timed per start method.")
-    ] = 3,
+    ] = 2,
     **options: Any,
 ) -> None:
     """Step time without hooks, with hooks, with hooks + HDF5; init cost; worker start-up and 1 vs N

@@ -53,6 +53,10 @@ class ActNorm(nn.Module):
         self._sum_sq += (x64 * x64).sum(dim=(0, 2, 3))
         self._count += x.shape[0] * x.shape[2] * x.shape[3]
 
+    def accumulators(self) -> list[Tensor]:
+        """The running sums `accumulate` adds to (Σx, Σx² in float64, the count): what ranks pool."""
+        return [self._sum, self._sum_sq, self._count]
+
     @torch.no_grad()
     def finalize(self) -> None:
         """Set sigma and tau from everything accumulated so far (Algorithm 1, lines 8-9)."""

@@ -10,7 +10,7 @@ A kill during the few milliseconds of a flush itself is not covered: HDF5 has no
 from flowdiag.store.inverse import InverseRecord, InverseRow
 from flowdiag.store.layout import FORMAT_VERSION, LAYER_KINDS, STATUSES
 from flowdiag.store.reader import RunRecord, is_run_file, read_run
-from flowdiag.store.writer import RunWriter
+from flowdiag.store.writer import NullWriter, RunWriter
 
 __all__ = [
     "FORMAT_VERSION",
@@ -18,6 +18,7 @@ __all__ = [
     "STATUSES",
     "InverseRecord",
     "InverseRow",
+    "NullWriter",
     "RunRecord",
     "RunWriter",
     "is_run_file",

@@ -42,6 +42,7 @@ class RunRecord:
     total_steps: int  # the steps the run was set to make; -1 unknown
     nan_onset_step: int
     nan_onset_layer: str
+    nan_onset_rank: int  # data-parallel runs: the rank that first saw the onset; -1 otherwise
     step: np.ndarray
     loss: np.ndarray
     bpd: np.ndarray
@@ -113,6 +114,7 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
         total_steps=int(f.attrs.get("total_steps", -1)),
         nan_onset_step=int(f.attrs["nan_onset_step"]),
         nan_onset_layer=str(f.attrs["nan_onset_layer"]),
+        nan_onset_rank=int(f.attrs.get("nan_onset_rank", -1)),
         step=f["steps/step"][:t],
         **{name: f[f"steps/{name}"][:t] for name in _SCALARS},
         wall_time=f[_WALL_TIME][:t] if _WALL_TIME in f else np.full(t, np.nan),

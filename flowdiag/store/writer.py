@@ -112,6 +112,7 @@ class RunWriter:
         f.attrs["total_steps"] = int(total_steps)
         f.attrs["nan_onset_step"] = -1
         f.attrs["nan_onset_layer"] = ""
+        f.attrs["nan_onset_rank"] = -1
         steps = f.create_group("steps")
         _growing(steps, "step", np.int64)
         for name in _SCALARS:
@@ -208,6 +209,7 @@ class RunWriter:
         self._init: dict[str, Any] | None = None
         self._status, self._onset_step, self._onset_layer = status
         self._phase: str | None = None  # None: unchanged since the file was opened
+        self._onset_rank: int | None = None  # None: unchanged since the file was opened
         self._attrs_dirty = False
 
     @property
@@ -305,6 +307,11 @@ class RunWriter:
         self._attrs_dirty = True
         self.flush()
 
+    def set_onset_rank(self, rank: int) -> None:
+        """The data-parallel rank that first saw the onset (the lowest, when several did at once)."""
+        self._onset_rank = int(rank)
+        self._attrs_dirty = True
+
     def _set_status(self, status: str, onset_step: int, onset_layer: str) -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; expected one of {STATUSES}")
@@ -367,6 +374,8 @@ class RunWriter:
         f.attrs["status"] = self._status
         f.attrs["nan_onset_step"] = self._onset_step
         f.attrs["nan_onset_layer"] = self._onset_layer
+        if self._onset_rank is not None:
+            f.attrs["nan_onset_rank"] = self._onset_rank
         inverse.set_onset(f, *self._inverse_onset)
 
     def truncate_after(self, step: int) -> None:
@@ -401,3 +410,17 @@ class RunWriter:
     ) -> None:
         # A run that dies with an exception while still "running" must not look alive in the file.
         self.close("failed" if exc_type is not None and self._status == "running" else None)
+
+
+class NullWriter:
+    """A RunWriter that writes nothing: what a data-parallel rank other than 0 records into (rank 0
+    writes the run file), and what `flowdiag bench` times the hooks against."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
