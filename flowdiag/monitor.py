@@ -133,7 +133,7 @@ class Monitor:
                 self._zero = output.new_zeros(())
             self._logdet[index] = self._zero
         else:
-            self._logdet[index] = logdet.detach().mean()
+            self._logdet[index] = logdet.detach()  # batch-averaged at `step`, all layers at once
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -177,6 +177,13 @@ class Monitor:
             flush_seconds=flush_seconds,
         )
 
+    def drop_records(self) -> None:
+        """From here on compute every row but write none: what `flowdiag bench` times the hooks
+        without HDF5 against. What was written so far is flushed first."""
+        if self._writer is not None:
+            self._writer.flush()
+        self._writer = NullWriter()
+
     def record_init(self, stats: Sequence[ActNormInitStats]) -> None:
         """The ActNorm init's figures (flowdiag.init), one per ActNorm."""
         self.writer.write_init(
@@ -218,13 +225,17 @@ class Monitor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else math.nan
 
-    def _layer_values(self, like: Tensor) -> list[Tensor]:
+    def _layer_values(self, like: Tensor) -> Tensor:
+        """(3N,) on the device: every layer's output min, then max, then batch-mean log-det."""
         if any(v is None for v in self._max):  # a layer that did not run this step
             nan = like.new_full((), math.nan)
             self._min, self._max, self._logdet = (
                 [nan if v is None else v for v in values] for values in (self._min, self._max, self._logdet)
             )
-        return [*self._min, *self._max, *self._logdet]  # type: ignore[list-item]
+        dtype = torch.float64
+        mins = torch.stack(self._min).to(dtype)  # type: ignore[arg-type]
+        maxs = torch.stack(self._max).to(dtype)  # type: ignore[arg-type]
+        return torch.cat([mins, maxs, _batch_means(self._logdet).to(dtype)])  # type: ignore[arg-type]
 
     def step(
         self,
@@ -256,10 +267,10 @@ class Monitor:
         on_device = [name for name in _SCALARS if isinstance(values[name], Tensor)]
         packed: list[Tensor] = [values[name].detach().reshape(()) for name in on_device]  # type: ignore[union-attr]
         recording = self._detach is not None
-        if recording:
-            packed += self._layer_values(loss)
         n, k = len(self.layer_names), len(on_device)
         row = torch.stack(packed).to(torch.float64)
+        if recording:
+            row = torch.cat([row, self._layer_values(loss)])
         if self.ranks.enabled:  # the same row on every rank: every rank takes the same decisions
             layer = row[k:] if recording else row.new_zeros(3 * n)
             reduced = reduce_layer_row(self.ranks, row[:k], *layer.split(n))
@@ -343,3 +354,12 @@ class Monitor:
     def layer_pixels(self) -> list[int | None]:
         """h·w each layer ran at (None until seen, for libraries that only tell in a forward)."""
         return list(self._pixels)
+
+
+def _batch_means(logdets: list[Tensor]) -> Tensor:
+    """(N,) each layer's batch-mean log-det: one stacked mean when every layer gave a (B,) log-det
+    (as flowdiag's Glow does), else one mean per layer (a scalar log-det is its own mean)."""
+    shapes = {tuple(t.shape) for t in logdets}
+    if len(shapes) == 1 and len(next(iter(shapes))) == 1:
+        return torch.stack(logdets).mean(dim=1)
+    return torch.stack([t.mean() if t.dim() else t for t in logdets])

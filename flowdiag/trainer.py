@@ -28,6 +28,7 @@ from flowdiag.data import ImageData, load_dataset
 from flowdiag.environment import configure_threads, resolve_device, stop_on_signals
 from flowdiag.errors import UserError
 from flowdiag.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE
+from flowdiag.flat import FlatParameters
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.inverse import SAMPLES, check_inverse
 from flowdiag.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
@@ -97,9 +98,13 @@ class Trainer:
         self.model = Glow(self.config.model).to(self.device)  # the same weights on every rank
         if self.ranks.enabled:  # and each rank its own dequantization noise
             torch.manual_seed(self.config.train.seed * 1009 + 1 + self.ranks.rank)
-        # foreach: one fused update over all parameters (measured 1.6x faster than per-tensor on CPU).
+        # One flat tensor for the optimizer, the gradient norm and zero_grad (flowdiag.flat); under
+        # DDP the parameters stay as they are, for its gradient buckets.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.flat = None if self.ranks.enabled else FlatParameters(trainable)
+        self._optimized = [self.flat.flat] if self.flat is not None else trainable
         self.optimizer = torch.optim.RAdam(
-            self.model.parameters(), lr=self.config.train.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True
+            self._optimized, lr=self.config.train.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True
         )
         # One seeded stream of global batches (batch size x ranks); each rank takes its own slice, so
         # ranks draw disjoint minibatches and a checkpoint of one stream resumes them all.
@@ -230,7 +235,10 @@ class Trainer:
         rng_cpu = torch.get_rng_state()
         rng_cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         images = self._next_batch()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.flat is not None:
+            self.flat.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         cfg = self.config
         with autocast(self.device, cfg.train.precision):
             loss, bpd, penalty = training_loss(
@@ -242,7 +250,7 @@ class Trainer:
         else:
             loss.backward()
         max_norm = self.config.train.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._optimized, max_norm, foreach=True)
         onset = self.monitor.step(
             loss, bpd=bpd, penalty=penalty, grad_norm=grad_norm, lr=lr, loss_scaled=self.scaler is not None
         )

@@ -66,7 +66,8 @@ class GlowAdapter(FlowAdapter):
         ]
 
     def attach(self, capture: Capture) -> Detach:
-        capture = self.remembering(capture)
+        # No `remembering`: the convs' h·w is the model's own geometry (conv_pixels), known without a
+        # forward, and the hooks stay one call each.
         handles = []
         for index, layer in enumerate(self.layers()):
 

@@ -12,7 +12,6 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import HOOKS_HDF5, MODES, NO_HOOKS, ModeTiming, StepTiming
@@ -24,40 +23,13 @@ from flowdiag.trainer import Trainer
 WARMUP_STEPS = 5  # first-call allocations and the writer's first rows: not the steady state
 
 
-class NullWriter:
-    """Stands in for the Monitor's RunWriter and drops every write: the step without HDF5."""
-
-    def append_step(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def append_eval(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def write_init(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def set_status(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def set_phase(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def open_trainer(config: RunConfig, data: ImageData, mode: str, folder: Path) -> Trainer:
     """A trainer ready for step 1 (initialized), recording as `mode` says."""
     train = replace(config.train, diagnostics=mode != NO_HOOKS)
     trainer = Trainer(replace(config, train=train), folder, data=data)
     trainer.open()
     if mode != HOOKS_HDF5:
-        trainer.monitor.writer.close()  # the init is written; from here on nothing is
-        # The Monitor has no public way to swap its writer; `_writer` is where it keeps it.
-        trainer.monitor._writer = NullWriter()  # type: ignore[assignment]
+        trainer.monitor.drop_records()  # the init is written; from here on nothing is
     return trainer
 
 
