@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -185,5 +186,8 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> Callable[[Ten
     """
     from torch.nn.parallel import DistributedDataParallel
 
+    # The folded coupling convs give 1x1 conv weights (C, C, 1, 1) gradients whose strides differ from
+    # the bucket's only along the size-1 dimensions: the same memory layout, so nothing to warn about.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(_LogDensity(model), device_ids=ids, broadcast_buffers=False)

@@ -47,10 +47,10 @@ def configure_threads(requested: int = 0) -> int:
     return torch.get_num_threads()
 
 
-def resolve_workers(text: str, jobs_left: int) -> int:
-    """`--workers auto` (min(jobs left, cores), at least one) or a positive integer."""
+def resolve_workers(text: str, jobs_left: int, per_worker: int = 1) -> int:
+    """`--workers auto` (min(jobs left, cores / processes per job), at least one) or a positive integer."""
     if text.strip().lower() == "auto":
-        return max(1, min(jobs_left, cpu_count()))
+        return max(1, min(jobs_left, cpu_count() // per_worker))
     try:
         workers = int(text)
     except ValueError:

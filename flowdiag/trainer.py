@@ -303,11 +303,11 @@ class Trainer:
         self.monitor.record_eval(bpd)
         self.progress.evaluated(self.state.step, bpd)
         if self.ranks.is_main:  # what it measures is the same on every rank; only rank 0 records
-            self._check_inverse()
+            self.run_inverse_check()
         patience = self.config.train.early_stop
         return bool(patience) and self.state.evals_without_improvement >= patience
 
-    def _check_inverse(self) -> None:
+    def run_inverse_check(self) -> None:
         """Sampling, reconstruction and conditioning at this evaluation (flowdiag.inverse)."""
         held_out = self.data.held_out if len(self.data.held_out) else self.data.train
         noise = torch.rand(held_out[:SAMPLES].shape, generator=torch.Generator().manual_seed(54321))

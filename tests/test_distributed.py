@@ -146,3 +146,23 @@ def test_a_killed_rank_fails_the_run_within_the_timeout(tmp_path: Path) -> None:
     assert "another rank stopped answering" in message and "the run ended as failed" in message
     record = read_run(tmp_path / "run" / RUN_FILE)  # the file opens
     assert record.status == "failed" and len(record.step) >= 4
+
+
+def test_ablate_runs_each_cell_as_a_data_parallel_job(tmp_path: Path) -> None:
+    import optuna
+    from typer.testing import CliRunner
+
+    from flowdiag.ablation.storage import default_storage_url
+    from flowdiag.cli import app
+
+    out = tmp_path / "abl"
+    tiny = ["--levels", "3", "--steps-per-level", "1", "--hidden", "8", "--steps", "6", "--eval-every", "3"]
+    args = ["ablate", *tiny, "--batch-size", "2", "--init-batches", "4", "--seeds", "0"]
+    result = CliRunner().invoke(app, [*args, "--nproc-per-cell", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (trial,) = optuna.load_study(study_name="ablation", storage=default_storage_url(out)).trials
+    record = read_run(Path(trial.user_attrs["hdf5_path"]))
+    assert record.status == trial.user_attrs["status"] == "completed"
+    assert record.init is not None
+    np.testing.assert_array_equal(record.init["n_values"], 4 * 2 * 2 * np.asarray(record.init["pixels"]))
+    assert sorted(trial.intermediate_values) == [3, 6]  # the learning curve, read back from the file

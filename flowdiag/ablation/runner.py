@@ -41,6 +41,7 @@ from flowdiag.environment import end_with_parent, process_context, resolve_devic
 from flowdiag.errors import UserError
 from flowdiag.options import OPTIONS_BY_NAME
 from flowdiag.progress import ProgressSink
+from flowdiag.store import read_run
 from flowdiag.trainer import RunResult, train
 
 STUDY_KIND = "ablation"
@@ -57,6 +58,7 @@ class AblationSpec:
     storage_url: str
     study_name: str
     workers: int = 1
+    nproc_per_cell: int = 1  # > 1: each cell is a data-parallel job of that many ranks
 
 
 # --- the study ---------------------------------------------------------------------------------
@@ -230,11 +232,23 @@ class CellObjective:
         cell = json.loads(trial.user_attrs["cell"])
         config = self.spec.grid.config_for(cell)
         run_dir = fresh_run_dir(self.spec.out, cell_slug(cell), trial.number)
-        result = train(config, run_dir, data=self.data_for(config.data), progress=self.progress(trial))
+        if self.spec.nproc_per_cell > 1:
+            from flowdiag.ablation.ddp_cell import train_data_parallel
+
+            result = train_data_parallel(config, run_dir, self.spec.nproc_per_cell)
+            for step, bpd in zip(*_evaluations(result), strict=True):  # learning curve, after the fact
+                trial.report(bpd, step)
+        else:
+            result = train(config, run_dir, data=self.data_for(config.data), progress=self.progress(trial))
         record_result(trial, result)
         if result.status == "interrupted":
             raise KeyboardInterrupt  # the trial ends FAIL, so the next run does this cell again
         return trial_value(result)
+
+
+def _evaluations(result: RunResult) -> tuple[list[int], list[float]]:
+    record = read_run(result.h5_path)
+    return record.eval_step.tolist(), record.eval_bpd.tolist()
 
 
 def _earlier_live_trial(trial: optuna.Trial) -> int | None:

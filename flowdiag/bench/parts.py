@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flowdiag.errors import UserError
 
-PARTS: tuple[str, ...] = ("steps", "init", "workers", "competition", "library")
+PARTS: tuple[str, ...] = ("steps", "init", "workers", "competition", "library", "inverse", "ddp")
 
 
 def parse_parts(text: str) -> tuple[str, ...]:

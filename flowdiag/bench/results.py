@@ -132,6 +132,35 @@ class LibraryOverhead:
 
 
 @dataclass(frozen=True)
+class InverseCost:
+    """One evaluation's inverse check against the training steps between two evaluations."""
+
+    step_s: float  # median training step (hooks + HDF5)
+    check_s: float  # median inverse check
+    eval_every: int
+
+    @property
+    def percent_of_run(self) -> float:
+        return 100.0 * self.check_s / (self.step_s * self.eval_every) if self.eval_every else math.nan
+
+
+@dataclass(frozen=True)
+class DataParallelResult:
+    """The same global batch, one process against `nproc` data-parallel ranks."""
+
+    nproc: int
+    global_batch: int
+    steps: int
+    single_s: float  # wall time of the steps in one process
+    ranks_s: float  # the same with nproc ranks
+    gpus: int  # visible CUDA devices (0: the ranks shared the CPU cores)
+
+    @property
+    def speedup(self) -> float:
+        return self.single_s / self.ranks_s
+
+
+@dataclass(frozen=True)
 class BenchResult:
     device: str
     n_parameters: int
@@ -144,3 +173,5 @@ class BenchResult:
     workers: WorkersResult | None = None
     competition: CompetitionResult | None = None
     library: LibraryOverhead | None = None
+    inverse: InverseCost | None = None
+    data_parallel: DataParallelResult | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flowdiag.bench import grid as grid_module
 from flowdiag.bench.competition import measure_competition
+from flowdiag.bench.extra_costs import data_parallel, inverse_cost
 from flowdiag.bench.init_cost import init_cost
 from flowdiag.bench.library import library_overhead
 from flowdiag.bench.parts import PARTS
@@ -30,12 +31,16 @@ class BenchSettings:
     init_ms: tuple[int, ...] = (1, 16, 256)
     grid_steps: int = 50  # the small grid's --steps; 0 leaves the grid out
     startup_repeats: int = 2
+    nproc: int = 2  # ranks of the data-parallel part
+    ddp_steps: int = 40
 
     def check(self) -> None:
         if self.timed_steps < 1 or self.blocks < 1 or self.startup_repeats < 1:
             raise UserError("--timed-steps, --blocks and --startup-repeats must be positive integers")
         if any(m < 1 for m in self.init_ms):
             raise UserError("--init-ms: every M must be a positive integer")
+        if self.nproc < 2 or self.ddp_steps < 1:
+            raise UserError("--nproc must be 2 or more and --ddp-steps a positive integer")
         if self.grid_steps < 0:
             raise UserError("--grid-steps must be 0 (no grid) or a positive integer")
         unknown = set(self.parts) - set(PARTS)
@@ -89,4 +94,8 @@ def run_bench(config: RunConfig, settings: BenchSettings | None = None) -> Bench
             result = replace(result, competition=competition)
         if "library" in s.parts:
             result = replace(result, library=library_overhead(config, data, s.timed_steps, s.blocks, work))
+        if "inverse" in s.parts:
+            result = replace(result, inverse=inverse_cost(config, data, s.timed_steps, work))
+        if "ddp" in s.parts:
+            result = replace(result, data_parallel=data_parallel(config, data, s.nproc, s.ddp_steps, work))
     return result

@@ -14,8 +14,10 @@ from flowdiag.bench.results import (
     NO_HOOKS,
     BenchResult,
     CompetitionResult,
+    DataParallelResult,
     GridTiming,
     InitCost,
+    InverseCost,
     LibraryOverhead,
     StepTiming,
     SyncCheck,
@@ -181,6 +183,32 @@ def library_table(library: LibraryOverhead, steps: StepTiming | None) -> Group:
     return _titled(title, table)
 
 
+def inverse_table(cost: InverseCost) -> Group:
+    title, table = _table(
+        "the inverse check at every evaluation (16 samples, one reconstruction, every conv's SVD)",
+        "check",
+        "training step",
+        "--eval-every",
+        "share of the run",
+    )
+    table.add_row(_ms(cost.check_s), _ms(cost.step_s), str(cost.eval_every), f"{cost.percent_of_run:.2f} %")
+    return _titled(title, table)
+
+
+def data_parallel_table(ddp: DataParallelResult) -> Group:
+    where = f"{ddp.gpus} GPU(s)" if ddp.gpus else "CPU cores shared by the ranks"
+    title, table = _table(
+        f"data parallel at global batch {ddp.global_batch}, {ddp.steps} steps ({where})",
+        "processes",
+        "wall time",
+        "steps/s",
+        "speed-up",
+    )
+    table.add_row("1", _s(ddp.single_s), f"{ddp.steps / ddp.single_s:.2f}", "1.00x")
+    table.add_row(str(ddp.nproc), _s(ddp.ranks_s), f"{ddp.steps / ddp.ranks_s:.2f}", f"{ddp.speedup:.2f}x")
+    return _titled(title, table)
+
+
 def bench_tables(result: BenchResult) -> list[RenderableType]:
     """What `flowdiag bench` prints after its header line, in part order: each table after its title."""
     out: list[RenderableType] = []
@@ -198,4 +226,8 @@ def bench_tables(result: BenchResult) -> list[RenderableType]:
         out.append(competition_table(result.competition))
     if result.library is not None:
         out.append(library_table(result.library, result.steps))
+    if result.inverse is not None:
+        out.append(inverse_table(result.inverse))
+    if result.data_parallel is not None:
+        out.append(data_parallel_table(result.data_parallel))
     return out

@@ -15,6 +15,7 @@ from rich.table import Table
 from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_default, with_trainer_options
+from flowdiag.errors import UserError
 from flowdiag.progress import ProgressSink
 
 # optuna, torch and the runner are imported when a command runs: `flowdiag --help` stays fast.
@@ -251,6 +252,13 @@ def ablate_command(
     study: Annotated[
         str, typer.Option("--study", help="Study name; rerun the same command to resume.")
     ] = "ablation",
+    nproc_per_cell: Annotated[
+        int,
+        typer.Option(
+            "--nproc-per-cell",
+            help="Ranks per cell: each cell a data-parallel job (torch.distributed) of this many processes.",
+        ),
+    ] = 1,
     out: Annotated[
         Path, typer.Option("--out", help="Output folder: study.db and runs/<cell>/.")
     ] = DEFAULT_OUT,
@@ -266,11 +274,14 @@ def ablate_command(
     from flowdiag.environment import configure_threads, resolve_workers
 
     resolve_workers(workers, 1)  # a bad value fails before anything is created
+    if nproc_per_cell < 1:
+        raise UserError(f"--nproc-per-cell {nproc_per_cell}: pass a positive integer, e.g. 2")
     configure_threads(0)  # the launcher too: its thread pool must not exist when it forks workers
     grid = build_grid({**options, "seed": seeds}, config)
-    spec = AblationSpec(grid, out, storage or default_storage_url(out), study)
+    spec = AblationSpec(grid, out, storage or default_storage_url(out), study, nproc_per_cell=nproc_per_cell)
     optuna_study, queued, data = prepare(spec)
-    spec = replace(spec, workers=resolve_workers(workers, queued))
+    # Each cell of N ranks takes N cores: `auto` counts cells that fit side by side.
+    spec = replace(spec, workers=resolve_workers(workers, queued, per_worker=nproc_per_cell))
     total = len(grid.cells)
     console.print(
         f"study [bold]{study}[/] ({display_url(spec.storage_url)}): {total} cells, "

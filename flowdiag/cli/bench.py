@@ -44,10 +44,15 @@ def bench_command(
     startup_repeats: Annotated[
         int, typer.Option("--startup-repeats", help="Worker start-ups timed per start method.")
     ] = 2,
+    nproc: Annotated[
+        int, typer.Option("--nproc", help="Ranks of the data-parallel part, against one process.")
+    ] = 2,
+    ddp_steps: Annotated[int, typer.Option("--ddp-steps", help="Steps of the data-parallel part.")] = 40,
     **options: Any,
 ) -> None:
     """Step time without hooks, with hooks, with hooks + HDF5; init cost; worker start-up and 1 vs N
-    workers; the same with a competing process; the Monitor on a normflows Glow."""
+    workers; the same with a competing process; the Monitor on a normflows Glow; the inverse check's
+    share of a run; N data-parallel ranks against one process at the same global batch."""
     chosen = parse_parts(parts)
     ms = _positive_ints("--init-ms", init_ms)
     config = apply_options(RunConfig(), parse_scalars(options))
@@ -55,7 +60,7 @@ def bench_command(
     from flowdiag.bench.suite import BenchSettings, run_bench
     from flowdiag.bench.tables import bench_tables, header
 
-    settings = BenchSettings(chosen, timed_steps, blocks, ms, grid_steps, startup_repeats)
+    settings = BenchSettings(chosen, timed_steps, blocks, ms, grid_steps, startup_repeats, nproc, ddp_steps)
     settings.check()
     result = run_bench(config, settings)
     console.print(header(result), highlight=False)
