@@ -76,10 +76,13 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """python examples/normflows_glow.py [--fix] [--seed N] [--out DIR]"""
     args = sys.argv[1:] if argv is None else argv
     fix = "--fix" in args
-    out_dir = Path("runs") / ("normflows-glow-fixed" if fix else "normflows-glow")
-    onset = train(build_model(), fix=fix, out_dir=str(out_dir))
+    seed = int(args[args.index("--seed") + 1]) if "--seed" in args else 0
+    default = Path("runs") / ("normflows-glow-fixed" if fix else "normflows-glow")
+    out_dir = Path(args[args.index("--out") + 1]) if "--out" in args else default
+    onset = train(build_model(seed=seed), fix=fix, out_dir=str(out_dir), seed=seed)
     print(f"first non-finite layer: {onset}" if onset else "200 steps, every value finite")
     print(f"report: flowdiag report {out_dir}")
 

@@ -26,7 +26,8 @@ def watch_command(
 ) -> None:
     """Live view of runs while they are written: per cell status, step, bpd, peak max |output|, onset;
     for one run a bpd sparkline, steps/s, ETA and the top layers with their trend. Ends with the runs."""
-    from flowdiag.report.watch import summary_line, watch  # numpy and h5py: when the command runs
+    from flowdiag.report.watch import watch
+    from flowdiag.report.watch_view import summary_line  # numpy and h5py: when the command runs
 
     if not interval > 0:
         raise UserError(f"--interval must be positive, got {interval}")
