@@ -14,8 +14,8 @@ import torch
 from FrEIA.modules import ActNorm, InvertibleModule
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowAdapter, FlowLayer
-from flowdiag.adapters.walk import as_logdet, kind_by_class_name, output_tensor, walk_flow_layers
+from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach
+from flowdiag.adapters.walk import WalkedAdapter, as_logdet, kind_by_class_name, output_tensor
 
 
 def _is_flow(module: nn.Module) -> bool:
@@ -80,19 +80,10 @@ class FreiaActNorm(ActNormAccess):
         return Detach([handle.remove])
 
 
-class FreiaAdapter(FlowAdapter):
+class FreiaAdapter(WalkedAdapter):
     name = "freia"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self._layers = walk_flow_layers(model, is_flow=_is_flow, kind_of=_kind)
-
-    @classmethod
-    def recognizes(cls, model: nn.Module) -> bool:
-        return any(_is_flow(m) for m in model.modules())
-
-    def layers(self) -> list[FlowLayer]:
-        return self._layers
+    is_flow = staticmethod(_is_flow)
+    kind_of = staticmethod(_kind)
 
     def attach(self, capture: Capture) -> Detach:
         handles = []

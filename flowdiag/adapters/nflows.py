@@ -11,8 +11,8 @@ from nflows.transforms.conv import OneByOneConvolution
 from nflows.transforms.normalization import ActNorm
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowAdapter, FlowLayer
-from flowdiag.adapters.walk import as_logdet, output_tensor, walk_flow_layers
+from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowLayer
+from flowdiag.adapters.walk import WalkedAdapter, as_logdet, output_tensor
 
 
 def _is_flow(module: nn.Module) -> bool:
@@ -45,19 +45,9 @@ class NflowsActNorm(ActNormAccess):
         self.set_initialized(True)
 
 
-class NflowsAdapter(FlowAdapter):
+class NflowsAdapter(WalkedAdapter):
     name = "nflows"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self._layers = walk_flow_layers(model, is_flow=_is_flow)
-
-    @classmethod
-    def recognizes(cls, model: nn.Module) -> bool:
-        return any(_is_flow(m) for m in model.modules())
-
-    def layers(self) -> list[FlowLayer]:
-        return self._layers
+    is_flow = staticmethod(_is_flow)
 
     def attach(self, capture: Capture) -> Detach:
         capture = self.remembering(capture)

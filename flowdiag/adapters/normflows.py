@@ -14,8 +14,8 @@ import normflows as nf
 import torch
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowAdapter, FlowLayer
-from flowdiag.adapters.walk import as_logdet, output_tensor, walk_flow_layers
+from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowLayer
+from flowdiag.adapters.walk import WalkedAdapter, as_logdet, output_tensor
 from flowdiag.adapters.wrapping import listen
 
 _EPS = 1e-6  # normflows: s = log(std + 1e-6), std unbiased
@@ -78,19 +78,10 @@ class NormflowsActNorm(ActNormAccess):
         return Detach([listen(self.module, "inverse", before=lambda args, kwargs: callback(args[0]))])
 
 
-class NormflowsAdapter(FlowAdapter):
+class NormflowsAdapter(WalkedAdapter):
     name = "normflows"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self._layers = walk_flow_layers(model, is_flow=_is_flow, children=_children)
-
-    @classmethod
-    def recognizes(cls, model: nn.Module) -> bool:
-        return any(_is_flow(m) for m in model.modules())
-
-    def layers(self) -> list[FlowLayer]:
-        return self._layers
+    is_flow = staticmethod(_is_flow)
+    children = staticmethod(_children)
 
     def attach(self, capture: Capture) -> Detach:
         capture = self.remembering(capture)

@@ -12,8 +12,8 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.transforms import GeneralizedChannelPermute
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import Capture, Detach, FlowAdapter, FlowLayer
-from flowdiag.adapters.walk import walk_flow_layers
+from flowdiag.adapters.base import Capture, Detach, FlowLayer
+from flowdiag.adapters.walk import WalkedAdapter
 from flowdiag.adapters.wrapping import listen
 
 
@@ -31,20 +31,14 @@ def _per_sample(ladj: Tensor, x: Tensor, event_dim: int) -> Tensor:
     return ladj.sum(dim=tuple(range(-extra, 0))) if extra > 0 else ladj
 
 
-class PyroAdapter(FlowAdapter):
+class PyroAdapter(WalkedAdapter):
     name = "pyro"
+    is_flow = staticmethod(_is_flow)
+    children = staticmethod(_data_to_latent_order)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self._layers = walk_flow_layers(model, is_flow=_is_flow, children=_data_to_latent_order)
         self._event_dim = max((layer.module.domain.event_dim for layer in self._layers), default=0)
-
-    @classmethod
-    def recognizes(cls, model: nn.Module) -> bool:
-        return any(_is_flow(m) for m in model.modules())
-
-    def layers(self) -> list[FlowLayer]:
-        return self._layers
 
     def attach(self, capture: Capture) -> Detach:
         capture = self.remembering(capture)

@@ -8,24 +8,18 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import ActNormAccess, Capture, Detach, FlowAdapter, FlowLayer
+from flowdiag.adapters.base import ActNormAccess, Capture, Detach
 from flowdiag.adapters.handwritten import handwritten_actnorm, handwritten_logabsdet
-from flowdiag.adapters.walk import kind_by_class_name, output_tensor, walk_flow_layers
+from flowdiag.adapters.walk import WalkedAdapter, kind_by_class_name, output_tensor
 
 
-class TupleAdapter(FlowAdapter):
+def _is_flow(module: nn.Module) -> bool:
+    return kind_by_class_name(module) is not None
+
+
+class TupleAdapter(WalkedAdapter):
     name = "tuple"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self._layers = walk_flow_layers(model, is_flow=lambda m: kind_by_class_name(m) is not None)
-
-    @classmethod
-    def recognizes(cls, model: nn.Module) -> bool:
-        return any(kind_by_class_name(m) is not None for m in model.modules())
-
-    def layers(self) -> list[FlowLayer]:
-        return self._layers
+    is_flow = staticmethod(_is_flow)
 
     def attach(self, capture: Capture) -> Detach:
         capture = self.remembering(capture)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import FlowLayer, LayerKind
+from flowdiag.adapters.base import FlowAdapter, FlowLayer, LayerKind
 
 Children = Callable[[nn.Module], Iterable[tuple[str, nn.Module]]]
 
@@ -67,3 +68,31 @@ def as_logdet(logdet: object, like: Tensor) -> Tensor:
     if isinstance(logdet, Tensor):
         return logdet
     return like.new_tensor(float(logdet))  # type: ignore[arg-type]
+
+
+class WalkedAdapter(FlowAdapter):
+    """An adapter whose layers are the library's flow modules, found by `walk_flow_layers`.
+
+    Subclasses say what a flow module is (`is_flow`) and, where the library needs it, the order to
+    visit children in and how to tell the kinds; the listing itself is written once, here.
+    """
+
+    children: ClassVar[Children | None] = None
+    kind_of: ClassVar[Callable[[nn.Module], LayerKind | None]] = staticmethod(kind_by_class_name)
+
+    @staticmethod
+    def is_flow(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._layers = walk_flow_layers(
+            model, is_flow=self.is_flow, children=self.children, kind_of=self.kind_of
+        )
+
+    @classmethod
+    def recognizes(cls, model: nn.Module) -> bool:
+        return any(cls.is_flow(m) for m in model.modules())
+
+    def layers(self) -> list[FlowLayer]:
+        return self._layers

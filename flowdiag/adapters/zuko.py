@@ -12,8 +12,8 @@ from typing import Any
 from torch import Tensor, nn
 from zuko.lazy import Flow, LazyTransform
 
-from flowdiag.adapters.base import Capture, Detach, FlowAdapter, FlowLayer
-from flowdiag.adapters.walk import walk_flow_layers
+from flowdiag.adapters.base import Capture, Detach
+from flowdiag.adapters.walk import WalkedAdapter
 
 
 def _is_flow(module: nn.Module) -> bool:
@@ -38,19 +38,9 @@ def _recording(transform: Any, capture: Capture, index: int) -> Any:
     return transform
 
 
-class ZukoAdapter(FlowAdapter):
+class ZukoAdapter(WalkedAdapter):
     name = "zuko"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self._layers = walk_flow_layers(model, is_flow=_is_flow)
-
-    @classmethod
-    def recognizes(cls, model: nn.Module) -> bool:
-        return any(_is_flow(m) for m in model.modules())
-
-    def layers(self) -> list[FlowLayer]:
-        return self._layers
+    is_flow = staticmethod(_is_flow)
 
     def attach(self, capture: Capture) -> Detach:
         handles = []
