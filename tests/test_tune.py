@@ -157,3 +157,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, bad: li
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "Traceback" not in result.output and "secret" not in result.output
     assert not out.exists()
+
+
+def test_parallel_workers_do_not_draw_the_same_lambda(tmp_path: Path) -> None:
+    """Two workers with one sampler seed proposed the same λ twice (seen in a real study): each
+    worker gets its own seed, and a λ still training counts as taken (constant liar)."""
+    from flowdiag.ablation.tune import make_sampler, worker_spec
+
+    spec = spec_for(tmp_path, 6)
+    specs = [worker_spec(spec, index) for index in range(3)]
+    assert len({s.sampler_seed for s in specs}) == 3 and specs[0] == spec
+    drawn = []
+    for s in specs:  # the same (empty) study for each: only the worker's seed differs
+        study = optuna.create_study(sampler=make_sampler(s))
+        drawn.append(study.ask().suggest_float("lam", 1e-6, 1e2, log=True))
+    assert len(set(drawn)) == 3
+    assert make_sampler(spec)._constant_liar

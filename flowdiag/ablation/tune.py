@@ -134,7 +134,7 @@ def run_tuning(
     after_trial: Callable[[optuna.Study, Any], None] | None = None,
 ) -> optuna.Study:
     """Run trials until the study holds n_trials finished ones (resumable) or the timeout passes."""
-    sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=spec.startup_trials)
+    sampler = make_sampler(spec)
     study = optuna.load_study(
         study_name=spec.study_name, storage=make_storage(spec.storage_url), sampler=sampler
     )
@@ -158,6 +158,19 @@ def run_tuning(
     return study
 
 
+def make_sampler(spec: TuneSpec) -> optuna.samplers.TPESampler:
+    """TPE with a constant liar: a λ another worker is still training counts as a bad one, so
+    parallel workers do not propose the same point."""
+    return optuna.samplers.TPESampler(
+        seed=spec.sampler_seed, n_startup_trials=spec.startup_trials, constant_liar=True
+    )
+
+
+def worker_spec(spec: TuneSpec, index: int) -> TuneSpec:
+    """Worker `index` of several: its own sampler seed, or every worker would draw the same λ."""
+    return replace(spec, sampler_seed=spec.sampler_seed + index)
+
+
 def _tuning_worker(spec: TuneSpec, data: ImageData | None) -> None:
     end_with_parent()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the launcher prints the table
@@ -168,7 +181,10 @@ def start_tuning_workers(spec: TuneSpec, data: ImageData, workers: int) -> list[
     """N processes sharing the study: TPE proposes each a λ as it frees up (one torch thread each)."""
     context = process_context()
     shared = data if context.get_start_method() == "fork" else None
-    processes = [context.Process(target=_tuning_worker, args=(spec, shared)) for _ in range(workers)]
+    processes = [
+        context.Process(target=_tuning_worker, args=(worker_spec(spec, index), shared))
+        for index in range(workers)
+    ]
     for process in processes:
         process.start()
     return processes
