@@ -38,13 +38,20 @@ def cpu_count() -> int:
 def configure_threads(requested: int = 0) -> int:
     """Set torch's intra-op threads; returns the number in force.
 
-    requested > 0: that many. 0 (auto): whatever OMP_NUM_THREADS says when it is set, else one.
+    requested > 0: that many. 0 (auto): what OMP_NUM_THREADS says when it holds a positive whole
+    number, else one.
     """
-    if requested > 0:
-        torch.set_num_threads(requested)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    from_env = int(text) if text.isdigit() and int(text) > 0 else 0
+    torch.set_num_threads(requested or from_env or 1)
     return torch.get_num_threads()
+
+
+def configure_launcher() -> None:
+    """The process that launches workers only waits for them: one thread, whatever the environment
+    says. An OpenMP thread pool that exists when a process forks leaves the child hanging at its first
+    parallel region (seen: OMP_NUM_THREADS set, every forked worker stuck), so none may exist."""
+    torch.set_num_threads(1)
 
 
 def resolve_workers(text: str, jobs_left: int, per_worker: int = 1) -> int:
@@ -67,7 +74,8 @@ def process_context() -> multiprocessing.context.BaseContext:
     The first optimizer a process builds imports torch._dynamo (measured 2.4 s here); importing it
     once in the launcher, before it forks, spares every worker that wait.
     """
-    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+    forkable = not torch.cuda.is_initialized() and torch.get_num_threads() == 1  # see configure_launcher
+    if "fork" in multiprocessing.get_all_start_methods() and forkable:
         importlib.import_module("torch._dynamo")  # for the forked workers' first optimizer
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")

@@ -589,3 +589,41 @@ def test_auto_workers_each_run_one_torch_thread(tmp_path: Path, monkeypatch: pyt
     trials = load(sqlite_url(out)).get_trials(states=COMPLETE)
     assert [t.user_attrs["torch_threads"] for t in trials] == [1, 1]
     assert len({t.user_attrs["worker_pid"] for t in trials}) == workers
+
+
+def test_workers_start_whatever_omp_num_threads_says(tmp_path: Path) -> None:
+    """Seen once: with OMP_NUM_THREADS set, the launcher's OpenMP pool existed when it forked, and every
+    worker hung at its first parallel region. The launcher now runs one thread whatever the environment
+    says, and forks only then; the workers take the environment's count."""
+    out = tmp_path / "abl"
+    args = [
+        *TINY,
+        "--batch-size",
+        "1",
+        "--init-batches",
+        "4,8",
+        "--seeds",
+        "0",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": "2"}
+    finished = subprocess.run(
+        [sys.executable, "-m", "flowdiag", "ablate", *args], env=env, timeout=240, capture_output=True
+    )
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    trials = load(sqlite_url(out)).get_trials(states=COMPLETE)
+    assert [t.user_attrs["torch_threads"] for t in trials] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("env", "requested", "expected"), [("", 0, 1), ("abc", 0, 1), ("3", 0, 3), ("3", 2, 2)]
+)
+def test_thread_count(monkeypatch: pytest.MonkeyPatch, env: str, requested: int, expected: int) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", env)
+    try:
+        assert environment.configure_threads(requested) == expected
+    finally:
+        torch.set_num_threads(1)

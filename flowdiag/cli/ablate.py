@@ -271,12 +271,12 @@ def ablate_command(
     from flowdiag.ablation.runner import AblationSpec, prepare
     from flowdiag.ablation.storage import default_storage_url, display_url
     from flowdiag.ablation.summary import summarize
-    from flowdiag.environment import configure_threads, resolve_workers
+    from flowdiag.environment import configure_launcher, resolve_workers
 
     resolve_workers(workers, 1)  # a bad value fails before anything is created
     if nproc_per_cell < 1:
         raise UserError(f"--nproc-per-cell {nproc_per_cell}: pass a positive integer, e.g. 2")
-    configure_threads(0)  # the launcher too: its thread pool must not exist when it forks workers
+    configure_launcher()  # no thread pool may exist when it forks workers
     grid = build_grid({**options, "seed": seeds}, config)
     spec = AblationSpec(grid, out, storage or default_storage_url(out), study, nproc_per_cell=nproc_per_cell)
     optuna_study, queued, data = prepare(spec)

@@ -70,10 +70,10 @@ def tune_lambda_command(
         start_tuning_workers,
         tuning_rows,
     )
-    from flowdiag.environment import configure_threads, resolve_workers
+    from flowdiag.environment import configure_launcher, resolve_workers
 
     resolve_workers(workers, 1)  # a bad value fails before anything is created
-    configure_threads(0)  # the launcher's thread pool must not exist when it forks workers
+    configure_launcher()  # no thread pool may exist when it forks workers
     values = parse_scalars(options)
     config = apply_options(RunConfig(), values)
     spec = TuneSpec(
