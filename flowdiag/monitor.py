@@ -105,7 +105,8 @@ class Monitor:
         self._config_json = _config_json(config)
         self._total_steps = total_steps
         self._flush = (flush_every, flush_seconds)
-        self._writer: RunWriter | None = None
+        self._writer: RunWriter | NullWriter | None = None
+        self._file_writer: RunWriter | None = None  # kept while `set_mode` drops the rows
         self._final_status: str | None = None
         self.status: str | None = None  # the status written at close; None while the run goes on
         n = len(layers)
@@ -177,12 +178,18 @@ class Monitor:
             flush_seconds=flush_seconds,
         )
 
-    def drop_records(self) -> None:
-        """From here on compute every row but write none: what `flowdiag bench` times the hooks
-        without HDF5 against. What was written so far is flushed first."""
-        if self._writer is not None:
-            self._writer.flush()
-        self._writer = NullWriter()
+    def set_mode(self, *, hooks: bool, write: bool) -> None:
+        """For `flowdiag bench`'s A/B in one process: the per-layer hooks attached or not, and rows
+        written to the run file or dropped (computed all the same)."""
+        if hooks and self._detach is None:
+            self._detach = self.adapter.attach(self._capture)
+        elif not hooks and self._detach is not None:
+            self._detach.remove()
+            self._detach = None
+        self.writer.flush()
+        if isinstance(self._writer, RunWriter):
+            self._file_writer = self._writer
+        self._writer = self._file_writer if write and self._file_writer is not None else NullWriter()
 
     def record_init(self, stats: Sequence[ActNormInitStats]) -> None:
         """The ActNorm init's figures (flowdiag.init), one per ActNorm."""

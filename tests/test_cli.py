@@ -326,3 +326,15 @@ def test_ablate_to_a_file_logs_every_finished_cell(tmp_path: Path) -> None:
         assert len(lines) == 1, text
         assert "best held-out bpd" in lines[0]
     assert "\x1b[" not in text  # no terminal control codes in a file
+
+
+def test_audit_through_the_real_app() -> None:
+    at_risk = invoke("audit", "--model", "tests.library_flows:normflows_glow_at_risk", "--batch-size", "1")
+    assert at_risk.exit_code == 0, at_risk.output
+    strict = invoke(
+        "audit", "--model", "tests.library_flows:normflows_glow_at_risk", "--batch-size", "1", "--strict"
+    )
+    assert strict.exit_code == 1
+    not_a_flow = invoke("audit", "--model", "tests.library_flows:plain_cnn")
+    assert not_a_flow.exit_code == 2 and len(not_a_flow.output.strip().splitlines()) == 1
+    assert "no recognizable flow layers" in not_a_flow.output

@@ -166,3 +166,29 @@ def test_ablate_runs_each_cell_as_a_data_parallel_job(tmp_path: Path) -> None:
     assert record.init is not None
     np.testing.assert_array_equal(record.init["n_values"], 4 * 2 * 2 * np.asarray(record.init["pixels"]))
     assert sorted(trial.intermediate_values) == [3, 6]  # the learning curve, read back from the file
+
+
+def _nan_on_rank_1(config_json: str, out: Path) -> None:
+    ranks = distributed.from_environment()
+
+    def poison(model: Glow) -> None:
+        calls = {"n": 0}
+
+        def hook(module: torch.nn.Module, inputs: tuple, output: tuple) -> tuple | None:
+            calls["n"] += 1 if module.training else 0
+            if ranks.rank == 1 and calls["n"] == 3:
+                return output[0] * float("nan"), output[1]
+            return None
+
+        model.get_submodule("levels.1.steps.0.coupling").register_forward_hook(hook)
+
+    train(RunConfig.from_json(config_json), out, instrument=poison)
+
+
+def test_an_onset_on_one_rank_is_the_runs_and_names_the_rank(tmp_path: Path) -> None:
+    config = RunConfig(train=TrainConfig(batch_size=4, init_batches=2, steps=10, eval_every=0))
+    assert distributed.launch(_nan_on_rank_1, 2, config.to_json(), tmp_path / "run") == [0, 0]
+    record = read_run(tmp_path / "run" / RUN_FILE)  # both ranks stopped at the same step: no hang
+    assert (record.status, record.nan_onset_step) == ("diverged", 3)
+    assert record.nan_onset_layer == "levels.1.steps.0.coupling" and record.nan_onset_rank == 1
+    assert record.step.tolist() == [1, 2, 3]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from flowdiag.bench.processes import in_fresh_process, sync
@@ -25,12 +24,14 @@ WARMUP_STEPS = 5  # first-call allocations and the writer's first rows: not the 
 
 def open_trainer(config: RunConfig, data: ImageData, mode: str, folder: Path) -> Trainer:
     """A trainer ready for step 1 (initialized), recording as `mode` says."""
-    train = replace(config.train, diagnostics=mode != NO_HOOKS)
-    trainer = Trainer(replace(config, train=train), folder, data=data)
-    trainer.open()
-    if mode != HOOKS_HDF5:
-        trainer.monitor.drop_records()  # the init is written; from here on nothing is
+    trainer = Trainer(config, folder, data=data)
+    trainer.open()  # the init is written; the mode decides what the steps write
+    set_mode(trainer, mode)
     return trainer
+
+
+def set_mode(trainer: Trainer, mode: str) -> None:
+    trainer.monitor.set_mode(hooks=mode != NO_HOOKS, write=mode == HOOKS_HDF5)
 
 
 def step_times(trainer: Trainer, steps: int) -> list[float]:
@@ -60,6 +61,27 @@ def _block(
     return times, grown
 
 
+def _round(
+    config_json: str, data: ImageData, modes: tuple[str, ...], steps: int, folder: str
+) -> list[tuple[list[float], float]]:
+    """In one fresh process, one trainer: every mode in turn, `steps` steps each. The same process
+    and the same weights for all modes, so what differs is the recording alone (between processes
+    the step time varied by ±15 % here, more than the hooks cost)."""
+    trainer = open_trainer(RunConfig.from_json(config_json), data, HOOKS_HDF5, Path(folder))
+    run_file = trainer.out_dir / RUN_FILE
+    step_times(trainer, WARMUP_STEPS)
+    results = []
+    for mode in modes:
+        set_mode(trainer, mode)
+        size_before = run_file.stat().st_size
+        times = step_times(trainer, steps)
+        trainer.monitor.flush()  # untimed: what the timed steps left in the buffer
+        grown = (run_file.stat().st_size - size_before) / steps if mode == HOOKS_HDF5 else math.nan
+        results.append((times, grown))
+    trainer.monitor.close()
+    return results
+
+
 def run_block(
     config: RunConfig, data: ImageData, mode: str, steps: int, folder: Path
 ) -> tuple[list[float], float]:
@@ -70,15 +92,17 @@ def run_block(
 def time_steps(
     config: RunConfig, data: ImageData, steps: int, blocks: int, workdir: Path, modes: tuple[str, ...] = MODES
 ) -> StepTiming:
-    """Median step per mode over `blocks` rounds; each round runs every mode once, in a rotated order,
-    so no mode always runs first or last."""
+    """Median step per mode over `blocks` rounds, each round a fresh process running every mode once
+    in a rotated order, so no mode always runs first or last."""
     samples: dict[str, list[float]] = {mode: [] for mode in modes}
     grown: list[float] = []
     for block in range(blocks):
         shift = block % len(modes)
-        for mode in modes[shift:] + modes[:shift]:
-            folder = workdir / f"steps-{block}-{mode.replace(' ', '').replace('+', '-')}"
-            times, bytes_per_step = run_block(config, data, mode, steps, folder)
+        order = modes[shift:] + modes[:shift]
+        results = in_fresh_process(
+            _round, config.to_json(), data, order, steps, str(workdir / f"round-{block}")
+        )
+        for mode, (times, bytes_per_step) in zip(order, results, strict=True):
             samples[mode] += times
             if mode == HOOKS_HDF5:
                 grown.append(bytes_per_step)
