@@ -91,7 +91,7 @@ def pool(tensors: list[Tensor]) -> None:
 
 
 def reduce_layer_row(
-    ranks: Ranks, scalars: Tensor, low: Tensor, high: Tensor, logdet: Tensor
+    ranks: Ranks, scalars: Tensor, low: Tensor, high: Tensor, logdet: Tensor, local: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One step's row across ranks, on the device, in two collectives.
 
@@ -99,11 +99,12 @@ def reduce_layer_row(
     all-reduce), per-layer output min and max (max |output| over ranks), per-layer log-det (mean).
     A non-finite value on any rank survives: NaN would not through max, so non-finite entries are
     counted per layer and turn the result non-finite. Returns the same layout with low = -max |output|
-    and high = max |output|, plus (world,) flags: which ranks saw a non-finite value.
+    and high = max |output|, plus (world,) flags: which ranks saw a non-finite value in what is their
+    own, the layers and the first `local` scalars (the gradient, all-reduced by DDP, is everyone's).
     """
     bad = ~(torch.isfinite(low) & torch.isfinite(high) & torch.isfinite(logdet))
     flags = torch.zeros(ranks.world, dtype=scalars.dtype, device=scalars.device)
-    flags[ranks.rank] = (bad.any() | ~torch.isfinite(scalars).all()).to(scalars.dtype)
+    flags[ranks.rank] = (bad.any() | ~torch.isfinite(scalars[:local]).all()).to(scalars.dtype)
     summed = torch.cat(
         [scalars, torch.nan_to_num(logdet, nan=0.0, posinf=0.0, neginf=0.0), bad.to(scalars.dtype), flags]
     )

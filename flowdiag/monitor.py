@@ -280,7 +280,8 @@ class Monitor:
             row = torch.cat([row, self._layer_values(loss)])
         if self.ranks.enabled:  # the same row on every rank: every rank takes the same decisions
             layer = row[k:] if recording else row.new_zeros(3 * n)
-            reduced = reduce_layer_row(self.ranks, row[:k], *layer.split(n))
+            local = sum(name in on_device for name in ("loss", "bpd", "penalty"))  # they lead _SCALARS
+            reduced = reduce_layer_row(self.ranks, row[:k], *layer.split(n), local)
             row = torch.cat(reduced)
         host = row.cpu().numpy()  # the step's one device sync
         onset_ranks = np.flatnonzero(host[k + 3 * n :] > 0) if self.ranks.enabled else np.zeros(0, int)
