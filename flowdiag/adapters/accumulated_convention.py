@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import ActNormAccess, Capture, Detach, FlowAdapter, FlowLayer
-from flowdiag.adapters.handwritten import handwritten_actnorm, handwritten_logabsdet
+from flowdiag.adapters.base import Capture, Detach, FlowAdapter, FlowLayer
+from flowdiag.adapters.handwritten import HandwrittenParts
 from flowdiag.adapters.walk import kind_by_class_name, output_tensor
 
 
@@ -32,7 +32,7 @@ def _argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
     return bound.arguments.get(name)
 
 
-class AccumulatedAdapter(FlowAdapter):
+class AccumulatedAdapter(HandwrittenParts, FlowAdapter):
     name = "accumulated"
 
     def __init__(self, model: nn.Module) -> None:
@@ -101,16 +101,6 @@ class AccumulatedAdapter(FlowAdapter):
             handles.append(layer.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         return Detach([handle.remove for handle in handles])
-
-    def actnorms(self) -> list[ActNormAccess]:
-        found = [
-            handwritten_actnorm(layer.name, layer.module) for layer in self._layers if layer.kind == "actnorm"
-        ]
-        return [access for access in found if access is not None]
-
-    def conv_logabsdets(self) -> list[tuple[str, Tensor]]:
-        found = [(layer.name, handwritten_logabsdet(layer.module)) for layer in self.invconvs()]
-        return [(name, value) for name, value in found if value is not None]
 
 
 ADAPTER = AccumulatedAdapter

@@ -83,3 +83,20 @@ def handwritten_logabsdet(module: nn.Module) -> Tensor | None:
         matrix = weight.reshape(weight.shape[0], weight.shape[1])
         return torch.linalg.slogdet(matrix.to(torch.float64)).logabsdet.to(weight.dtype)
     return None
+
+
+class HandwrittenParts:
+    """ActNorms and 1x1 convs of a hand-written Glow, recognized by their attributes: what the `tuple`
+    and `accumulated` adapters share (mixed into a FlowAdapter, whose `layers` it reads)."""
+
+    def actnorms(self) -> list[ActNormAccess]:
+        found = [
+            handwritten_actnorm(layer.name, layer.module)
+            for layer in self.layers()  # type: ignore[attr-defined]
+            if layer.kind == "actnorm"
+        ]
+        return [access for access in found if access is not None]
+
+    def conv_logabsdets(self) -> list[tuple[str, Tensor]]:
+        found = [(layer.name, handwritten_logabsdet(layer.module)) for layer in self.invconvs()]  # type: ignore[attr-defined]
+        return [(name, value) for name, value in found if value is not None]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import ActNormAccess, Capture, Detach
-from flowdiag.adapters.handwritten import handwritten_actnorm, handwritten_logabsdet
+from flowdiag.adapters.base import Capture, Detach
+from flowdiag.adapters.handwritten import HandwrittenParts
 from flowdiag.adapters.walk import WalkedAdapter, kind_by_class_name, output_tensor
 
 
@@ -17,7 +17,7 @@ def _is_flow(module: nn.Module) -> bool:
     return kind_by_class_name(module) is not None
 
 
-class TupleAdapter(WalkedAdapter):
+class TupleAdapter(HandwrittenParts, WalkedAdapter):
     name = "tuple"
     is_flow = staticmethod(_is_flow)
 
@@ -35,16 +35,6 @@ class TupleAdapter(WalkedAdapter):
 
             handles.append(layer.module.register_forward_hook(hook))
         return Detach([handle.remove for handle in handles])
-
-    def actnorms(self) -> list[ActNormAccess]:
-        found = [
-            handwritten_actnorm(layer.name, layer.module) for layer in self._layers if layer.kind == "actnorm"
-        ]
-        return [access for access in found if access is not None]
-
-    def conv_logabsdets(self) -> list[tuple[str, Tensor]]:
-        found = [(layer.name, handwritten_logabsdet(layer.module)) for layer in self.invconvs()]
-        return [(name, value) for name, value in found if value is not None]
 
 
 ADAPTER = TupleAdapter
