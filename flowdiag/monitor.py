@@ -92,7 +92,8 @@ class Monitor:
         self.resumed = state is not None
         if not self.resumed and ranks.is_main and self.run_file.exists():
             raise UserError(
-                f"{self.run_file} already exists: pass --resume to continue it or choose another --out"
+                f"{self.run_file} already exists: pass --resume to continue it (flowdiag train), "
+                "or choose another --out / out_dir"
             )
         self.model = model
         self.adapter = resolve_adapter(model, adapter) if isinstance(adapter, str) else adapter
