@@ -5,14 +5,15 @@ The public names load on first use: `import flowdiag` (and the CLI's start) stay
 
 from __future__ import annotations
 
-from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 try:
     __version__ = version("flowdiag")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+from flowdiag.lazy import lazy_exports
 
 # public name -> the module that defines it
 _PUBLIC = {
@@ -31,10 +32,7 @@ if TYPE_CHECKING:
     from flowdiag.stabilizers import cumulative_init, logdet_penalty
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'flowdiag' has no attribute {name!r}")
-    return getattr(import_module(_PUBLIC[name]), name)
+__getattr__ = lazy_exports("flowdiag", _PUBLIC)
 
 
 __all__ = ["Glow", "Monitor", "__version__", "audit", "bits_per_dim", "cumulative_init", "logdet_penalty"]

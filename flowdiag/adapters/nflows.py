@@ -12,7 +12,7 @@ from nflows.transforms.normalization import ActNorm
 from torch import Tensor, nn
 
 from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowLayer
-from flowdiag.adapters.walk import WalkedAdapter, as_logdet, output_tensor
+from flowdiag.adapters.walk import WalkedAdapter, as_logdet
 
 
 def _is_flow(module: nn.Module) -> bool:
@@ -50,16 +50,7 @@ class NflowsAdapter(WalkedAdapter):
     is_flow = staticmethod(_is_flow)
 
     def attach(self, capture: Capture) -> Detach:
-        capture = self.remembering(capture)
-        handles = []
-        for index, layer in enumerate(self._layers):
-
-            def hook(module: nn.Module, args: tuple, output: tuple, i: int = index) -> None:
-                out = output_tensor(output[0])
-                capture(i, out, as_logdet(output[1], out))
-
-            handles.append(layer.module.register_forward_hook(hook))
-        return Detach([handle.remove for handle in handles])
+        return self.attach_output_hooks(capture, lambda output, out: as_logdet(output[1], out))
 
     def actnorms(self) -> list[ActNormAccess]:
         return [

@@ -10,11 +10,16 @@ from torch import Tensor, nn
 
 from flowdiag.adapters.base import Capture, Detach
 from flowdiag.adapters.handwritten import HandwrittenParts
-from flowdiag.adapters.walk import WalkedAdapter, kind_by_class_name, output_tensor
+from flowdiag.adapters.walk import WalkedAdapter, as_logdet, kind_by_class_name
 
 
 def _is_flow(module: nn.Module) -> bool:
     return kind_by_class_name(module) is not None
+
+
+def _logdet(output: tuple, out: Tensor) -> Tensor | None:
+    """(out, logdet) with logdet a tensor, a number or None (rosinality's additive coupling)."""
+    return as_logdet(output[1], out) if len(output) > 1 and output[1] is not None else None
 
 
 class TupleAdapter(HandwrittenParts, WalkedAdapter):
@@ -22,19 +27,13 @@ class TupleAdapter(HandwrittenParts, WalkedAdapter):
     is_flow = staticmethod(_is_flow)
 
     def attach(self, capture: Capture) -> Detach:
-        capture = self.remembering(capture)
-        handles = []
-        for index, layer in enumerate(self._layers):
-
-            def hook(module: nn.Module, args: tuple, output: tuple, i: int = index) -> None:
-                out = output_tensor(output[0])
-                logdet = output[1] if len(output) > 1 else None
-                capture(
-                    i, out, logdet if isinstance(logdet, Tensor) or logdet is None else out.new_tensor(logdet)
-                )
-
-            handles.append(layer.module.register_forward_hook(hook))
-        return Detach([handle.remove for handle in handles])
+        # (out, logdet) with logdet a tensor, a number or None (rosinality's additive coupling)
+        return self.attach_output_hooks(
+            capture,
+            lambda output, out: (
+                as_logdet(output[1], out) if len(output) > 1 and output[1] is not None else None
+            ),
+        )
 
 
 ADAPTER = TupleAdapter

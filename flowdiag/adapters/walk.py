@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import FlowAdapter, FlowLayer, LayerKind
+from flowdiag.adapters.base import Capture, Detach, FlowAdapter, FlowLayer, LayerKind
 
 Children = Callable[[nn.Module], Iterable[tuple[str, nn.Module]]]
 
@@ -96,3 +96,18 @@ class WalkedAdapter(FlowAdapter):
 
     def layers(self) -> list[FlowLayer]:
         return self._layers
+
+    def attach_output_hooks(
+        self, capture: Capture, logdet_of: Callable[[tuple, Tensor], Tensor | None]
+    ) -> Detach:
+        """Forward hooks on every layer of a library whose modules return (out, logdet, ...)."""
+        capture = self.remembering(capture)
+        handles = []
+        for index, layer in enumerate(self._layers):
+
+            def hook(module: nn.Module, args: tuple, output: tuple, i: int = index) -> None:
+                out = output_tensor(output[0])
+                capture(i, out, logdet_of(output, out))
+
+            handles.append(layer.module.register_forward_hook(hook))
+        return Detach([handle.remove for handle in handles])

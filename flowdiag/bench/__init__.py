@@ -16,8 +16,9 @@ free of torch.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from flowdiag.lazy import lazy_exports
 
 _PUBLIC = {
     "BenchResult": "flowdiag.bench.results",
@@ -33,10 +34,7 @@ if TYPE_CHECKING:
     from flowdiag.bench.suite import BenchSettings, run_bench
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'flowdiag.bench' has no attribute {name!r}")
-    return getattr(import_module(_PUBLIC[name]), name)
+__getattr__ = lazy_exports("flowdiag.bench", _PUBLIC)
 
 
 __all__ = ["PARTS", "BenchResult", "BenchSettings", "parse_parts", "run_bench"]

@@ -8,8 +8,7 @@ matplotlib.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from flowdiag.lazy import lazy_exports
 
 # Eager, and light (no matplotlib): `diagnose` is also a submodule's name, so the function must be
 # bound here before anything imports the submodule.
@@ -24,10 +23,7 @@ _PUBLIC = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'flowdiag.report' has no attribute {name!r}")
-    return getattr(import_module(_PUBLIC[name]), name)
+__getattr__ = lazy_exports("flowdiag.report", _PUBLIC)
 
 
 __all__ = ["Diagnosis", "collect_runs", "diagnose", *sorted(_PUBLIC)]
