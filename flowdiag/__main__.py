@@ -1,3 +1,3 @@
-from flowdiag.cli import app
+from flowdiag.cli import run
 
-app(prog_name="flowdiag")
+run()

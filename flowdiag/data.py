@@ -17,16 +17,18 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from flowdiag.config import DataConfig, Dataset
 from flowdiag.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
 
@@ -271,6 +273,8 @@ def _load_celeba(config: DataConfig) -> tuple[Tensor, Tensor]:
 
 
 def _open_image(path: Path) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError  # 0.1 s of imports, for image folders only
+
     try:
         with Image.open(path) as image:
             image.load()

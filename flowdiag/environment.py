@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib
 import multiprocessing
 import os
 import signal
@@ -70,13 +69,9 @@ def resolve_workers(text: str, jobs_left: int, per_worker: int = 1) -> int:
 def process_context() -> multiprocessing.context.BaseContext:
     """Fork where it is safe (Linux, CUDA not yet initialized): a forked worker inherits the parent's
     imports and data and is ready at once, where a spawned one spends seconds importing torch.
-
-    The first optimizer a process builds imports torch._dynamo (measured 2.4 s here); importing it
-    once in the launcher, before it forks, spares every worker that wait.
     """
     forkable = not torch.cuda.is_initialized() and torch.get_num_threads() == 1  # see configure_launcher
     if "fork" in multiprocessing.get_all_start_methods() and forkable:
-        importlib.import_module("torch._dynamo")  # for the forked workers' first optimizer
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 

@@ -112,11 +112,14 @@ class Monitor:
         self.status: str | None = None  # the status written at close; None while the run goes on
         n = len(layers)
         # Per layer, on the device: the output's min and max (max |output| = max(max, -min) is taken
-        # on the host) and the batch-mean log-det. None: the layer has not run this step.
-        self._min: list[Tensor | None] = [None] * n
-        self._max: list[Tensor | None] = [None] * n
-        self._logdet: list[Tensor | None] = [None] * n
-        self._zero: Tensor | None = None  # a volume-preserving layer's log-det, made once per run
+        # on the host), written by each layer's reduction straight into one (2, N) tensor, so the step
+        # reads them with no stacking; NaN where a layer did not run this step. Made at the first
+        # capture, on the outputs' device.
+        self._extrema: Tensor | None = None
+        self._lows: list[Tensor] = []  # views of _extrema's rows, one per layer
+        self._highs: list[Tensor] = []
+        self._logdet: list[Tensor | None] = [None] * n  # batch-averaged at `step`, all layers at once
+        self._zero: Tensor | None = None
         self._active = True
         self._detach: Detach | None = self.adapter.attach(self._capture) if diagnostics else None
 
@@ -129,13 +132,45 @@ class Monitor:
             self._pixels[index] = int(output.shape[-2] * output.shape[-1])  # a shape: no sync
         # One pass over the output. aminmax, not vector_norm(ord=inf): measured 8 against 170 µs for
         # 49k floats on one CPU thread; both propagate NaN and inf.
-        self._min[index], self._max[index] = torch.aminmax(output.detach())
-        if logdet is None:
-            if self._zero is None:
-                self._zero = output.new_zeros(())
-            self._logdet[index] = self._zero
+        extrema = self._extrema
+        if (
+            extrema is not None
+            and output.dtype is extrema.dtype
+            and not (output.is_cuda and output.device != extrema.device)
+        ):
+            torch.aminmax(output.detach(), out=(self._lows[index], self._highs[index]))
         else:
-            self._logdet[index] = logdet.detach()  # batch-averaged at `step`, all layers at once
+            self._capture_extrema(index, output.detach())
+        self._logdet[index] = self._zero_logdet(output) if logdet is None else logdet.detach()
+
+    def _capture_extrema(self, index: int, output: Tensor) -> None:
+        """The first layer of a run, a new device, or another dtype than the extrema's."""
+        extrema = self._extrema
+        if extrema is None or extrema.device != output.device or _wider(output.dtype, extrema.dtype):
+            extrema = self._make_extrema(output)
+        if output.dtype is extrema.dtype:
+            torch.aminmax(output, out=(self._lows[index], self._highs[index]))
+        else:  # float16 or bfloat16 under autocast: reduced in its own dtype, which holds its extremes
+            values = torch.aminmax(output)
+            self._lows[index].copy_(values.min)
+            self._highs[index].copy_(values.max)
+
+    def _zero_logdet(self, output: Tensor) -> Tensor:
+        """A volume-preserving layer's log-det, made once per run."""
+        if self._zero is None:
+            self._zero = output.new_zeros(())
+        return self._zero
+
+    def _make_extrema(self, output: Tensor) -> Tensor:
+        """The (2, N) extrema on the output's device, in float32 (float64 for float64 outputs, whose
+        extremes float32 would turn into inf); what this step already holds is kept."""
+        dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
+        extrema = output.new_full((2, len(self.layer_names)), math.nan, dtype=dtype)
+        if self._extrema is not None:
+            extrema.copy_(self._extrema)
+        self._extrema = extrema
+        self._lows, self._highs = list(extrema[0].unbind()), list(extrema[1].unbind())
+        return extrema
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -233,17 +268,15 @@ class Monitor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else math.nan
 
-    def _layer_values(self, like: Tensor) -> Tensor:
-        """(3N,) on the device: every layer's output min, then max, then batch-mean log-det."""
-        if any(v is None for v in self._max):  # a layer that did not run this step
+    def _layer_values(self, like: Tensor) -> list[Tensor]:
+        """(3N,) on the device, in parts for the row's one `cat`: every layer's output min, then max,
+        then batch-mean log-det (float64)."""
+        if self._extrema is None:  # no layer ran this step
+            return [like.new_full((3 * len(self.layer_names),), math.nan, dtype=torch.float64)]
+        if any(v is None for v in self._logdet):  # a layer that did not run this step
             nan = like.new_full((), math.nan)
-            self._min, self._max, self._logdet = (
-                [nan if v is None else v for v in values] for values in (self._min, self._max, self._logdet)
-            )
-        dtype = torch.float64
-        mins = torch.stack(self._min).to(dtype)  # type: ignore[arg-type]
-        maxs = torch.stack(self._max).to(dtype)  # type: ignore[arg-type]
-        return torch.cat([mins, maxs, _batch_means(self._logdet).to(dtype)])  # type: ignore[arg-type]
+            self._logdet = [nan if v is None else v for v in self._logdet]
+        return [self._extrema.reshape(-1), _batch_means(self._logdet)]  # type: ignore[arg-type]
 
     def step(
         self,
@@ -276,9 +309,10 @@ class Monitor:
         packed: list[Tensor] = [values[name].detach().reshape(()) for name in on_device]  # type: ignore[union-attr]
         recording = self._detach is not None
         n, k = len(self.layer_names), len(on_device)
-        row = torch.stack(packed).to(torch.float64)
-        if recording:
-            row = torch.cat([row, self._layer_values(loss)])
+        row = torch.stack(packed)
+        if recording:  # one cat, promoted to the log-dets' float64
+            row = torch.cat([row, *self._layer_values(loss)])
+        row = row.to(torch.float64)  # already so when recording: no copy
         if self.ranks.enabled:  # the same row on every rank: every rank takes the same decisions
             layer = row[k:] if recording else row.new_zeros(3 * n)
             local = sum(name in on_device for name in ("loss", "bpd", "penalty"))  # they lead _SCALARS
@@ -288,14 +322,13 @@ class Monitor:
         onset_ranks = np.flatnonzero(host[k + 3 * n :] > 0) if self.ranks.enabled else np.zeros(0, int)
         scalars = {name: math.nan if values[name] is None else values[name] for name in _SCALARS}
         scalars.update({name: float(host[i]) for i, name in enumerate(on_device)})
-        if recording:
-            low, high, logdet = np.split(host[k : k + 3 * n], 3)
-            with np.errstate(invalid="ignore"):
-                max_abs = np.maximum(high, -low)  # NaN stays NaN
+        if recording:  # NaN stays NaN in both (and neither warns)
+            low, high, logdet = host[k : k + n], host[k + n : k + 2 * n], host[k + 2 * n : k + 3 * n]
+            max_abs = np.maximum(high, -low)
+            nonfinite = ~(np.isfinite(max_abs) & np.isfinite(logdet))
         else:
             max_abs = logdet = np.full(n, np.nan)
-        with np.errstate(invalid="ignore"):
-            nonfinite = (~np.isfinite(max_abs) | ~np.isfinite(logdet)) if recording else np.zeros(n, bool)
+            nonfinite = np.zeros(n, bool)
         record = StepRecord(
             self.state.step + 1, *(float(scalars[s]) for s in _SCALARS), max_abs, logdet, nonfinite
         )
@@ -315,7 +348,9 @@ class Monitor:
                 self.state.onset_rank = int(onset_ranks[0])
                 self.writer.set_onset_rank(self.state.onset_rank)
         self.last = record
-        self._min, self._max, self._logdet = [None] * n, [None] * n, [None] * n
+        self._logdet = [None] * n
+        if self._extrema is not None:
+            self._extrema.fill_(math.nan)  # after the row's copy above, on the same stream
         return onset
 
     def _onset(self, record: StepRecord, given: set[str], loss_scaled: bool) -> str | None:
@@ -365,10 +400,15 @@ class Monitor:
         return list(self._pixels)
 
 
+def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:
+    return dtype == torch.float64 and than != torch.float64
+
+
 def _batch_means(logdets: list[Tensor]) -> Tensor:
-    """(N,) each layer's batch-mean log-det: one stacked mean when every layer gave a (B,) log-det
-    (as flowdiag's Glow does), else one mean per layer (a scalar log-det is its own mean)."""
-    shapes = {tuple(t.shape) for t in logdets}
-    if len(shapes) == 1 and len(next(iter(shapes))) == 1:
-        return torch.stack(logdets).mean(dim=1)
-    return torch.stack([t.mean() if t.dim() else t for t in logdets])
+    """(N,) float64: each layer's log-det averaged over the batch (a scalar log-det is its own mean).
+    One stacked mean when every layer gave the same shape, as flowdiag's Glow does."""
+    try:
+        stacked = torch.stack(logdets)
+    except RuntimeError:  # shapes differ: (B,) beside scalars, say
+        return torch.stack([t.mean(dtype=torch.float64) for t in logdets])
+    return stacked.reshape(len(logdets), -1).mean(1, dtype=torch.float64)

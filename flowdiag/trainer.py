@@ -29,6 +29,7 @@ from flowdiag.environment import configure_threads, resolve_device, stop_on_sign
 from flowdiag.errors import UserError
 from flowdiag.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE
 from flowdiag.flat import FlatParameters
+from flowdiag.image_grid import save_grid
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.inverse import SAMPLES, check_inverse
 from flowdiag.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
@@ -36,6 +37,7 @@ from flowdiag.monitor import Monitor
 from flowdiag.objective import training_loss
 from flowdiag.precision import autocast, check_supported, grad_scaler
 from flowdiag.progress import ProgressSink
+from flowdiag.radam import RAdam
 from flowdiag.run_state import RunState
 
 
@@ -103,9 +105,7 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.flat = None if self.ranks.enabled else FlatParameters(trainable)
         self._optimized = [self.flat.flat] if self.flat is not None else trainable
-        self.optimizer = torch.optim.RAdam(
-            self._optimized, lr=self.config.train.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True
-        )
+        self.optimizer = RAdam(self._optimized, lr=self.config.train.lr, betas=(0.9, 0.999), eps=1e-8)
         # One seeded stream of global batches (batch size x ranks); each rank takes its own slice, so
         # ranks draw disjoint minibatches and a checkpoint of one stream resumes them all.
         batch, world = self.config.train.batch_size, self.ranks.world
@@ -323,15 +323,13 @@ class Trainer:
     def _save_samples(self) -> None:
         if not self.ranks.is_main:
             return
-        from torchvision.utils import save_image
-
         # A forked RNG: drawing samples must not shift the noise of a run resumed from here.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.monitor.paused():
             torch.manual_seed(self.config.train.seed)
             samples = self.model.sample(64, self.config.train.sample_temperature)
         if torch.isfinite(samples).all():
-            save_image((samples + 0.5).clamp(0, 1).cpu(), self.out_dir / SAMPLES_FILE, nrow=8)
+            save_grid((samples + 0.5).clamp(0, 1), self.out_dir / SAMPLES_FILE, nrow=8)
 
     # --- the loop --------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from flowdiag.store import read_run
 from flowdiag.trainer import RunResult, train
 
 STUDY_KIND = "ablation"
-POLL_SECONDS = 1.0  # while waiting for other workers' running cells
+POLL_SECONDS = 0.2  # while waiting for other workers' running cells: the last one ends the job
 # What may fail one cell and let the others run: memory. Anything else is a bug, and must stop the
 # worker loudly rather than leave a FAIL trial that every rerun retries.
 CELL_FAILURES: tuple[type[Exception], ...] = (torch.OutOfMemoryError,)
@@ -272,7 +272,9 @@ def work(
     after_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> None:
     """One worker: run queued cells until none is waiting and none is running anywhere."""
-    study = optuna.load_study(study_name=spec.study_name, storage=make_storage(spec.storage_url))
+    study = optuna.load_study(
+        study_name=spec.study_name, storage=make_storage(spec.storage_url, schema_checked=True)
+    )
     objective = objective or CellObjective(spec)
     while True:
         fail_dead_trials(study)

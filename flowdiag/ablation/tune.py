@@ -136,7 +136,9 @@ def run_tuning(
     """Run trials until the study holds n_trials finished ones (resumable) or the timeout passes."""
     sampler = make_sampler(spec)
     study = optuna.load_study(
-        study_name=spec.study_name, storage=make_storage(spec.storage_url), sampler=sampler
+        study_name=spec.study_name,
+        storage=make_storage(spec.storage_url, schema_checked=True),
+        sampler=sampler,
     )
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= spec.n_trials:

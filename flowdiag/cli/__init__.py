@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Annotated
 
 import typer
@@ -51,3 +52,14 @@ app.command("report")(report_command)
 app.command("watch")(watch_command)
 app.command("audit")(audit_command)
 app.command("export")(export_command)
+
+
+def run() -> None:
+    """The console script: the app, then a quick exit."""
+    try:
+        app(prog_name="flowdiag")
+    finally:
+        # The interpreter's last garbage collection walks every object torch and optuna made: 0.5 s of
+        # a 0.67 s exit after an ablation (measured). It skips frozen objects; atexit handlers and
+        # everything freed by reference counting are finalized as before.
+        gc.freeze()

@@ -1,0 +1,65 @@
+"""See a module's output by wrapping its `forward`, where a forward hook costs too much.
+
+A module with a forward hook leaves `nn.Module.__call__`'s fast path for its general one; on the
+default digits Glow (36 layers, 20 ms a step) that alone cost 0.15 to 0.25 ms a step, more than the
+reductions the hooks run (measured: a no-op wrapper 0.0 ms, a no-op hook +0.2 ms, interleaved in one
+process). An instance-level `forward` keeps the fast path: `__call__` finds it before the class's.
+
+What a forward hook also gets right, this keeps:
+- `copy.deepcopy` of the model: the copy's wrapper calls the copy's own forward (a closure would
+  call the original's weights), and reports to the same capture, as a copied hook would;
+- a module that already had an instance-level `forward` (another tool's wrapper) keeps it, chained,
+  and gets it back when the observer is removed;
+- torch.compile traces through it like any Python function call.
+
+A module that already has forward hooks is on the general path anyway, and its hooks may change
+its output after `forward` returns (fault injection, quantization): it gets a forward hook after
+them instead, so what is recorded is what the next layer receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+Observer = Callable[[Any], None]  # called with the module's output
+
+
+class ObservedForward:
+    """The instance-level `forward` of one module: its own forward, then `observer(output)`."""
+
+    def __init__(self, module: nn.Module, observer: Observer) -> None:
+        self.module = module
+        self.observer = observer
+        self.previous = module.__dict__.get("forward")  # another wrapper's, to chain and restore
+        self.inner = self.previous or module.__class__.forward.__get__(module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.inner(*args, **kwargs)
+        self.observer(output)
+        return output
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ObservedForward:
+        # deepcopy registers the module's copy in `memo` before copying its __dict__, which holds this.
+        copied = memo.get(id(self.module), self.module)
+        return ObservedForward(copied, self.observer)
+
+
+def observe_output(module: nn.Module, observer: Observer) -> Callable[[], None]:
+    """Call `observer` with every output of `module`; returns the function that stops it."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        handle = module.register_forward_hook(lambda _module, _args, output: observer(output))
+        return handle.remove
+    wrapper = ObservedForward(module, observer)
+    module.forward = wrapper  # type: ignore[method-assign]
+
+    def remove() -> None:
+        if module.__dict__.get("forward") is wrapper:
+            if wrapper.previous is None:
+                del module.forward
+            else:
+                module.forward = wrapper.previous  # type: ignore[method-assign]
+
+    return remove
