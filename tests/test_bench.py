@@ -17,7 +17,7 @@ from flowdiag.bench.competition import measure_competition
 from flowdiag.bench.grid import GridJob, passthrough_args, time_grid
 from flowdiag.bench.init_cost import init_cost
 from flowdiag.bench.parts import PARTS, parse_parts
-from flowdiag.bench.results import HOOKS, HOOKS_HDF5, MODES, NO_HOOKS, WorkersResult
+from flowdiag.bench.results import HOOKS, HOOKS_HDF5, MODES, NO_HOOKS, ModeTiming, StepTiming, WorkersResult
 from flowdiag.bench.steps import open_trainer, step_times, time_steps
 from flowdiag.bench.sync_check import check_syncs, classify_syncs
 from flowdiag.bench.workers import worker_startup
@@ -67,11 +67,12 @@ def test_parts_parse_in_order_and_a_bad_name_is_one_line() -> None:
 def test_steps_three_modes_with_overheads_and_hdf5_bytes(
     config: RunConfig, data: ImageData, tmp_path: Path
 ) -> None:
-    steps = time_steps(config, data, steps=2, blocks=1, workdir=tmp_path)
+    steps = time_steps(config, data, steps=2, blocks=2, workdir=tmp_path)
     assert [m.mode for m in steps.modes] == list(MODES)
     for mode in MODES:
         timing = steps.timing(mode)
-        assert len(timing.times_s) == 2 and all(t > 0 for t in timing.times_s)
+        assert len(timing.times_s) == 4 and all(t > 0 for t in timing.times_s)
+        assert len(timing.round_medians_s) == 2
         assert math.isfinite(steps.overhead_percent(mode))
     assert steps.overhead_percent(NO_HOOKS) == 0.0
     assert steps.hdf5_bytes_per_step > 0
@@ -84,6 +85,16 @@ def test_steps_three_modes_with_overheads_and_hdf5_bytes(
         NO_HOOKS,
         HOOKS_HDF5,
     )
+
+
+def test_overheads_are_paired_within_rounds() -> None:
+    # Round 2 ran in a process twice as slow: pooled medians would mix that into the overhead.
+    base = ModeTiming(NO_HOOKS, (10.0, 10.0, 20.0, 20.0, 30.0), (10.0, 20.0, 30.0))
+    hooks = ModeTiming(HOOKS, (10.1, 10.1, 20.2, 20.2, 20.2), (10.1, 20.2, 30.6))
+    steps = StepTiming((base, hooks, ModeTiming(HOOKS_HDF5, base.times_s, base.round_medians_s)), math.nan)
+    assert steps.round_overheads(HOOKS) == pytest.approx([1.0, 1.0, 2.0])
+    assert steps.overhead_percent(HOOKS) == pytest.approx(1.0)
+    assert "+1.0 % (+1.0 to +2.0)" in _render(tables.steps_table(steps))
 
 
 def test_without_hdf5_the_step_writes_nothing(config: RunConfig, data: ImageData, tmp_path: Path) -> None:

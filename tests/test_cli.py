@@ -267,6 +267,20 @@ def test_cli_imports_no_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_training_imports_neither_dynamo_nor_torchvision(tmp_path: Path) -> None:
+    # Each costs a second or more in every process that trains (torch.optim's optimizers import
+    # torch._dynamo; torchvision.utils imports torchvision.ops, which imports it too).
+    code = (
+        "import sys; from flowdiag.cli import app\n"
+        f"app(['train', '--steps', '3', '--eval-every', '3', '--out', {str(tmp_path / 'run')!r}],"
+        " standalone_mode=False)\n"
+        "print(sorted({'torch._dynamo', 'torchvision'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "run" / "samples.png").exists()
+
+
 def _poll(read, done, process: subprocess.Popen, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ def overhead_percent(base_s: float, other_s: float) -> float:
 class ModeTiming:
     mode: str
     times_s: tuple[float, ...]  # every timed step of every block of this mode
+    round_medians_s: tuple[float, ...] = ()  # the median step of each round, in round order
 
     @property
     def median_s(self) -> float:
@@ -41,8 +42,17 @@ class StepTiming:
     def timing(self, mode: str) -> ModeTiming:
         return next(m for m in self.modes if m.mode == mode)
 
+    def round_overheads(self, mode: str) -> list[float]:
+        """`mode` against no hooks within each round, in %: one process, one trainer, so what differs
+        between processes (±15 % here) cancels out."""
+        base, other = self.timing(NO_HOOKS).round_medians_s, self.timing(mode).round_medians_s
+        return [overhead_percent(b, o) for b, o in zip(base, other, strict=True)]
+
     def overhead_percent(self, mode: str) -> float:
-        """Median step of `mode` over the median without hooks, in %."""
+        """The median over rounds of `mode` against no hooks in the same round, in %."""
+        paired = self.round_overheads(mode)
+        if paired:
+            return statistics.median(paired)
         return overhead_percent(self.timing(NO_HOOKS).median_s, self.timing(mode).median_s)
 
 

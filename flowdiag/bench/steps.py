@@ -9,6 +9,7 @@ blocks of its own fresh process, the modes interleaved:
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -93,8 +94,10 @@ def time_steps(
     config: RunConfig, data: ImageData, steps: int, blocks: int, workdir: Path, modes: tuple[str, ...] = MODES
 ) -> StepTiming:
     """Median step per mode over `blocks` rounds, each round a fresh process running every mode once
-    in a rotated order, so no mode always runs first or last."""
+    in a rotated order, so no mode always runs first or last; and each round's median per mode, for
+    overheads paired within a round."""
     samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    medians: dict[str, list[float]] = {mode: [] for mode in modes}
     grown: list[float] = []
     for block in range(blocks):
         shift = block % len(modes)
@@ -104,7 +107,8 @@ def time_steps(
         )
         for mode, (times, bytes_per_step) in zip(order, results, strict=True):
             samples[mode] += times
+            medians[mode].append(statistics.median(times))
             if mode == HOOKS_HDF5:
                 grown.append(bytes_per_step)
-    timings = tuple(ModeTiming(mode, tuple(samples[mode])) for mode in modes)
+    timings = tuple(ModeTiming(mode, tuple(samples[mode]), tuple(medians[mode])) for mode in modes)
     return StepTiming(timings, sum(grown) / len(grown) if grown else math.nan)

@@ -61,19 +61,25 @@ def header(result: BenchResult) -> str:
 def steps_table(steps: StepTiming) -> Group:
     n = len(steps.timing(NO_HOOKS).times_s)
     title, table = _table(
-        f"trainer step (forward, backward, optimizer): {n} steps per mode, fresh process per block",
+        f"trainer step (forward, backward, optimizer): {n} steps per mode; a fresh process per round",
         "mode",
         "median step",
-        "overhead",
+        "overhead: median (range) of rounds",
         "mean step (with flushes)",
         "HDF5 bytes/step",
     )
     for mode in MODES:
         timing = steps.timing(mode)
-        overhead = "-" if mode == NO_HOOKS else f"{steps.overhead_percent(mode):+.1f} %"
+        overhead = "-" if mode == NO_HOOKS else _overhead(steps, mode)
         hdf5 = f"{steps.hdf5_bytes_per_step:.0f}" if mode == HOOKS_HDF5 else "-"
         table.add_row(mode, _ms(timing.median_s), overhead, _ms(timing.mean_s), hdf5)
     return _titled(title, table)
+
+
+def _overhead(steps: StepTiming, mode: str) -> str:
+    paired = steps.round_overheads(mode)
+    spread = f" ({min(paired):+.1f} to {max(paired):+.1f})" if len(paired) > 1 else ""
+    return f"{steps.overhead_percent(mode):+.1f} %{spread}"
 
 
 def sync_line(sync: SyncCheck) -> Text:
