@@ -216,14 +216,14 @@ class Monitor:
 
     def set_mode(self, *, hooks: bool, write: bool) -> None:
         """For `flowdiag bench`'s A/B in one process: the per-layer hooks attached or not, and rows
-        written to the run file or dropped (computed all the same)."""
+        written to the run file or dropped (computed all the same). Rows the file writer holds stay
+        in its buffer and go out with its next block, so a mode's writes are timed in that mode."""
         if hooks and self._detach is None:
             self._detach = self.adapter.attach(self._capture)
         elif not hooks and self._detach is not None:
             self._detach.remove()
             self._detach = None
-        self.writer.flush()
-        if isinstance(self._writer, RunWriter):
+        if isinstance(self.writer, RunWriter):
             self._file_writer = self._writer
         self._writer = self._file_writer if write and self._file_writer is not None else NullWriter()
 
