@@ -136,6 +136,7 @@ class Monitor:
         if (
             extrema is not None
             and output.dtype is extrema.dtype
+            and output.is_cuda == extrema.is_cuda
             and not (output.is_cuda and output.device != extrema.device)
         ):
             torch.aminmax(output.detach(), out=(self._lows[index], self._highs[index]))
