@@ -1,5 +1,5 @@
-"""The trainer step (`Trainer.one_step`: forward, backward, optimizer) in three modes, each timed in
-blocks of its own fresh process, the modes interleaved:
+"""The trainer step (`Trainer.one_step`: forward, backward, optimizer) in three modes, timed in
+rounds: each round one fresh process and one trainer, the modes taking turns every few steps:
 
 - no hooks: `diagnostics=False` and the run file's writes dropped;
 - hooks: the per-layer hooks and the packed row copied to the host every step, writes dropped;
