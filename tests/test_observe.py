@@ -4,6 +4,7 @@ extrema record each layer's true max |output| in every dtype."""
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ from torch import nn
 
 from flowdiag import Monitor
 from flowdiag.adapters.observe import observe_output
+from flowdiag.files import RUN_FILE
 from flowdiag.model import dequantize
+from flowdiag.store import read_run
 
 from .flows import tiny_glow, tiny_images
 
@@ -73,7 +76,7 @@ def _record_one_step(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[np.n
     expected: dict[str, float] = {}
     handles = [
         module.register_forward_hook(
-            lambda m, a, output, name=name: expected.__setitem__(name, float(output[0].abs().max()))
+            lambda m, a, output, name=name: expected.__setitem__(name, float(output[0].detach().abs().max()))
         )
         for name, module in model.flow_layers()
     ]
@@ -98,9 +101,15 @@ def test_the_record_is_each_layers_max_abs(dtype: torch.dtype, tmp_path: Path) -
 def test_float64_extremes_beyond_float32_stay_finite(tmp_path: Path) -> None:
     model = tiny_glow()  # float64
     x = dequantize(tiny_images(4), 8).double() * 1e300  # far past float32's 3.4e38
-    recorded, expected = _record_one_step(model, x, tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "overflow encountered in cast"
+        recorded, expected = _record_one_step(model, x, tmp_path / "run")
     assert np.isfinite(recorded[0]) and recorded[0] > 1e299
     np.testing.assert_array_equal(recorded, expected)
+    # The file stores float32: a finite value past its range is saved as float32's largest, not inf.
+    stored = read_run(tmp_path / "run" / RUN_FILE).max_abs[0]
+    assert np.isfinite(stored).all()
+    assert stored[0] == np.finfo(np.float32).max
 
 
 def test_bfloat16_outputs_are_recorded(tmp_path: Path) -> None:
@@ -108,7 +117,9 @@ def test_bfloat16_outputs_are_recorded(tmp_path: Path) -> None:
     x = dequantize(tiny_images(4), 8).float()
     expected: list[float] = []
     handles = [
-        module.register_forward_hook(lambda m, a, output: expected.append(float(output[0].abs().max())))
+        module.register_forward_hook(
+            lambda m, a, output: expected.append(float(output[0].detach().abs().max()))
+        )
         for _, module in model.flow_layers()
     ]
     with Monitor(model, tmp_path / "run") as monitor, torch.autocast("cpu", dtype=torch.bfloat16):

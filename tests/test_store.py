@@ -142,7 +142,8 @@ def test_file_layout_matches_the_documented_names(tmp_path: Path) -> None:
             dataset = f[name]
             assert dataset.maxshape[0] is None, name
             assert dataset.chunks is not None and dataset.chunks[0] >= 16, name
-            assert dataset.compression in ("gzip", "lzf"), name
+            # Uncompressed, so that a flush rewrites the last chunk in place (see layout._CHUNK_ROWS).
+            assert dataset.compression is None and dataset.compression_opts is None, name
         assert f["steps/step"].shape == (12,)
         assert f["layers/max_abs"].shape == (12, N)
         assert h5py.check_string_dtype(f["layers/name"].dtype).encoding == "utf-8"
@@ -556,3 +557,16 @@ def test_format_1_file_reads_with_unknown_geometry_and_clock(tmp_path: Path) -> 
     assert (record.phase, record.total_steps) == ("train", -1)
     with pytest.raises(UserError, match="older flowdiag"):
         RunWriter.open_existing(path)
+
+
+def test_the_file_grows_by_the_row_size_per_step(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path, flush_every=64)
+    append_steps(writer, range(1, 65))
+    size_after_one_chunk = path.stat().st_size
+    append_steps(writer, range(65, 129))
+    row = store.bytes_per_step(path)
+    # step, loss, bpd, penalty, grad_norm, lr, wall_time: float64/int64; max_abs, logdet: float32; nonfinite: bool
+    assert row == 7 * 8 + N * (4 + 4 + 1)
+    # Uncompressed: 64 more rows take exactly 64 rows' bytes, the chunk index already in place.
+    assert path.stat().st_size - size_after_one_chunk == 64 * row

@@ -37,7 +37,7 @@ class ModeTiming:
 @dataclass(frozen=True)
 class StepTiming:
     modes: tuple[ModeTiming, ...]
-    hdf5_bytes_per_step: float  # growth of run.h5 per step, in the hooks + HDF5 blocks
+    hdf5_bytes_per_step: float  # one step's row in run.h5 (store.bytes_per_step); NaN without HDF5
 
     def timing(self, mode: str) -> ModeTiming:
         return next(m for m in self.modes if m.mode == mode)

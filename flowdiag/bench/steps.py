@@ -18,6 +18,7 @@ from flowdiag.bench.results import HOOKS_HDF5, MODES, NO_HOOKS, ModeTiming, Step
 from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
 from flowdiag.files import RUN_FILE
+from flowdiag.store import bytes_per_step
 from flowdiag.trainer import Trainer
 
 WARMUP_STEPS = 5  # first-call allocations and the writer's first rows: not the steady state
@@ -52,15 +53,11 @@ def _block(
 ) -> tuple[list[float], float]:
     """In a fresh process: warm up, time `steps` steps; returns the times and HDF5 bytes per step."""
     trainer = open_trainer(RunConfig.from_json(config_json), data, mode, Path(folder))
-    run_file = trainer.out_dir / RUN_FILE
     step_times(trainer, WARMUP_STEPS)
     trainer.monitor.flush()
-    size_before = run_file.stat().st_size
     times = step_times(trainer, steps)
-    trainer.monitor.flush()  # untimed: what the timed steps left in the buffer
-    grown = (run_file.stat().st_size - size_before) / steps if mode == HOOKS_HDF5 else math.nan
-    trainer.monitor.close()
-    return times, grown
+    trainer.monitor.close()  # untimed: what the timed steps left in the buffer
+    return times, bytes_per_step(trainer.out_dir / RUN_FILE) if mode == HOOKS_HDF5 else math.nan
 
 
 def _round(
@@ -71,19 +68,16 @@ def _round(
     alone (between processes the step time varied by ±15 % here, more than the hooks cost), and
     short turns cancel the drift within the process (measured: ±5 % between 20-step blocks)."""
     trainer = open_trainer(RunConfig.from_json(config_json), data, HOOKS_HDF5, Path(folder))
-    run_file = trainer.out_dir / RUN_FILE
     step_times(trainer, WARMUP_STEPS)
     trainer.monitor.flush()
-    size_before = run_file.stat().st_size
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for start in range(0, steps, SUB_BLOCK):
         for mode in modes:
             set_mode(trainer, mode)
             times[mode] += step_times(trainer, min(SUB_BLOCK, steps - start))
-    trainer.monitor.flush()  # untimed: what the timed steps left in the buffer
-    grown = (run_file.stat().st_size - size_before) / steps
-    trainer.monitor.close()
-    return [(times[mode], grown if mode == HOOKS_HDF5 else math.nan) for mode in modes]
+    trainer.monitor.close()  # untimed: what the timed steps left in the buffer
+    row = bytes_per_step(trainer.out_dir / RUN_FILE)
+    return [(times[mode], row if mode == HOOKS_HDF5 else math.nan) for mode in modes]
 
 
 def run_block(
@@ -101,17 +95,17 @@ def time_steps(
     overheads paired within a round."""
     samples: dict[str, list[float]] = {mode: [] for mode in modes}
     medians: dict[str, list[float]] = {mode: [] for mode in modes}
-    grown: list[float] = []
+    row_bytes: list[float] = []
     for block in range(blocks):
         shift = block % len(modes)
         order = modes[shift:] + modes[:shift]
         results = in_fresh_process(
             _round, config.to_json(), data, order, steps, str(workdir / f"round-{block}")
         )
-        for mode, (times, bytes_per_step) in zip(order, results, strict=True):
+        for mode, (times, row) in zip(order, results, strict=True):
             samples[mode] += times
             medians[mode].append(statistics.median(times))
             if mode == HOOKS_HDF5:
-                grown.append(bytes_per_step)
+                row_bytes.append(row)
     timings = tuple(ModeTiming(mode, tuple(samples[mode]), tuple(medians[mode])) for mode in modes)
-    return StepTiming(timings, sum(grown) / len(grown) if grown else math.nan)
+    return StepTiming(timings, sum(row_bytes) / len(row_bytes) if row_bytes else math.nan)

@@ -129,6 +129,16 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
     )
 
 
+def bytes_per_step(path: Path) -> int:
+    """The bytes one step's row takes in a run file, read from its datasets' types and widths. The
+    datasets are uncompressed, so this is what the file grows by per step (a chunk of rows at a time)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return sum(f[name].dtype.itemsize * int(np.prod(f[name].shape[1:])) for name in _step_datasets(f))
+    except (OSError, RuntimeError, KeyError, ValueError):
+        raise UserError(_unreadable(Path(path))) from None
+
+
 def is_run_file(path: Path) -> bool:
     """Cheap check: an HDF5 file carrying the flowdiag_version attribute."""
     path = Path(path)

@@ -252,7 +252,10 @@ class RunWriter:
         self._wall_time[i] = self._clock_offset + now - self._started
         self._scalars[i] = (loss, bpd, penalty, grad_norm, lr)
         for name, values in per_layer.items():
-            self._layers[name][i] = values
+            buffer = self._layers[name]
+            if values.dtype.itemsize > buffer.dtype.itemsize and buffer.dtype.kind == "f":
+                values = _saturate(values, buffer.dtype)
+            buffer[i] = values
         self._n_buffered += 1
         if self._n_buffered == self.flush_every or now - self._last_flush >= self.flush_seconds:
             self.flush()
@@ -359,7 +362,10 @@ class RunWriter:
                 group.create_dataset("name", data=self._init["name"], dtype=_STRING)
                 for key in (*_INIT_FLOATS, *_INIT_INTS):
                     group.create_dataset(key, data=self._init[key])
-            self._write_attrs(f)
+            # Only when changed: rewriting a string attribute moves it in the file, which a kill could
+            # catch half done, and a flush of rows alone then touches no metadata but the datasets'.
+            if self._attrs_dirty:
+                self._write_attrs(f)
         # Forget the buffer only once the file has closed cleanly: a failed flush can be retried.
         self._n_disk += self._n_buffered
         self._n_evals_disk += len(self._evals)
@@ -410,6 +416,13 @@ class RunWriter:
     ) -> None:
         # A run that dies with an exception while still "running" must not look alive in the file.
         self.close("failed" if exc_type is not None and self._status == "running" else None)
+
+
+def _saturate(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Finite values beyond `dtype`'s range become its largest finite value, not inf: the file keeps
+    "finite" true, and inf and NaN stay what they were."""
+    limit = np.finfo(dtype).max
+    return np.where(np.isfinite(values), np.clip(values, -limit, limit), values)
 
 
 class NullWriter:

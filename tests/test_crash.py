@@ -1,0 +1,75 @@
+"""A run killed with SIGKILL at any moment, flushes included, leaves a file that reads back exactly.
+
+The writer below flushes every 5 rows without pause, so most kills land inside a flush: the worst case
+for a run file, which a training run meets far less often.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowdiag.store import read_run
+
+N_LAYERS = 9
+WRITER = f"""
+import sys
+from pathlib import Path
+import numpy as np
+from flowdiag.store.writer import RunWriter
+
+n = {N_LAYERS}
+names = [f"l{{i}}" for i in range(n)]
+writer = RunWriter(Path(sys.argv[1]), config_json="{{}}", version="t", layer_names=names,
+                   layer_kinds=["actnorm"] * n, flush_every=5, flush_seconds=3600.0)
+writer.write_init(names, np.zeros(n), np.ones(n), np.ones(n), np.ones(n, np.int64))
+print("ready", flush=True)
+step = 0
+while True:
+    step += 1
+    values = np.arange(n) / 100 + step
+    writer.append_step(step, loss=step, bpd=step + 0.5, penalty=0.25, grad_norm=2.0 * step, lr=1e-3,
+                       max_abs=values.astype(np.float32), logdet=-values, nonfinite=values % 3 < 1)
+    if step % 10 == 0:
+        writer.append_eval(step, 2.0 * step)
+"""
+
+
+def _killed_run(path: Path, after_s: float) -> None:
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE)
+    assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+    try:
+        process.wait(timeout=after_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_flush_reads_back_exactly(tmp_path: Path) -> None:
+    # With gzip-compressed datasets, half of such kills left an unreadable file and 1 in 11 a file in
+    # which one dataset read back another's bytes.
+    kill_after = random.Random(0)
+    for trial in range(16):
+        path = tmp_path / f"run{trial}.h5"
+        _killed_run(path, kill_after.uniform(0.02, 0.3))
+        record = read_run(path)
+        steps = np.arange(1, len(record.step) + 1)
+        assert len(steps) % 5 == 0, "rows come in whole flushes"
+        np.testing.assert_array_equal(record.step, steps)
+        np.testing.assert_array_equal(record.loss, steps)
+        np.testing.assert_array_equal(record.bpd, steps + 0.5)
+        np.testing.assert_array_equal(record.grad_norm, 2.0 * steps)
+        values = np.arange(N_LAYERS) / 100 + steps[:, None]
+        np.testing.assert_array_equal(record.max_abs, values.astype(np.float32))
+        np.testing.assert_array_equal(record.logdet, (-values).astype(np.float32))
+        np.testing.assert_array_equal(record.nonfinite, values % 3 < 1)
+        np.testing.assert_array_equal(record.eval_step, np.arange(1, len(record.eval_step) + 1) * 10)
+        np.testing.assert_array_equal(record.eval_bpd, 2.0 * record.eval_step)
+        assert record.init is not None and record.status == "running"
