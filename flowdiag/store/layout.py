@@ -35,7 +35,7 @@ _REQUIRED = (*_STEP_DATASETS, *_EVAL_DATASETS, "layers/name", "layers/kind")
 # the same open may hand that space to another dataset's chunk before the index that still points there
 # is written. In a stress test, 14 of 160 kills mid-flush left a dataset reading another's bytes and half
 # of 360 left an unreadable file; uncompressed, none of 200 did. An uncompressed chunk is rewritten in
-# place, so its index entry never moves. gzip saved nothing anyway: 0.9x the raw size at 2,000 steps.
+# place, so its index entry never moves. gzip saved only 11 %: 791 against 889 kB at 2,000 digits steps.
 _CHUNK_ROWS = 64
 _STRING = h5py.string_dtype("utf-8")
 # A reader that opened with HDF5's default locking holds a shared lock for as long as it reads;
