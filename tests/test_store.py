@@ -567,7 +567,7 @@ def test_the_file_grows_by_the_row_size_per_step(tmp_path: Path) -> None:
     size_after_one_chunk = path.stat().st_size
     append_steps(writer, range(65, 129))
     row = store.bytes_per_step(path)
-    # step, loss, bpd, penalty, grad_norm, lr, wall_time: float64/int64; max_abs, logdet: float32; nonfinite: bool
+    # step, wall_time and the five scalars: 8 bytes; max_abs, logdet: float32; nonfinite: bool
     assert row == 7 * 8 + N * (4 + 4 + 1)
     # Uncompressed: 64 more rows take exactly 64 rows' bytes, the chunk index already in place.
     assert path.stat().st_size - size_after_one_chunk == 64 * row
