@@ -127,15 +127,19 @@ def test_file_layout_matches_the_documented_names(tmp_path: Path) -> None:
     with h5py.File(path, "r") as f:
         assert f.attrs["format_version"] == 2
         assert f.attrs["flowdiag_version"] == "9.9.9"
-        assert (f.attrs["phase"], f.attrs["total_steps"]) == ("init", -1)
+        assert (f.attrs["phase"], f.attrs["total_steps"]) == (b"init", -1)
         assert f["layers/pixels"][()].tolist() == PIXELS
         assert f["steps/wall_time"].shape == (12,)
         assert json.loads(f.attrs["config"]) == {"k": [1, 2]}
-        assert (f.attrs["status"], f.attrs["nan_onset_step"], f.attrs["nan_onset_layer"]) == (
-            "running",
-            -1,
-            "",
-        )
+        onset = (f.attrs["nan_onset_step"], f.attrs["nan_onset_layer"])
+        assert (f.attrs["status"], *onset) == (b"running", -1, b"")
+        # What flushes finished: step, eval and inverse rows, init entries (none: no init written).
+        assert f.attrs["committed"].tolist() == [12, 1, 0, 0]
+        assert "init" in f and len(f["init"]) == 0  # made with the file, so the root's links never change
+        # The text a flush may change is fixed-width UTF-8, wide enough for any layer name: written in place.
+        for name in ("status", "phase", "nan_onset_layer", "reverse_onset_layer"):
+            stored = h5py.check_string_dtype(f.attrs.get_id(name).dtype)
+            assert stored is not None and stored.encoding == "utf-8" and stored.length == 64, name
         growing = [f"steps/{n}" for n in ("step", "loss", "bpd", "penalty", "grad_norm", "lr", "wall_time")]
         growing += ["layers/max_abs", "layers/logdet", "layers/nonfinite", "eval/step", "eval/bpd"]
         for name in growing:
@@ -148,7 +152,6 @@ def test_file_layout_matches_the_documented_names(tmp_path: Path) -> None:
         assert f["layers/max_abs"].shape == (12, N)
         assert h5py.check_string_dtype(f["layers/name"].dtype).encoding == "utf-8"
         assert h5py.check_string_dtype(f["layers/kind"].dtype).encoding == "utf-8"
-        assert "init" not in f
 
 
 # --- visibility and durability -------------------------------------------------------------------
@@ -307,6 +310,85 @@ def test_reader_takes_the_common_prefix_of_a_half_finished_flush(tmp_path: Path)
     record = read_run(path)
     assert_rows(record, np.arange(1, 11))
     assert len(record.eval_bpd) == len(record.eval_step) == 0
+
+
+def test_rows_a_killed_flush_wrote_past_the_committed_count_are_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    with make_writer(path) as writer:
+        append_steps(writer, range(1, 11))
+        writer.append_eval(10, 2.0)
+    with h5py.File(path, "r+") as f:  # a flush killed after its rows but before it raised the counts
+        for name in [*(n for n in f["steps"]), *("max_abs", "logdet", "nonfinite")]:
+            dataset = f[f"steps/{name}"] if name in f["steps"] else f[f"layers/{name}"]
+            dataset.resize(15, axis=0)  # the five rows a killed flush left: zeros, or anything
+        for name in ("step", "bpd"):
+            f[f"eval/{name}"].resize(3, axis=0)
+    assert f"{read_run(path).step.tolist()}" == f"{list(range(1, 11))}"
+    assert read_run(path).eval_step.tolist() == [10]
+    # A resumed run writes over the uncounted rows, and counts its own.
+    resumed = RunWriter.open_existing(path)
+    append_steps(resumed, range(11, 13))
+    resumed.close()
+    assert_rows(read_run(path), np.arange(1, 13))
+
+
+def test_an_init_counts_once_a_flush_finished_it_and_a_second_replaces_it(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path)
+    writer.write_init(["a", "b"], [0.0, 1.0], [2.0, 3.0], [0.5, 0.25], [64, 32])
+    writer.write_init(["c"], [4.0], [5.0], [0.125], [16])
+    record = read_run(path)
+    assert record.init is not None and record.init["name"] == ["c"]
+    assert record.init["log_scale_max"].tolist() == [5.0] and record.init["n_values"].tolist() == [16]
+    with h5py.File(path, "r+") as f:  # a flush killed while it wrote the init: not counted yet
+        f.attrs.modify("committed", [*f.attrs["committed"][:3], 0])
+    assert read_run(path).init is None
+    writer.close()
+
+
+def test_a_file_from_before_the_counts_and_fixed_width_text_reads_and_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    with make_writer(path) as writer:
+        append_steps(writer, range(1, 6))
+        writer.write_init(["a"], [0.0], [1.0], [0.5], [64])
+    with h5py.File(path, "r+") as f:  # what flowdiag wrote before: variable-length text, no counts
+        del f.attrs["committed"]
+        for name in ("status", "phase", "nan_onset_layer", "reverse_onset_layer"):
+            value = f.attrs[name].decode()
+            del f.attrs[name]
+            f.attrs[name] = value
+    assert_rows(read_run(path), np.arange(1, 6))
+    assert read_run(path).init is not None
+    resumed = RunWriter.open_existing(path)
+    append_steps(resumed, range(6, 8))
+    resumed.set_status("diverged", onset_step=7, onset_layer="level0.step0.coupling")
+    resumed.close()
+    record = read_run(path)
+    assert_rows(record, np.arange(1, 8))
+    assert record.init is not None and record.init["name"] == ["a"]
+    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == (
+        "diverged",
+        7,
+        "level0.step0.coupling",
+    )
+
+
+def test_text_attributes_fit_the_longest_layer_name_and_change_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    names = ["a" * 100, "ünïcode.layer"]
+    writer = RunWriter(
+        path, config_json="{}", version="t", layer_names=names, layer_kinds=["actnorm", "coupling"]
+    )
+    with h5py.File(path, "r") as f:
+        assert h5py.check_string_dtype(f.attrs.get_id("nan_onset_layer").dtype).length == 100
+    writer.set_status("running", onset_step=1, onset_layer="")
+    size = path.stat().st_size
+    for onset in names:
+        writer.set_status("diverged", onset_step=1, onset_layer=onset)
+        assert read_run(path).nan_onset_layer == onset
+    assert path.stat().st_size == size  # rewritten in place: nothing new allocated
+    with h5py.File(path, "r") as f:
+        assert h5py.check_string_dtype(f.attrs.get_id("nan_onset_layer").dtype).length == 100
 
 
 # --- creating and failing ------------------------------------------------------------------------

@@ -1,13 +1,11 @@
 """One HDF5 file per training run: the per-step, per-layer record, and the reader for it.
 
-Durability comes from never holding the file open. The writer buffers rows in memory and, at each
-flush, opens the file, appends the block, updates the attributes that changed and closes it again. A run
-killed outside a flush (SIGKILL, the OOM killer, a lost node) therefore leaves a closed, consistent file
-holding every row up to its last flush, and other processes can read that file while the run goes on.
-A kill inside a flush of rows leaves the rows of the flushes before it, each exact: the datasets are
-uncompressed, so a flush rewrites chunks in place and moves nothing the file's index points at
-(tests/test_crash.py). HDF5 has no journal, so a kill inside one of the rare flushes that change an
-attribute (status, phase, onset) or write the init is not covered.
+Durability comes from never holding the file open, and from ordering what a flush writes. The writer
+buffers rows in memory; each flush opens the file, appends the block (uncompressed chunks, rewritten in
+place), has HDF5 write it all out, then raises the `committed` counts and changes the attributes in
+place (fixed-width text), and closes. A run killed at any moment (SIGKILL, the OOM killer, a lost node)
+leaves a file that opens and holds every row up to its last complete flush, each exact: readers read no
+more than the counts say (tests/test_crash.py). Other processes can read the file while the run goes on.
 """
 
 from flowdiag.store.inverse import InverseRecord, InverseRow

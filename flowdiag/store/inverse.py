@@ -13,7 +13,18 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from flowdiag.store.layout import _STRING, _append, _common_length, _growing, _rows_through, _strings
+from flowdiag.store.layout import (
+    _STRING,
+    INVERSE,
+    _append,
+    _complete_rows,
+    _create_text,
+    _growing,
+    _rows_through,
+    _strings,
+    _text,
+    _update,
+)
 
 _PER_LAYER = {"max_abs": np.float32, "nonfinite": np.bool_}  # reverse/<name>, (E, N)
 _SCALARS = ("recon_error", "nonfinite_samples")  # reverse/<name>, float64, (E,)
@@ -50,9 +61,9 @@ def conv_names(names: list[str], kinds: list[str]) -> list[str]:
     return [name for name, kind in zip(names, kinds, strict=True) if kind == "invconv"]
 
 
-def create(f: h5py.File, names: list[str], kinds: list[str]) -> None:
+def create(f: h5py.File, names: list[str], kinds: list[str], text_width: int) -> None:
     f.attrs["reverse_onset_step"] = -1
-    f.attrs["reverse_onset_layer"] = ""
+    _create_text(f, "reverse_onset_layer", "", text_width)
     group = f.create_group("reverse")
     _growing(group, "step", np.int64)
     for name, dtype in _PER_LAYER.items():
@@ -73,7 +84,7 @@ def _datasets(f: h5py.File) -> list[str]:
 
 
 def rows_on_disk(f: h5py.File) -> int:
-    return _common_length(f, _datasets(f)) if "reverse" in f else 0
+    return _complete_rows(f, _datasets(f), INVERSE) if "reverse" in f else 0
 
 
 def append(f: h5py.File, start: int, rows: list[InverseRow]) -> None:
@@ -89,8 +100,8 @@ def append(f: h5py.File, start: int, rows: list[InverseRow]) -> None:
 
 
 def set_onset(f: h5py.File, step: int, layer: str) -> None:
-    f.attrs["reverse_onset_step"] = step
-    f.attrs["reverse_onset_layer"] = layer
+    _update(f, "reverse_onset_step", step)
+    _update(f, "reverse_onset_layer", layer)
 
 
 def truncate_after(f: h5py.File, step: int) -> int:
@@ -124,5 +135,5 @@ def read(f: h5py.File, n_layers: int) -> InverseRecord:
         conv_logabsdet=per_conv["logabsdet"],
         conv_cond=per_conv["cond"],
         onset_step=int(f.attrs.get("reverse_onset_step", -1)),
-        onset_layer=str(f.attrs.get("reverse_onset_layer", "")),
+        onset_layer=_text(f.attrs.get("reverse_onset_layer", "")),
     )

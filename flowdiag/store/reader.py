@@ -20,12 +20,16 @@ from flowdiag.store.layout import (
     _LAYER_ARRAYS,
     _SCALARS,
     _WALL_TIME,
+    EVALS,
     LAYER_KINDS,
+    STEPS,
     _check_run,
-    _common_length,
+    _complete_rows,
+    _init_entries,
     _reason,
     _step_datasets,
     _strings,
+    _text,
     _unreadable,
 )
 
@@ -96,11 +100,11 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
         raise UserError(
             f"{path} has a config attribute that is not valid JSON: re-run the training"
         ) from None
-    t = _common_length(f, _step_datasets(f))
+    t = _complete_rows(f, _step_datasets(f), STEPS)
     names = _strings(f["layers/name"])
-    e = _common_length(f, _EVAL_DATASETS)
+    e = _complete_rows(f, _EVAL_DATASETS, EVALS)
     init: dict[str, np.ndarray | list[str]] | None = None
-    if "init" in f:
+    if _init_entries(f):
         group = f["init"]
         init = {"name": _strings(group["name"])}
         for key in (*_INIT_FLOATS, *_INIT_INTS):
@@ -109,11 +113,11 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
         path=path,
         version=str(f.attrs["flowdiag_version"]),
         config=config,
-        status=str(f.attrs["status"]),
-        phase=str(f.attrs.get("phase", "train")),
+        status=_text(f.attrs["status"]),
+        phase=_text(f.attrs.get("phase", "train")),
         total_steps=int(f.attrs.get("total_steps", -1)),
         nan_onset_step=int(f.attrs["nan_onset_step"]),
-        nan_onset_layer=str(f.attrs["nan_onset_layer"]),
+        nan_onset_layer=_text(f.attrs["nan_onset_layer"]),
         nan_onset_rank=int(f.attrs.get("nan_onset_rank", -1)),
         step=f["steps/step"][:t],
         **{name: f[f"steps/{name}"][:t] for name in _SCALARS},

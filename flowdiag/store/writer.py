@@ -16,6 +16,7 @@ from numpy.typing import ArrayLike
 from flowdiag.errors import UserError
 from flowdiag.store import inverse
 from flowdiag.store.layout import (
+    _COMMITTED,
     _EVAL_DATASETS,
     _INIT_FLOATS,
     _INIT_INTS,
@@ -23,20 +24,27 @@ from flowdiag.store.layout import (
     _SCALARS,
     _STRING,
     _WALL_TIME,
+    EVALS,
     FORMAT_VERSION,
     LAYER_KINDS,
     PHASES,
     STATUSES,
+    STEPS,
     _append,
     _check_run,
-    _common_length,
+    _complete_rows,
+    _create_text,
     _growing,
+    _init_entries,
     _open_for_append,
     _reason,
     _rows_through,
     _step_datasets,
     _strings,
+    _text,
+    _text_width,
     _unreadable,
+    _update,
 )
 
 
@@ -107,12 +115,14 @@ class RunWriter:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["flowdiag_version"] = version
         f.attrs["config"] = config_json
-        f.attrs["status"] = "running"
-        f.attrs["phase"] = "init"
+        width = _text_width(names)
+        _create_text(f, "status", "running", width)
+        _create_text(f, "phase", "init", width)
         f.attrs["total_steps"] = int(total_steps)
         f.attrs["nan_onset_step"] = -1
-        f.attrs["nan_onset_layer"] = ""
+        _create_text(f, "nan_onset_layer", "", width)
         f.attrs["nan_onset_rank"] = -1
+        f.attrs[_COMMITTED] = np.zeros(4, np.int64)
         steps = f.create_group("steps")
         _growing(steps, "step", np.int64)
         for name in _SCALARS:
@@ -124,10 +134,11 @@ class RunWriter:
         layers.create_dataset("pixels", data=np.asarray(pixels, dtype=np.int64))
         for name, dtype in _LAYER_ARRAYS.items():
             _growing(layers, name, dtype, n_columns=len(names))
+        f.create_group("init")  # filled by write_init; made now so that the root's links never change
         evals = f.create_group("eval")
         _growing(evals, "step", np.int64)
         _growing(evals, "bpd", np.float64)
-        inverse.create(f, names, kinds)
+        inverse.create(f, names, kinds, width)
 
     @classmethod
     def open_existing(
@@ -148,21 +159,22 @@ class RunWriter:
                         "start the run afresh in another --out"
                     )
                 names = _strings(f["layers/name"])
-                n_steps = _common_length(f, _step_datasets(f))
-                n_evals = _common_length(f, _EVAL_DATASETS)
+                n_steps = _complete_rows(f, _step_datasets(f), STEPS)
+                n_evals = _complete_rows(f, _EVAL_DATASETS, EVALS)
                 n_inverse = inverse.rows_on_disk(f)
+                n_init = _init_entries(f)
                 inverse_onset = (
                     int(f.attrs.get("reverse_onset_step", -1)),
-                    str(f.attrs.get("reverse_onset_layer", "")),
+                    _text(f.attrs.get("reverse_onset_layer", "")),
                 )
                 status = (
-                    str(f.attrs["status"]),
+                    _text(f.attrs["status"]),
                     int(f.attrs["nan_onset_step"]),
-                    str(f.attrs["nan_onset_layer"]),
+                    _text(f.attrs["nan_onset_layer"]),
                 )
                 clock = float(f[_WALL_TIME][n_steps - 1]) if n_steps else 0.0
                 if total_steps is not None:
-                    f.attrs["total_steps"] = int(total_steps)
+                    _update(f, "total_steps", int(total_steps))
         except (OSError, RuntimeError, KeyError, ValueError):
             raise UserError(_unreadable(path)) from None
         writer = cls.__new__(cls)
@@ -171,6 +183,7 @@ class RunWriter:
         )
         writer._clock_offset = clock
         writer._n_inverse_disk = n_inverse
+        writer._n_init_disk = n_init
         writer._inverse_onset = inverse_onset
         return writer
 
@@ -205,6 +218,7 @@ class RunWriter:
         self._evals: list[tuple[int, float]] = []
         self._inverse: list[inverse.InverseRow] = []
         self._n_inverse_disk = 0
+        self._n_init_disk = 0
         self._inverse_onset = (-1, "")
         self._init: dict[str, Any] | None = None
         self._status, self._onset_step, self._onset_layer = status
@@ -356,12 +370,12 @@ class RunWriter:
             if self._inverse:
                 inverse.append(f, self._n_inverse_disk, self._inverse)
             if self._init is not None:
-                if "init" in f:
-                    del f["init"]
-                group = f.create_group("init")
-                group.create_dataset("name", data=self._init["name"], dtype=_STRING)
-                for key in (*_INIT_FLOATS, *_INIT_INTS):
-                    group.create_dataset(key, data=self._init[key])
+                self._replace_init(f, self._init)
+            if n or self._evals or self._inverse or self._init is not None:
+                f.flush()  # what was written, its index and the file's end on disk before it counts
+                n_init = len(self._init["name"]) if self._init is not None else self._n_init_disk
+                counts = (self._n_disk + n, self._n_evals_disk + len(self._evals))
+                _update(f, _COMMITTED, [*counts, self._n_inverse_disk + len(self._inverse), n_init])
             # Only when changed: rewriting a string attribute moves it in the file, which a kill could
             # catch half done, and a flush of rows alone then touches no metadata but the datasets'.
             if self._attrs_dirty:
@@ -370,18 +384,33 @@ class RunWriter:
         self._n_disk += self._n_buffered
         self._n_evals_disk += len(self._evals)
         self._n_inverse_disk += len(self._inverse)
+        if self._init is not None:
+            self._n_init_disk = len(self._init["name"])
         self._n_buffered, self._evals, self._init, self._attrs_dirty = 0, [], None, False
         self._inverse = []
         self._last_flush = time.monotonic()
 
+    def _replace_init(self, f: h5py.File, init: dict[str, Any]) -> None:
+        # The group was made with the file, so the root's links never change after it; an init
+        # written before stops counting before its datasets go.
+        group = f.require_group("init")
+        if len(group):
+            _update(f, _COMMITTED, [self._n_disk, self._n_evals_disk, self._n_inverse_disk, 0])
+            f.flush()
+            for key in list(group):
+                del group[key]
+        group.create_dataset("name", data=init["name"], dtype=_STRING)
+        for key in (*_INIT_FLOATS, *_INIT_INTS):
+            group.create_dataset(key, data=init[key])
+
     def _write_attrs(self, f: h5py.File) -> None:
         if self._phase is not None:
-            f.attrs["phase"] = self._phase
-        f.attrs["status"] = self._status
-        f.attrs["nan_onset_step"] = self._onset_step
-        f.attrs["nan_onset_layer"] = self._onset_layer
+            _update(f, "phase", self._phase)
+        _update(f, "status", self._status)
+        _update(f, "nan_onset_step", self._onset_step)
+        _update(f, "nan_onset_layer", self._onset_layer)
         if self._onset_rank is not None:
-            f.attrs["nan_onset_rank"] = self._onset_rank
+            _update(f, "nan_onset_rank", self._onset_rank)
         inverse.set_onset(f, *self._inverse_onset)
 
     def truncate_after(self, step: int) -> None:
@@ -399,6 +428,8 @@ class RunWriter:
                 self._inverse_onset = (-1, "")
             if self._onset_step > step:  # the rows that showed the onset are gone
                 self._onset_step, self._onset_layer = -1, ""
+            f.flush()  # the shorter datasets on disk before the counts say so
+            _update(f, _COMMITTED, [n_steps, n_evals, self._n_inverse_disk, self._n_init_disk])
             self._write_attrs(f)
         self._n_disk, self._n_evals_disk = n_steps, n_evals
 
