@@ -47,6 +47,8 @@ from flowdiag.store.layout import (
     _update,
 )
 
+_FIRST_ROWS = 1024  # rows of buffer reserved at first (see RunWriter._setup)
+
 
 class RunWriter:
     """Appends one run's record to its HDF5 file, opening the file only for the length of a flush.
@@ -207,14 +209,15 @@ class RunWriter:
         self._n_disk, self._n_evals_disk = n_steps, n_evals
         self._started = self._last_flush = time.monotonic()
         self._clock_offset = 0.0  # a resumed run's clock continues from its last row
-        # Preallocated so that a step costs a few copies, not an allocation per array.
+        # Preallocated so that a step costs a few copies, not an allocation per array; at most
+        # _FIRST_ROWS at first and doubled when full, so that a huge --flush-every (flushing on the
+        # timer alone) does not reserve its whole block up front.
         self._n_buffered = 0
-        self._step = np.empty(flush_every, np.int64)
-        self._wall_time = np.empty(flush_every, np.float64)
-        self._scalars = np.empty((flush_every, len(_SCALARS)), np.float64)
-        self._layers = {
-            name: np.empty((flush_every, len(names)), dtype) for name, dtype in _LAYER_ARRAYS.items()
-        }
+        rows = min(flush_every, _FIRST_ROWS)
+        self._step = np.empty(rows, np.int64)
+        self._wall_time = np.empty(rows, np.float64)
+        self._scalars = np.empty((rows, len(_SCALARS)), np.float64)
+        self._layers = {name: np.empty((rows, len(names)), dtype) for name, dtype in _LAYER_ARRAYS.items()}
         self._evals: list[tuple[int, float]] = []
         self._inverse: list[inverse.InverseRow] = []
         self._n_inverse_disk = 0
@@ -261,6 +264,8 @@ class RunWriter:
             if values.shape != (n,):
                 raise ValueError(f"{name} has shape {values.shape}; expected ({n},), one value per layer")
         i = self._n_buffered
+        if i == len(self._step):
+            self._grow_buffer()
         now = time.monotonic()
         self._step[i] = step
         self._wall_time[i] = self._clock_offset + now - self._started
@@ -273,6 +278,13 @@ class RunWriter:
         self._n_buffered += 1
         if self._n_buffered == self.flush_every or now - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def _grow_buffer(self) -> None:
+        rows = min(2 * len(self._step), self.flush_every)
+        self._step, self._wall_time, self._scalars = (
+            _grown(a, rows) for a in (self._step, self._wall_time, self._scalars)
+        )
+        self._layers = {name: _grown(block, rows) for name, block in self._layers.items()}
 
     def append_eval(self, step: int, bpd: float) -> None:
         """Buffer one held-out evaluation; it reaches the file with the next flush of the steps."""
@@ -447,6 +459,12 @@ class RunWriter:
     ) -> None:
         # A run that dies with an exception while still "running" must not look alive in the file.
         self.close("failed" if exc_type is not None and self._status == "running" else None)
+
+
+def _grown(block: np.ndarray, rows: int) -> np.ndarray:
+    grown = np.empty((rows, *block.shape[1:]), block.dtype)
+    grown[: len(block)] = block
+    return grown
 
 
 def _saturate(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
