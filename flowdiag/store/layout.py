@@ -28,6 +28,7 @@ _EVAL_DATASETS = ("eval/step", "eval/bpd")
 _INIT_FLOATS = ("log_scale_min", "log_scale_max", "min_input_var")
 _INIT_INTS = ("n_values", "pixels")  # pixels: h·w of the ActNorm's input (-1 unknown, format 1)
 _REQUIRED_ATTRS = ("config", "status", "nan_onset_step", "nan_onset_layer")
+_REQUIRED = (*_STEP_DATASETS, *_EVAL_DATASETS, "layers/name", "layers/kind")
 
 # Each flush writes its rows, makes HDF5 write everything out (f.flush()), and only then raises the
 # counts in this attribute, int64 (step rows, eval rows, inverse rows, init entries). A reader reads no
@@ -38,15 +39,15 @@ _COMMITTED = "committed"
 STEPS, EVALS, INVERSE, INIT = 0, 1, 2, 3
 # Attributes a flush changes are written in place (`_update`): integers, and text at a fixed width. A
 # variable-length string lives in the file's global heap and moves at each change, which a kill inside
-# that flush left pointing past the file's end: 2 of 100 kills made status, phase and onset unreadable.
+# that flush left pointing past the file's end: 9 of 250 kills left the status, phase, onset or init
+# unreadable, none of 300 at a fixed width (the init: see RunWriter._replace_init).
 _MIN_TEXT_WIDTH = 64
-_REQUIRED = (*_STEP_DATASETS, *_EVAL_DATASETS, "layers/name", "layers/kind")
 
 # Growing datasets are chunked but not compressed, so that a SIGKILL at any moment leaves a readable file.
 # A compressed chunk changes size when a flush rewrites it, so HDF5 moves it and frees the old space, and
 # the same open may hand that space to another dataset's chunk before the index that still points there
 # is written. In a stress test, 14 of 160 kills mid-flush left a dataset reading another's bytes and half
-# of 360 left an unreadable file; uncompressed, none of 200 did. An uncompressed chunk is rewritten in
+# of 360 left an unreadable file; uncompressed, none of 320 did. An uncompressed chunk is rewritten in
 # place, so its index entry never moves. gzip saved only 11 %: 791 against 889 kB at 2,000 digits steps.
 _CHUNK_ROWS = 64
 _STRING = h5py.string_dtype("utf-8")

@@ -388,8 +388,7 @@ class RunWriter:
                 n_init = len(self._init["name"]) if self._init is not None else self._n_init_disk
                 counts = (self._n_disk + n, self._n_evals_disk + len(self._evals))
                 _update(f, _COMMITTED, [*counts, self._n_inverse_disk + len(self._inverse), n_init])
-            # Only when changed: rewriting a string attribute moves it in the file, which a kill could
-            # catch half done, and a flush of rows alone then touches no metadata but the datasets'.
+            # Only when changed: a flush of rows alone then rewrites no attribute but the counts.
             if self._attrs_dirty:
                 self._write_attrs(f)
         # Forget the buffer only once the file has closed cleanly: a failed flush can be retried.
