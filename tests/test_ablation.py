@@ -442,6 +442,79 @@ def test_a_study_reused_with_other_fixed_settings_is_refused(
     assert digest(out) == before
 
 
+def _open_studies(url: str, names: list[str], fixed: str, barrier: object, results: object) -> None:
+    from flowdiag.ablation.runner import open_study
+
+    outcomes = []
+    for name in names:
+        barrier.wait()  # type: ignore[attr-defined]  # both processes open the new study at once
+        try:
+            open_study(url, name, "ablation", fixed, ["init_batches"])
+            outcomes.append("opened")
+        except UserError as error:
+            outcomes.append("refused" if "other fixed settings" in str(error) else str(error))
+        except Exception as error:  # what two machines starting one study met: a KeyError
+            outcomes.append(f"{type(error).__name__}: {error}")
+    results.put(outcomes)  # type: ignore[attr-defined]
+
+
+def _start_at_once(url: str, names: list[str], same_settings: bool) -> None:
+    """Two processes open each new study at the same moment. Same settings: both open it. Other
+    settings: at least one is refused. Never a traceback."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    fixed = ['{"lr": 0.001}', '{"lr": 0.001}' if same_settings else '{"lr": 0.01}']
+    processes = [context.Process(target=_open_studies, args=(url, names, f, barrier, results)) for f in fixed]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    for first, second in zip(*outcomes, strict=True):
+        if same_settings:
+            assert (first, second) == ("opened", "opened")
+        else:
+            assert {first, second} <= {"opened", "refused"} and "refused" in (first, second)
+
+
+@pytest.mark.parametrize("same_settings", [True, False])
+def test_processes_starting_one_new_study_at_once(tmp_path: Path, same_settings: bool) -> None:
+    # Before the database chose the creator, this met a KeyError, and let in other settings.
+    _start_at_once(sqlite_url(tmp_path), [f"study-{i}" for i in range(12)], same_settings)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("same_settings", [True, False])
+def test_processes_starting_one_new_postgres_study_at_once(postgres_url: str, same_settings: bool) -> None:
+    names = [f"test-{uuid.uuid4().hex[:12]}" for _ in range(6)]
+    try:
+        _start_at_once(postgres_url, names, same_settings)
+    finally:
+        for name in names:
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=postgres_url)
+
+
+def test_a_study_whose_creator_died_before_labelling_it_is_taken_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowdiag.ablation import runner
+
+    url = sqlite_url(tmp_path)
+    optuna.create_study(study_name="orphan", storage=url)  # created, never labelled
+    monkeypatch.setattr(runner, "CREATOR_WAIT_SECONDS", 0.2)
+    runner.open_study(url, "orphan", "ablation", '{"lr": 0.001}', ["init_batches"])
+    assert load(url, "orphan").user_attrs == {
+        "kind": "ablation",
+        "fixed": '{"lr": 0.001}',
+        "axes": ["init_batches"],
+    }
+    with pytest.raises(UserError, match="other fixed settings"):  # labelled now: checked as usual
+        runner.open_study(url, "orphan", "ablation", '{"lr": 0.01}', ["init_batches"])
+
+
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------
 
 BAD_INPUTS = [

@@ -45,6 +45,7 @@ from flowdiag.store import read_run
 from flowdiag.trainer import RunResult, train
 
 STUDY_KIND = "ablation"
+CREATOR_WAIT_SECONDS = 10.0  # for the process that created a study to write what it holds
 POLL_SECONDS = 0.2  # while waiting for other workers' running cells: the last one ends the job
 # What may fail one cell and let the others run: memory. Anything else is a bug, and must stop the
 # worker loudly rather than leave a FAIL trial that every rerun retries.
@@ -68,14 +69,17 @@ def open_study(
     storage_url: str, study_name: str, kind: str, fixed_json: str, axes: list[str]
 ) -> optuna.Study:
     """Create or load the study; refuse one made with other fixed settings (never mix them)."""
-    study = optuna.create_study(
-        study_name=study_name, storage=make_storage(storage_url), load_if_exists=True, direction="minimize"
-    )
-    attrs = study.user_attrs
-    if "kind" not in attrs:
-        study.set_user_attr("kind", kind)
-        study.set_user_attr("fixed", fixed_json)
-        study.set_user_attr("axes", sorted(axes))
+    storage = make_storage(storage_url)
+    try:  # the database decides who creates it: of processes starting it at once, exactly one
+        study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    else:
+        _label(study, kind, fixed_json, axes)
+        return study
+    attrs = _settled_attrs(study)
+    if attrs is None:  # its creator died before it said what the study holds
+        _label(study, kind, fixed_json, axes)
         return study
     if attrs["kind"] != kind:
         raise UserError(f"study {study_name!r} is a {attrs['kind']} study, not {kind}: use another --study")
@@ -90,6 +94,26 @@ def open_study(
             "use another --study or --out to keep both"
         )
     return study
+
+
+def _label(study: optuna.Study, kind: str, fixed_json: str, axes: list[str]) -> None:
+    """What the study holds; "kind" last, so that a process that sees it sees the others."""
+    study.set_user_attr("fixed", fixed_json)
+    study.set_user_attr("axes", sorted(axes))
+    study.set_user_attr("kind", kind)
+
+
+def _settled_attrs(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's attributes once its creator has written "kind" (milliseconds after creating it;
+    before the fix two machines starting one study met a KeyError here); None if it never does."""
+    deadline = time.monotonic() + CREATOR_WAIT_SECONDS
+    while True:
+        attrs = study.user_attrs
+        if "kind" in attrs:
+            return attrs
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 def _distribution(name: str, value: Any) -> BaseDistribution:

@@ -126,12 +126,17 @@ def _rdb_storage(url: str, engine_kwargs: dict, max_retry: int, schema_checked: 
         )
 
     # Machines that start on a fresh database at the same moment all create Optuna's tables; all but
-    # one fail on a duplicate (measured: 3 of 5 pairs on PostgreSQL). The tables exist by then: retry.
+    # one fail on a duplicate (measured: 3 of 5 pairs on PostgreSQL; SQLite says "table ... already
+    # exists", 1 of 12 pairs of processes). The tables exist by then: retry.
     for attempt in range(_SCHEMA_ATTEMPTS - 1):
         try:
             return build()
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            time.sleep(0.2 * (attempt + 1))
+            pass
+        except sqlalchemy.exc.OperationalError as error:
+            if "already exists" not in str(error):
+                raise
+        time.sleep(0.2 * (attempt + 1))
     return build()
 
 
