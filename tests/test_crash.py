@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,34 @@ def test_a_run_killed_mid_flush_reads_back_exactly(flush_every: int, tmp_path: P
         if record.nan_onset_step != -1:
             assert record.nan_onset_layer == f"layer {record.nan_onset_step}"
             assert record.nan_onset_step <= len(steps) and record.nan_onset_step % (4 * flush_every) == 0
+
+
+CREATOR = """
+import sys
+from pathlib import Path
+from flowdiag.store.writer import RunWriter
+
+folder = Path(sys.argv[1])
+print("ready", flush=True)
+for i in range(100000):
+    RunWriter(folder / f"run{i}.h5", config_json="{}", version="t", layer_names=["a", "b"],
+              layer_kinds=["actnorm", "coupling"]).close()
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_its_file_is_created_leaves_no_half_made_file(tmp_path: Path) -> None:
+    kill_after = random.Random(1)
+    for trial in range(6):
+        folder = tmp_path / f"trial{trial}"
+        folder.mkdir()
+        process = subprocess.Popen([sys.executable, "-c", CREATOR, str(folder)], stdout=subprocess.PIPE)
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        time.sleep(kill_after.uniform(0.05, 0.3))
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        made = sorted(folder.glob("run*.h5"))
+        assert made, "the writer made no file before the kill"
+        for path in made:  # every run file there opens: the one being made is still a hidden partial
+            record = read_run(path)
+            assert record.layer_names == ["a", "b"] and record.status == "running"

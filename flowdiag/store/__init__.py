@@ -5,7 +5,8 @@ buffers rows in memory; each flush opens the file, appends the block (uncompress
 place), has HDF5 write it all out, then raises the `committed` counts and changes the attributes in
 place (fixed-width text), and closes. A run killed at any moment (SIGKILL, the OOM killer, a lost node)
 leaves a file that opens and holds every row up to its last complete flush, each exact: readers read no
-more than the counts say (tests/test_crash.py). Other processes can read the file while the run goes on.
+more than the counts say (tests/test_crash.py). The file is made under a hidden name and put in place
+whole. Other processes can read the file while the run goes on.
 """
 
 from flowdiag.store.inverse import InverseRecord, InverseRow

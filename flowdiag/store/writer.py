@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -93,15 +94,21 @@ class RunWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
+        # Made under another name and then put in place whole: a kill while the layout is written
+        # leaves at most a hidden partial file, never a run file that does not open.
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            with h5py.File(path, "w" if overwrite else "w-") as f:
+            with h5py.File(partial, "w") as f:
                 self._create_layout(f, config_json, version, names, kinds, pixels, total_steps)
+            _put_in_place(partial, path, overwrite)
         except FileExistsError:  # created by someone else since the check above
             raise UserError(
                 f"{path} already exists: refusing to overwrite it; choose another --out"
             ) from None
         except OSError as error:
             raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
+        finally:
+            partial.unlink(missing_ok=True)
         self._setup(path, names, flush_every, flush_seconds, n_steps=0, n_evals=0, status=("running", -1, ""))
 
     @staticmethod
@@ -458,6 +465,20 @@ class RunWriter:
     ) -> None:
         # A run that dies with an exception while still "running" must not look alive in the file.
         self.close("failed" if exc_type is not None and self._status == "running" else None)
+
+
+def _put_in_place(partial: Path, path: Path, overwrite: bool) -> None:
+    """Give `partial` the name `path` in one step; without `overwrite`, only if `path` does not exist."""
+    if overwrite:
+        os.replace(partial, path)
+        return
+    try:
+        os.link(partial, path)  # FileExistsError if it exists: the check and the naming are one step
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name, then put the file there
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(partial, path)
 
 
 def _grown(block: np.ndarray, rows: int) -> np.ndarray:
