@@ -661,7 +661,11 @@ def test_auto_workers_each_run_one_torch_thread(tmp_path: Path, monkeypatch: pyt
     assert f"2 to run on {workers} worker(s)" in result.output
     trials = load(sqlite_url(out)).get_trials(states=COMPLETE)
     assert [t.user_attrs["torch_threads"] for t in trials] == [1, 1]
-    assert len({t.user_attrs["worker_pid"] for t in trials}) == workers
+    # On a loaded machine one worker may take both cells before the other starts.
+    pids = {t.user_attrs["worker_pid"] for t in trials}
+    assert 1 <= len(pids) <= workers
+    if workers > 1:  # worker processes ran the cells, not the launcher
+        assert os.getpid() not in pids
 
 
 def test_workers_start_whatever_omp_num_threads_says(tmp_path: Path) -> None:
