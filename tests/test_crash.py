@@ -2,6 +2,7 @@
 
 The writer below flushes without pause, so most kills land inside a flush: the worst case for a run
 file, which a training run meets far less often. Every fourth flush also changes the onset attributes.
+The last test kills a loop that makes run files: the kill lands while one is being made.
 """
 
 from __future__ import annotations
@@ -104,11 +105,14 @@ def test_a_run_killed_while_its_file_is_created_leaves_no_half_made_file(tmp_pat
         folder.mkdir()
         process = subprocess.Popen([sys.executable, "-c", CREATOR, str(folder)], stdout=subprocess.PIPE)
         assert process.stdout is not None and process.stdout.readline() == b"ready\n"
-        time.sleep(kill_after.uniform(0.05, 0.3))
+        deadline = time.monotonic() + 60
+        while not (folder / "run0.h5").exists():  # a loaded machine: kill among creations, not before
+            assert time.monotonic() < deadline and process.poll() is None, "the writer made no file"
+            time.sleep(0.01)
+        time.sleep(kill_after.uniform(0.02, 0.3))
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL
         made = sorted(folder.glob("run*.h5"))
-        assert made, "the writer made no file before the kill"
         for path in made:  # every run file there opens: the one being made is still a hidden partial
             record = read_run(path)
             assert record.layer_names == ["a", "b"] and record.status == "running"
