@@ -658,8 +658,8 @@ def test_the_file_grows_by_the_row_size_per_step(tmp_path: Path) -> None:
 def test_a_huge_flush_every_reserves_a_small_buffer_and_grows_it(tmp_path: Path) -> None:
     path = tmp_path / "run.h5"
     writer = make_writer(path, flush_every=10**9)  # flushing on the timer alone
-    assert writer._step.nbytes <= 8 * 1024  # not 8 GB
+    assert writer._rows.step.nbytes <= 8 * 1024  # not 8 GB
     append_steps(writer, range(1, 3001))  # past the first buffer, grown twice
-    assert len(writer._step) == 4096 and writer.n_steps == 3000
+    assert len(writer._rows.step) == 4096 and writer.n_steps == 3000
     writer.close()
     assert_rows(read_run(path), np.arange(1, 3001))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,17 +15,15 @@ from numpy.typing import ArrayLike
 
 from flowdiag.errors import UserError
 from flowdiag.store import inverse
+from flowdiag.store.create import create_run_file
 from flowdiag.store.layout import (
     _COMMITTED,
     _EVAL_DATASETS,
     _INIT_FLOATS,
     _INIT_INTS,
-    _LAYER_ARRAYS,
-    _SCALARS,
     _STRING,
     _WALL_TIME,
     EVALS,
-    FORMAT_VERSION,
     LAYER_KINDS,
     PHASES,
     STATUSES,
@@ -34,8 +31,6 @@ from flowdiag.store.layout import (
     _append,
     _check_run,
     _complete_rows,
-    _create_text,
-    _growing,
     _init_entries,
     _open_for_append,
     _reason,
@@ -43,12 +38,10 @@ from flowdiag.store.layout import (
     _step_datasets,
     _strings,
     _text,
-    _text_width,
     _unreadable,
     _update,
 )
-
-_FIRST_ROWS = 1024  # rows of buffer reserved at first (see RunWriter._setup)
+from flowdiag.store.rows import StepRows
 
 
 class RunWriter:
@@ -87,67 +80,17 @@ class RunWriter:
         unknown = sorted(set(kinds) - set(LAYER_KINDS))
         if unknown:
             raise ValueError(f"unknown layer kinds {unknown}; expected one of {LAYER_KINDS}")
-        # Checked before touching anything, so a refused overwrite leaves the old file byte for byte.
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} already exists: refusing to overwrite it; choose another --out")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
-        # Made under another name and then put in place whole: a kill while the layout is written
-        # leaves at most a hidden partial file, never a run file that does not open.
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with h5py.File(partial, "w") as f:
-                self._create_layout(f, config_json, version, names, kinds, pixels, total_steps)
-            _put_in_place(partial, path, overwrite)
-        except FileExistsError:  # created by someone else since the check above
-            raise UserError(
-                f"{path} already exists: refusing to overwrite it; choose another --out"
-            ) from None
-        except OSError as error:
-            raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
-        finally:
-            partial.unlink(missing_ok=True)
+        create_run_file(
+            path,
+            config_json=config_json,
+            version=version,
+            names=names,
+            kinds=kinds,
+            pixels=pixels,
+            total_steps=total_steps,
+            overwrite=overwrite,
+        )
         self._setup(path, names, flush_every, flush_seconds, n_steps=0, n_evals=0, status=("running", -1, ""))
-
-    @staticmethod
-    def _create_layout(
-        f: h5py.File,
-        config_json: str,
-        version: str,
-        names: list[str],
-        kinds: list[str],
-        pixels: list[int],
-        total_steps: int,
-    ) -> None:
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["flowdiag_version"] = version
-        f.attrs["config"] = config_json
-        width = _text_width(names)
-        _create_text(f, "status", "running", width)
-        _create_text(f, "phase", "init", width)
-        f.attrs["total_steps"] = int(total_steps)
-        f.attrs["nan_onset_step"] = -1
-        _create_text(f, "nan_onset_layer", "", width)
-        f.attrs["nan_onset_rank"] = -1
-        f.attrs[_COMMITTED] = np.zeros(4, np.int64)
-        steps = f.create_group("steps")
-        _growing(steps, "step", np.int64)
-        for name in _SCALARS:
-            _growing(steps, name, np.float64)
-        _growing(steps, _WALL_TIME.split("/")[1], np.float64)
-        layers = f.create_group("layers")
-        layers.create_dataset("name", data=names, dtype=_STRING)
-        layers.create_dataset("kind", data=kinds, dtype=_STRING)
-        layers.create_dataset("pixels", data=np.asarray(pixels, dtype=np.int64))
-        for name, dtype in _LAYER_ARRAYS.items():
-            _growing(layers, name, dtype, n_columns=len(names))
-        f.create_group("init")  # filled by write_init; made now so that the root's links never change
-        evals = f.create_group("eval")
-        _growing(evals, "step", np.int64)
-        _growing(evals, "bpd", np.float64)
-        inverse.create(f, names, kinds, width)
 
     @classmethod
     def open_existing(
@@ -216,15 +159,7 @@ class RunWriter:
         self._n_disk, self._n_evals_disk = n_steps, n_evals
         self._started = self._last_flush = time.monotonic()
         self._clock_offset = 0.0  # a resumed run's clock continues from its last row
-        # Preallocated so that a step costs a few copies, not an allocation per array; at most
-        # _FIRST_ROWS at first and doubled when full, so that a huge --flush-every (flushing on the
-        # timer alone) does not reserve its whole block up front.
-        self._n_buffered = 0
-        rows = min(flush_every, _FIRST_ROWS)
-        self._step = np.empty(rows, np.int64)
-        self._wall_time = np.empty(rows, np.float64)
-        self._scalars = np.empty((rows, len(_SCALARS)), np.float64)
-        self._layers = {name: np.empty((rows, len(names)), dtype) for name, dtype in _LAYER_ARRAYS.items()}
+        self._rows = StepRows(len(names), flush_every)
         self._evals: list[tuple[int, float]] = []
         self._inverse: list[inverse.InverseRow] = []
         self._n_inverse_disk = 0
@@ -239,7 +174,7 @@ class RunWriter:
     @property
     def n_steps(self) -> int:
         """Step rows so far, written and buffered."""
-        return self._n_disk + self._n_buffered
+        return self._n_disk + self._rows.n
 
     @property
     def status(self) -> str:
@@ -270,28 +205,11 @@ class RunWriter:
         for name, values in per_layer.items():
             if values.shape != (n,):
                 raise ValueError(f"{name} has shape {values.shape}; expected ({n},), one value per layer")
-        i = self._n_buffered
-        if i == len(self._step):
-            self._grow_buffer()
         now = time.monotonic()
-        self._step[i] = step
-        self._wall_time[i] = self._clock_offset + now - self._started
-        self._scalars[i] = (loss, bpd, penalty, grad_norm, lr)
-        for name, values in per_layer.items():
-            buffer = self._layers[name]
-            if values.dtype.itemsize > buffer.dtype.itemsize and buffer.dtype.kind == "f":
-                values = _saturate(values, buffer.dtype)
-            buffer[i] = values
-        self._n_buffered += 1
-        if self._n_buffered == self.flush_every or now - self._last_flush >= self.flush_seconds:
+        wall_time = self._clock_offset + now - self._started
+        self._rows.add(step, wall_time, (loss, bpd, penalty, grad_norm, lr), per_layer)
+        if self._rows.n == self.flush_every or now - self._last_flush >= self.flush_seconds:
             self.flush()
-
-    def _grow_buffer(self) -> None:
-        rows = min(2 * len(self._step), self.flush_every)
-        self._step, self._wall_time, self._scalars = (
-            _grown(a, rows) for a in (self._step, self._wall_time, self._scalars)
-        )
-        self._layers = {name: _grown(block, rows) for name, block in self._layers.items()}
 
     def append_eval(self, step: int, bpd: float) -> None:
         """Buffer one held-out evaluation; it reaches the file with the next flush of the steps."""
@@ -369,19 +287,13 @@ class RunWriter:
 
     def flush(self) -> None:
         """Write everything buffered (rows, evaluations, init, status) in one open of the file."""
-        if not (
-            self._n_buffered or self._evals or self._inverse or self._init is not None or self._attrs_dirty
-        ):
+        if not (self._rows.n or self._evals or self._inverse or self._init is not None or self._attrs_dirty):
             return
         with self._opened() as f:
-            n = self._n_buffered
+            n = self._rows.n
             if n:
-                for name, block in self._layers.items():
-                    _append(f[f"layers/{name}"], self._n_disk, block[:n])
-                for j, name in enumerate(_SCALARS):
-                    _append(f[f"steps/{name}"], self._n_disk, self._scalars[:n, j])
-                _append(f[_WALL_TIME], self._n_disk, self._wall_time[:n])
-                _append(f["steps/step"], self._n_disk, self._step[:n])
+                for name, block in self._rows.blocks():
+                    _append(f[name], self._n_disk, block)
             if self._evals:
                 steps, bpds = zip(*self._evals, strict=True)
                 _append(f["eval/bpd"], self._n_evals_disk, np.array(bpds, dtype=np.float64))
@@ -399,12 +311,12 @@ class RunWriter:
             if self._attrs_dirty:
                 self._write_attrs(f)
         # Forget the buffer only once the file has closed cleanly: a failed flush can be retried.
-        self._n_disk += self._n_buffered
+        self._n_disk += self._rows.n
         self._n_evals_disk += len(self._evals)
         self._n_inverse_disk += len(self._inverse)
         if self._init is not None:
             self._n_init_disk = len(self._init["name"])
-        self._n_buffered, self._evals, self._init, self._attrs_dirty = 0, [], None, False
+        self._rows.n, self._evals, self._init, self._attrs_dirty = 0, [], None, False
         self._inverse = []
         self._last_flush = time.monotonic()
 
@@ -465,33 +377,6 @@ class RunWriter:
     ) -> None:
         # A run that dies with an exception while still "running" must not look alive in the file.
         self.close("failed" if exc_type is not None and self._status == "running" else None)
-
-
-def _put_in_place(partial: Path, path: Path, overwrite: bool) -> None:
-    """Give `partial` the name `path` in one step; without `overwrite`, only if `path` does not exist."""
-    if overwrite:
-        os.replace(partial, path)
-        return
-    try:
-        os.link(partial, path)  # FileExistsError if it exists: the check and the naming are one step
-    except FileExistsError:
-        raise
-    except OSError:  # a file system without hard links: claim the name, then put the file there
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        os.replace(partial, path)
-
-
-def _grown(block: np.ndarray, rows: int) -> np.ndarray:
-    grown = np.empty((rows, *block.shape[1:]), block.dtype)
-    grown[: len(block)] = block
-    return grown
-
-
-def _saturate(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Finite values beyond `dtype`'s range become its largest finite value, not inf: the file keeps
-    "finite" true, and inf and NaN stay what they were."""
-    limit = np.finfo(dtype).max
-    return np.where(np.isfinite(values), np.clip(values, -limit, limit), values)
 
 
 class NullWriter:

@@ -1,0 +1,109 @@
+"""A new run file: its whole layout made under a hidden name, then put in place in one step."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from flowdiag.errors import UserError
+from flowdiag.store import inverse
+from flowdiag.store.layout import (
+    _COMMITTED,
+    _LAYER_ARRAYS,
+    _SCALARS,
+    _STRING,
+    _WALL_TIME,
+    FORMAT_VERSION,
+    _create_text,
+    _growing,
+    _reason,
+    _text_width,
+)
+
+
+def create_run_file(
+    path: Path,
+    *,
+    config_json: str,
+    version: str,
+    names: list[str],
+    kinds: list[str],
+    pixels: list[int],
+    total_steps: int,
+    overwrite: bool,
+) -> None:
+    """Write a run file with no rows. A kill meanwhile leaves at most a hidden partial file next to
+    `path`, never a run file that does not open; without `overwrite` an existing file stays untouched."""
+    # Checked before touching anything, so a refused overwrite leaves the old file byte for byte.
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists: refusing to overwrite it; choose another --out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with h5py.File(partial, "w") as f:
+            _layout(f, config_json, version, names, kinds, pixels, total_steps)
+        _put_in_place(partial, path, overwrite)
+    except FileExistsError:  # created by someone else since the check above
+        raise UserError(f"{path} already exists: refusing to overwrite it; choose another --out") from None
+    except OSError as error:
+        raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _layout(
+    f: h5py.File,
+    config_json: str,
+    version: str,
+    names: list[str],
+    kinds: list[str],
+    pixels: list[int],
+    total_steps: int,
+) -> None:
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["flowdiag_version"] = version
+    f.attrs["config"] = config_json
+    width = _text_width(names)
+    _create_text(f, "status", "running", width)
+    _create_text(f, "phase", "init", width)
+    f.attrs["total_steps"] = int(total_steps)
+    f.attrs["nan_onset_step"] = -1
+    _create_text(f, "nan_onset_layer", "", width)
+    f.attrs["nan_onset_rank"] = -1
+    f.attrs[_COMMITTED] = np.zeros(4, np.int64)
+    steps = f.create_group("steps")
+    _growing(steps, "step", np.int64)
+    for name in _SCALARS:
+        _growing(steps, name, np.float64)
+    _growing(steps, _WALL_TIME.split("/")[1], np.float64)
+    layers = f.create_group("layers")
+    layers.create_dataset("name", data=names, dtype=_STRING)
+    layers.create_dataset("kind", data=kinds, dtype=_STRING)
+    layers.create_dataset("pixels", data=np.asarray(pixels, dtype=np.int64))
+    for name, dtype in _LAYER_ARRAYS.items():
+        _growing(layers, name, dtype, n_columns=len(names))
+    f.create_group("init")  # filled by write_init; made now so that the root's links never change
+    evals = f.create_group("eval")
+    _growing(evals, "step", np.int64)
+    _growing(evals, "bpd", np.float64)
+    inverse.create(f, names, kinds, width)
+
+
+def _put_in_place(partial: Path, path: Path, overwrite: bool) -> None:
+    """Give `partial` the name `path` in one step; without `overwrite`, only if `path` does not exist."""
+    if overwrite:
+        os.replace(partial, path)
+        return
+    try:
+        os.link(partial, path)  # FileExistsError if it exists: the check and the naming are one step
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name, then put the file there
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(partial, path)

@@ -1,0 +1,74 @@
+"""StepRows: the step rows a RunWriter holds in memory between two flushes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from flowdiag.store.layout import _LAYER_ARRAYS, _SCALARS, _WALL_TIME
+
+# Rows reserved at first. The buffer doubles when full, up to the flush block, so that a huge
+# --flush-every (flushing on the timer alone) does not reserve its whole block up front: 1e6 rows of
+# the digits model would be 380 MB.
+_FIRST_ROWS = 1024
+
+
+class StepRows:
+    """Preallocated arrays, so that a step costs a few copies, not an allocation per array."""
+
+    def __init__(self, n_layers: int, most: int) -> None:
+        self.most = most
+        rows = min(most, _FIRST_ROWS)
+        self.n = 0
+        self.step = np.empty(rows, np.int64)
+        self.wall_time = np.empty(rows, np.float64)
+        self.scalars = np.empty((rows, len(_SCALARS)), np.float64)
+        self.layers = {name: np.empty((rows, n_layers), dtype) for name, dtype in _LAYER_ARRAYS.items()}
+
+    def add(
+        self, step: int, wall_time: float, scalars: tuple[float, ...], per_layer: dict[str, np.ndarray]
+    ) -> None:
+        """One row; `scalars` in _SCALARS order, `per_layer` one (N,) array per _LAYER_ARRAYS name."""
+        i = self.n
+        if i == len(self.step):
+            self._grow()
+        self.step[i] = step
+        self.wall_time[i] = wall_time
+        self.scalars[i] = scalars
+        for name, values in per_layer.items():
+            buffer = self.layers[name]
+            if values.dtype.itemsize > buffer.dtype.itemsize and buffer.dtype.kind == "f":
+                values = _saturate(values, buffer.dtype)
+            buffer[i] = values
+        self.n += 1
+
+    def blocks(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(dataset, rows) for each step dataset, "steps/step" last: a reader counts complete rows."""
+        n = self.n
+        for name, block in self.layers.items():
+            yield f"layers/{name}", block[:n]
+        for j, name in enumerate(_SCALARS):
+            yield f"steps/{name}", self.scalars[:n, j]
+        yield _WALL_TIME, self.wall_time[:n]
+        yield "steps/step", self.step[:n]
+
+    def _grow(self) -> None:
+        rows = min(2 * len(self.step), self.most)
+        self.step, self.wall_time, self.scalars = (
+            _grown(a, rows) for a in (self.step, self.wall_time, self.scalars)
+        )
+        self.layers = {name: _grown(block, rows) for name, block in self.layers.items()}
+
+
+def _grown(block: np.ndarray, rows: int) -> np.ndarray:
+    grown = np.empty((rows, *block.shape[1:]), block.dtype)
+    grown[: len(block)] = block
+    return grown
+
+
+def _saturate(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Finite values beyond `dtype`'s range become its largest finite value, not inf: the file keeps
+    "finite" true, and inf and NaN stay what they were."""
+    limit = np.finfo(dtype).max
+    return np.where(np.isfinite(values), np.clip(values, -limit, limit), values)
