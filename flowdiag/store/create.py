@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -24,17 +25,19 @@ from flowdiag.store.layout import (
 )
 
 
-def create_run_file(
-    path: Path,
-    *,
-    config_json: str,
-    version: str,
-    names: list[str],
-    kinds: list[str],
-    pixels: list[int],
-    total_steps: int,
-    overwrite: bool,
-) -> None:
+@dataclass(frozen=True)
+class RunHeader:
+    """What a new run file says before its first row."""
+
+    config_json: str
+    version: str
+    names: list[str]  # the flow layers, forward order
+    kinds: list[str]
+    pixels: list[int]  # h·w each layer runs at, -1 unknown
+    total_steps: int  # -1 unknown
+
+
+def create_run_file(path: Path, header: RunHeader, *, overwrite: bool) -> None:
     """Write a run file with no rows. A kill meanwhile leaves at most a hidden partial file next to
     `path`, never a run file that does not open; without `overwrite` an existing file stays untouched."""
     # Checked before touching anything, so a refused overwrite leaves the old file byte for byte.
@@ -47,7 +50,7 @@ def create_run_file(
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with h5py.File(partial, "w") as f:
-            _layout(f, config_json, version, names, kinds, pixels, total_steps)
+            _layout(f, header)
         _put_in_place(partial, path, overwrite)
     except FileExistsError:  # created by someone else since the check above
         raise UserError(f"{path} already exists: refusing to overwrite it; choose another --out") from None
@@ -57,22 +60,15 @@ def create_run_file(
         partial.unlink(missing_ok=True)
 
 
-def _layout(
-    f: h5py.File,
-    config_json: str,
-    version: str,
-    names: list[str],
-    kinds: list[str],
-    pixels: list[int],
-    total_steps: int,
-) -> None:
+def _layout(f: h5py.File, header: RunHeader) -> None:
+    names = header.names
     f.attrs["format_version"] = FORMAT_VERSION
-    f.attrs["flowdiag_version"] = version
-    f.attrs["config"] = config_json
+    f.attrs["flowdiag_version"] = header.version
+    f.attrs["config"] = header.config_json
     width = _text_width(names)
     _create_text(f, "status", "running", width)
     _create_text(f, "phase", "init", width)
-    f.attrs["total_steps"] = int(total_steps)
+    f.attrs["total_steps"] = int(header.total_steps)
     f.attrs["nan_onset_step"] = -1
     _create_text(f, "nan_onset_layer", "", width)
     f.attrs["nan_onset_rank"] = -1
@@ -84,15 +80,15 @@ def _layout(
     _growing(steps, _WALL_TIME.split("/")[1], np.float64)
     layers = f.create_group("layers")
     layers.create_dataset("name", data=names, dtype=_STRING)
-    layers.create_dataset("kind", data=kinds, dtype=_STRING)
-    layers.create_dataset("pixels", data=np.asarray(pixels, dtype=np.int64))
+    layers.create_dataset("kind", data=header.kinds, dtype=_STRING)
+    layers.create_dataset("pixels", data=np.asarray(header.pixels, dtype=np.int64))
     for name, dtype in _LAYER_ARRAYS.items():
         _growing(layers, name, dtype, n_columns=len(names))
     f.create_group("init")  # filled by write_init; made now so that the root's links never change
     evals = f.create_group("eval")
     _growing(evals, "step", np.int64)
     _growing(evals, "bpd", np.float64)
-    inverse.create(f, names, kinds, width)
+    inverse.create(f, names, header.kinds, width)
 
 
 def _put_in_place(partial: Path, path: Path, overwrite: bool) -> None:

@@ -15,7 +15,7 @@ from numpy.typing import ArrayLike
 
 from flowdiag.errors import UserError
 from flowdiag.store import inverse
-from flowdiag.store.create import create_run_file
+from flowdiag.store.create import RunHeader, create_run_file
 from flowdiag.store.layout import (
     _COMMITTED,
     _EVAL_DATASETS,
@@ -80,16 +80,8 @@ class RunWriter:
         unknown = sorted(set(kinds) - set(LAYER_KINDS))
         if unknown:
             raise ValueError(f"unknown layer kinds {unknown}; expected one of {LAYER_KINDS}")
-        create_run_file(
-            path,
-            config_json=config_json,
-            version=version,
-            names=names,
-            kinds=kinds,
-            pixels=pixels,
-            total_steps=total_steps,
-            overwrite=overwrite,
-        )
+        header = RunHeader(config_json, version, names, kinds, pixels, total_steps)
+        create_run_file(path, header, overwrite=overwrite)
         self._setup(path, names, flush_every, flush_seconds, n_steps=0, n_evals=0, status=("running", -1, ""))
 
     @classmethod
