@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,6 +148,12 @@ def _rank_entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: 
         | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )
     fn(*args)
+    # The rank's work is done and its files closed: end here, as a forked process does, without the
+    # interpreter's shutdown, where torch's Gloo teardown once aborted a finished rank (SIGABRT,
+    # "terminate called without an active exception": 1 clean-clone suite run of about 15).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> list[int]:

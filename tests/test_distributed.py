@@ -192,3 +192,20 @@ def test_an_onset_on_one_rank_is_the_runs_and_names_the_rank(tmp_path: Path) -> 
     assert (record.status, record.nan_onset_step) == ("diverged", 3)
     assert record.nan_onset_layer == "levels.1.steps.0.coupling" and record.nan_onset_rank == 1
     assert record.step.tolist() == [1, 2, 3]
+
+
+def _rank_that_fails_on_1(folder: str) -> None:
+    rank = distributed.from_environment().rank
+    print(f"rank {rank} finished")  # reaches the launcher's output, though the rank skips shutdown
+    Path(folder, f"rank{rank}").write_text("finished")
+    if rank == 1:
+        raise RuntimeError("rank 1 failed")
+
+
+def test_launch_gives_each_ranks_exit_code_and_keeps_its_output(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert distributed.launch(_rank_that_fails_on_1, 2, str(tmp_path)) == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+    output = capfd.readouterr()
+    assert "rank 0 finished" in output.out and "rank 1 failed" in output.err
