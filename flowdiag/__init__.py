@@ -5,15 +5,10 @@ The public names load on first use: `import flowdiag` (and the CLI's start) stay
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-try:
-    __version__ = version("flowdiag")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
-
-from flowdiag.lazy import lazy_exports
+from flowdiag.runtime.lazy import lazy_exports
+from flowdiag.runtime.version import __version__
 
 # public name -> the module that defines it
 _PUBLIC = {

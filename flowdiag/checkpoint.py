@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 
 def save_atomically(payload: dict[str, Any], path: Path) -> None:

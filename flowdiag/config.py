@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 Coupling = Literal["additive", "affine"]
 AffineScale = Literal["sigmoid", "exp"]

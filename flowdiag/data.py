@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowdiag.config import DataConfig, Dataset
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 if TYPE_CHECKING:
     from PIL import Image

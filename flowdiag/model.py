@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from flowdiag.config import ModelConfig
-from flowdiag.errors import UserError
 from flowdiag.layers import (
     ActNorm,
     AdditiveCoupling,
@@ -28,6 +27,7 @@ from flowdiag.layers import (
     squeeze,
     unsqueeze,
 )
+from flowdiag.runtime.errors import UserError
 
 
 class FlowStep(nn.Module):

@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from flowdiag.adapters import resolve_adapter
 from flowdiag.adapters.base import Detach, FlowAdapter
-from flowdiag.distributed import SINGLE, Ranks, reduce_layer_row
-from flowdiag.errors import UserError
-from flowdiag.files import RUN_FILE
 from flowdiag.run_state import RunState, StepRecord
+from flowdiag.runtime.distributed import SINGLE, Ranks, reduce_layer_row
+from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.files import RUN_FILE
+from flowdiag.runtime.version import __version__
 from flowdiag.store import InverseRow, NullWriter, RunWriter
 
 if TYPE_CHECKING:
@@ -56,12 +57,6 @@ def _config_json(config: RunConfig | Mapping[str, Any] | None) -> str:
         except TypeError as error:
             raise UserError(f"Monitor config is not JSON ({error}): pass plain values") from None
     return config.to_json()
-
-
-def _version() -> str:
-    from flowdiag import __version__
-
-    return __version__
 
 
 class Monitor:
@@ -206,7 +201,7 @@ class Monitor:
         return RunWriter(
             self.run_file,
             config_json=self._config_json,
-            version=_version(),
+            version=__version__,
             layer_names=self.layer_names,
             layer_kinds=self.layer_kinds,
             layer_pixels=[-1 if p is None else p for p in self._pixels],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flowdiag.config import SECTIONS, RunConfig, flag, option_fields, option_name, range_error
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 Kind = Literal["int", "float", "str", "bool", "choice"]
 

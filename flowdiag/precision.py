@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from flowdiag.config import FORMAT_NAMES
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

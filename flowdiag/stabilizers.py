@@ -13,8 +13,8 @@ from flowdiag.adapters import resolve_adapter
 from flowdiag.adapters.base import FlowAdapter
 from flowdiag.adapters.glow import GlowAdapter
 from flowdiag.adapters.init_pass import initialize_actnorms
-from flowdiag.errors import UserError
 from flowdiag.init import ActNormInitStats, cumulative_actnorm_init
+from flowdiag.runtime.errors import UserError
 
 _PENALTY = "_flowdiag_penalty_adapter"
 

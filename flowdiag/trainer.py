@@ -20,14 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from flowdiag import __version__, distributed
 from flowdiag.batches import BatchStream
 from flowdiag.checkpoint import load_payload, save_atomically
 from flowdiag.config import RunConfig, TrainConfig, validate_config
 from flowdiag.data import ImageData, load_dataset
-from flowdiag.environment import configure_threads, resolve_device, stop_on_signals
-from flowdiag.errors import UserError
-from flowdiag.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE
 from flowdiag.flat import FlatParameters
 from flowdiag.image_grid import save_grid
 from flowdiag.init import cumulative_actnorm_init
@@ -39,6 +35,11 @@ from flowdiag.precision import autocast, check_supported, grad_scaler
 from flowdiag.progress import ProgressSink
 from flowdiag.radam import RAdam
 from flowdiag.run_state import RunState
+from flowdiag.runtime import distributed
+from flowdiag.runtime.environment import configure_threads, resolve_device, stop_on_signals
+from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE
+from flowdiag.runtime.version import __version__
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,13 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from typer.testing import CliRunner
 
-from flowdiag import environment
 from flowdiag.ablation import storage as storage_module
 from flowdiag.ablation.grid import build_grid, cell_key, cell_slug, read_config_file
 from flowdiag.ablation.runner import AblationSpec, prepare, work
 from flowdiag.ablation.storage import default_storage_url
 from flowdiag.cli import app
-from flowdiag.errors import UserError
+from flowdiag.runtime import environment
+from flowdiag.runtime.errors import UserError
 from flowdiag.store import read_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

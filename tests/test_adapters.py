@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdiag.adapters import ADAPTER_NAMES, probe_adapter, resolve_adapter
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 from tests.flows import tiny_glow
 from tests.handwritten_flows import AccumulatedGlow, TupleGlow
 from tests.library_flows import (

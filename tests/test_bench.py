@@ -23,8 +23,8 @@ from flowdiag.bench.sync_check import check_syncs, classify_syncs
 from flowdiag.bench.workers import worker_startup
 from flowdiag.config import ModelConfig, RunConfig, TrainConfig
 from flowdiag.data import ImageData, load_dataset
-from flowdiag.errors import UserError
-from flowdiag.files import RUN_FILE
+from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.files import RUN_FILE
 
 TINY = RunConfig(
     model=ModelConfig(n_levels=3, n_steps=1, hidden=8),

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from flowdiag import __version__
 from flowdiag.cli import app
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 from flowdiag.store import read_run
 
 RUNNER = CliRunner()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from flowdiag.config import DataConfig
 from flowdiag.data import DATASETS, ImageData, load_dataset, read_idx_images, resize, split
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 N_DIGITS = 1797
 

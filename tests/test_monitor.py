@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import flowdiag
-from flowdiag.errors import UserError
-from flowdiag.files import RUN_FILE
 from flowdiag.report import build_report, collect_runs, diagnose
+from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import read_run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "normflows_glow.py"

@@ -14,8 +14,8 @@ from torch import nn
 
 from flowdiag import Monitor
 from flowdiag.adapters.observe import observe_output
-from flowdiag.files import RUN_FILE
 from flowdiag.model import dequantize
+from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import read_run
 
 from .flows import tiny_glow, tiny_images

@@ -18,7 +18,7 @@ import pytest
 
 from flowdiag import store
 from flowdiag.config import RunConfig
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 from flowdiag.store import LAYER_KINDS, RunWriter, is_run_file, read_run
 from flowdiag.store import layout as store_layout
 

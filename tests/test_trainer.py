@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from flowdiag.config import ModelConfig, RunConfig, TrainConfig
-from flowdiag.files import RUN_FILE
 from flowdiag.model import Glow, dequantize
 from flowdiag.monitor import Monitor
 from flowdiag.replay import replay
+from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import read_run
 from flowdiag.trainer import Trainer, train
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flowdiag import distributed
 from flowdiag.config import RunConfig
-from flowdiag.errors import UserError
-from flowdiag.files import RUN_FILE
+from flowdiag.runtime import distributed
+from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import RunRecord, read_run
 from flowdiag.trainer import RunResult, train
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from flowdiag.config import RunConfig
-from flowdiag.errors import UserError
 from flowdiag.options import OPTIONS_BY_NAME, PLACEMENT, TRAINER_OPTIONS, TrainerOption, apply_options
+from flowdiag.runtime.errors import UserError
 
 CORE_AXES = ("batch_size", "init_batches", "lam", "seed")
 

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 15  # a RUNNING trial with no heartbeat for this long belonged to a killed worker

@@ -32,9 +32,9 @@ from flowdiag.ablation.runner import (
 from flowdiag.ablation.storage import make_storage
 from flowdiag.config import RunConfig, placement_fields
 from flowdiag.data import ImageData
-from flowdiag.environment import end_with_parent, process_context
-from flowdiag.errors import UserError
 from flowdiag.progress import ProgressSink
+from flowdiag.runtime.environment import end_with_parent, process_context
+from flowdiag.runtime.errors import UserError
 from flowdiag.trainer import RunResult, train
 
 STUDY_KIND = "tune-lambda"

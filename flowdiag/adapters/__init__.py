@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 if TYPE_CHECKING:
     from torch import Tensor, nn

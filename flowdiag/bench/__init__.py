@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flowdiag.lazy import lazy_exports
+from flowdiag.runtime.lazy import lazy_exports
 
 _PUBLIC = {
     "BenchResult": "flowdiag.bench.results",

@@ -8,7 +8,7 @@ import multiprocessing
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from flowdiag.environment import process_context
+from flowdiag.runtime.environment import process_context
 
 
 def _spin(started: multiprocessing.synchronize.Event, stop: multiprocessing.synchronize.Event) -> None:

@@ -12,9 +12,9 @@ from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import InitCost
 from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
-from flowdiag.environment import resolve_device
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.model import Glow, dequantize
+from flowdiag.runtime.environment import resolve_device
 
 
 def _measure(config_json: str, data: ImageData, m: int, mode: str) -> tuple[float, int]:

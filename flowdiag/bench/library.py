@@ -15,9 +15,9 @@ from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import LibraryOverhead
 from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
-from flowdiag.environment import resolve_device
 from flowdiag.model import dequantize
 from flowdiag.monitor import Monitor
+from flowdiag.runtime.environment import resolve_device
 from flowdiag.stabilizers import cumulative_init
 from flowdiag.zoo import normflows_glow
 

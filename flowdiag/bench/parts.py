@@ -3,7 +3,7 @@ list before anything heavy is imported."""
 
 from __future__ import annotations
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 PARTS: tuple[str, ...] = ("steps", "init", "workers", "competition", "library", "inverse", "ddp")
 

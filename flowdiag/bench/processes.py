@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flowdiag.environment import process_context
+from flowdiag.runtime.environment import process_context
 
 
 def sync(device: torch.device) -> None:

@@ -17,7 +17,7 @@ from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import HOOKS_HDF5, MODES, NO_HOOKS, ModeTiming, StepTiming
 from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
-from flowdiag.files import RUN_FILE
+from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import bytes_per_step
 from flowdiag.trainer import Trainer
 

@@ -20,7 +20,7 @@ from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import SyncCheck
 from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
-from flowdiag.environment import resolve_device
+from flowdiag.runtime.environment import resolve_device
 from flowdiag.trainer import Trainer
 
 _SYNC_MESSAGE = "synchronizing CUDA operation"

@@ -11,7 +11,7 @@ from flowdiag.bench.processes import in_fresh_process
 from flowdiag.bench.results import WorkerStartup
 from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
-from flowdiag.environment import process_context
+from flowdiag.runtime.environment import process_context
 from flowdiag.trainer import Trainer
 
 

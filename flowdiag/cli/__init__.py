@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from flowdiag import __version__
 from flowdiag.cli.ablate import ablate_command
 from flowdiag.cli.audit import audit_command
 from flowdiag.cli.bench import bench_command
@@ -16,6 +15,7 @@ from flowdiag.cli.report import report_command
 from flowdiag.cli.train import replay_command, train_command
 from flowdiag.cli.tune import tune_lambda_command
 from flowdiag.cli.watch import watch_command
+from flowdiag.runtime.version import __version__
 
 app = typer.Typer(
     name="flowdiag",

@@ -15,8 +15,8 @@ from rich.table import Table
 from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_default, with_trainer_options
-from flowdiag.errors import UserError
 from flowdiag.progress import ProgressSink
+from flowdiag.runtime.errors import UserError
 
 # optuna, torch and the runner are imported when a command runs: `flowdiag --help` stays fast.
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ def ablate_command(
     from flowdiag.ablation.runner import AblationSpec, prepare
     from flowdiag.ablation.storage import default_storage_url, display_url
     from flowdiag.ablation.summary import summarize
-    from flowdiag.environment import configure_launcher, resolve_workers
+    from flowdiag.runtime.environment import configure_launcher, resolve_workers
 
     resolve_workers(workers, 1)  # a bad value fails before anything is created
     if nproc_per_cell < 1:

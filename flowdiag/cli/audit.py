@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from flowdiag.cli.common import console, user_errors_exit_2
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 
 def load_factory_model(spec: str) -> Any:

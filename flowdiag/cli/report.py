@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from flowdiag.cli.common import console, user_errors_exit_2
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 REPORT_FOLDER = "report"
 

@@ -70,7 +70,7 @@ def tune_lambda_command(
         start_tuning_workers,
         tuning_rows,
     )
-    from flowdiag.environment import configure_launcher, resolve_workers
+    from flowdiag.runtime.environment import configure_launcher, resolve_workers
 
     resolve_workers(workers, 1)  # a bad value fails before anything is created
     configure_launcher()  # no thread pool may exist when it forks workers

@@ -9,7 +9,7 @@ import typer
 from rich.text import Text
 
 from flowdiag.cli.common import console, user_errors_exit_2
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 
 @user_errors_exit_2

@@ -8,12 +8,11 @@ matplotlib.
 
 from __future__ import annotations
 
-from flowdiag.lazy import lazy_exports
-
 # Eager, and light (no matplotlib): `diagnose` is also a submodule's name, so the function must be
 # bound here before anything imports the submodule.
 from flowdiag.report.diagnose import Diagnosis, diagnose
 from flowdiag.report.runs import collect_runs
+from flowdiag.runtime.lazy import lazy_exports
 
 _PUBLIC = {
     "ReportSummary": "flowdiag.report.build",

@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from flowdiag.config import DataConfig, ModelConfig, TrainConfig
-from flowdiag.errors import UserError
-from flowdiag.files import RUN_FILE
+from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import RunRecord, is_run_file, read_run
 
 

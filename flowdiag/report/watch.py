@@ -22,8 +22,6 @@ from rich.live import Live
 from rich.text import Text
 
 from flowdiag.ablation.grid import cell_slug
-from flowdiag.errors import UserError
-from flowdiag.files import RUN_FILE
 from flowdiag.report.runs import find_run_files
 from flowdiag.report.watch_data import (
     PLAIN_EVERY_S,
@@ -35,6 +33,8 @@ from flowdiag.report.watch_data import (
     watch_snapshot,
 )
 from flowdiag.report.watch_view import cell_text, run_status_line, snapshot_lines, snapshot_view
+from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import RunRecord, read_run
 
 # --- reading -------------------------------------------------------------------------------------

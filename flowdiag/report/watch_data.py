@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flowdiag.files import RUN_FILE
 from flowdiag.report.runs import best_eval_bpd, has_layer_records, is_diverged
+from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import RunRecord
 
 TOP_LAYERS = 5

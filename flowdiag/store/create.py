@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 from flowdiag.store import inverse
 from flowdiag.store.layout import (
     _COMMITTED,

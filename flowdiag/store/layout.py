@@ -11,7 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
 LAYER_KINDS = ("actnorm", "invconv", "coupling", "other")

@@ -10,7 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 from flowdiag.store import inverse
 from flowdiag.store.inverse import InverseRecord
 from flowdiag.store.layout import (

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 from numpy.typing import ArrayLike
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 from flowdiag.store import inverse
 from flowdiag.store.create import RunHeader, create_run_file
 from flowdiag.store.layout import (

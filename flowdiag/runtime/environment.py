@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 
 def cpu_count() -> int:

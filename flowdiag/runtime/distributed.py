@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from flowdiag.errors import UserError
+from flowdiag.runtime.errors import UserError
 
 
 @dataclass(frozen=True)
