@@ -18,7 +18,7 @@ from nflows.transforms.normalization import ActNorm
 from nflows.transforms.reshape import SqueezeTransform
 
 import flowdiag
-from flowdiag.config import DataConfig
+from flowdiag.settings.config import DataConfig
 from flowdiag.data import load_dataset
 from flowdiag.model import dequantize
 

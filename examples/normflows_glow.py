@@ -16,7 +16,7 @@ import normflows as nf
 import torch
 
 import flowdiag
-from flowdiag.config import DataConfig
+from flowdiag.settings.config import DataConfig
 from flowdiag.data import load_dataset
 from flowdiag.model import dequantize
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowdiag.config import DataConfig, Dataset
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import DataConfig, Dataset
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -15,7 +15,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowdiag.config import ModelConfig
 from flowdiag.layers import (
     ActNorm,
     AdditiveCoupling,
@@ -28,6 +27,7 @@ from flowdiag.layers import (
     unsqueeze,
 )
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import ModelConfig
 
 
 class FlowStep(nn.Module):
@@ -161,7 +161,8 @@ class Glow(nn.Module):
 
 
 def validate_model_config(config: ModelConfig) -> None:
-    """The geometry: ranges are `flowdiag.config.validate_config`'s, this needs the data's image size."""
+    """The geometry: ranges are `flowdiag.settings.config.validate_config`'s; this one needs the data's
+    image size."""
     if config.image_size % (2**config.n_levels) != 0:
         raise UserError(
             f"image size {config.image_size} is not divisible by 2^L = {2**config.n_levels}: "

@@ -12,8 +12,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor
 
-from flowdiag.config import FORMAT_NAMES
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import FORMAT_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

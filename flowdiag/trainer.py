@@ -22,7 +22,6 @@ from torch import Tensor
 
 from flowdiag.batches import BatchStream
 from flowdiag.checkpoint import load_payload, save_atomically
-from flowdiag.config import RunConfig, TrainConfig, validate_config
 from flowdiag.data import ImageData, load_dataset
 from flowdiag.flat import FlatParameters
 from flowdiag.image_grid import save_grid
@@ -40,6 +39,7 @@ from flowdiag.runtime.environment import configure_threads, resolve_device, stop
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE
 from flowdiag.runtime.version import __version__
+from flowdiag.settings.config import RunConfig, TrainConfig, validate_config
 
 
 @dataclass(frozen=True)

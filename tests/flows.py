@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowdiag.config import ModelConfig
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.layers import ZeroConv2d
 from flowdiag.model import Glow, dequantize
+from flowdiag.settings.config import ModelConfig
 
 
 def perturb_zero_convs(module: nn.Module, scale: float = 0.1) -> None:

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from flowdiag.config import RunConfig, TrainConfig
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.model import Glow, dequantize
 from flowdiag.monitor import Monitor
 from flowdiag.runtime import distributed
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
+from flowdiag.settings.config import RunConfig, TrainConfig
 from flowdiag.store import read_run
 from flowdiag.trainer import train
 

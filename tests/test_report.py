@@ -16,7 +16,6 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
-from flowdiag.config import ModelConfig, RunConfig, TrainConfig
 from flowdiag.report import build_report, collect_runs, diagnose, render_summary
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import (
@@ -37,6 +36,7 @@ from flowdiag.report.layers import coupling_peaks, layer_heatmap, select_heatmap
 from flowdiag.report.runs import RunSettings, best_eval_bpd, run_labels
 from flowdiag.report.wording import diagnosis_lines
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import ModelConfig, RunConfig, TrainConfig
 from flowdiag.store import RunWriter, read_run
 
 # --- synthetic runs -----------------------------------------------------------------------------

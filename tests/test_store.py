@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from flowdiag import store
-from flowdiag.config import RunConfig
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import RunConfig
 from flowdiag.store import LAYER_KINDS, RunWriter, is_run_file, read_run
 from flowdiag.store import layout as store_layout
 

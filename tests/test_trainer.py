@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from flowdiag.config import ModelConfig, RunConfig, TrainConfig
 from flowdiag.model import Glow, dequantize
 from flowdiag.monitor import Monitor
 from flowdiag.replay import replay
 from flowdiag.runtime.files import RUN_FILE
+from flowdiag.settings.config import ModelConfig, RunConfig, TrainConfig
 from flowdiag.store import read_run
 from flowdiag.trainer import Trainer, train
 

@@ -18,9 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowdiag.config import RunConfig
-from flowdiag.options import OPTIONS_BY_NAME, PLACEMENT, TRAINER_OPTIONS, TrainerOption, apply_options
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import RunConfig
+from flowdiag.settings.options import (
+    OPTIONS_BY_NAME,
+    PLACEMENT,
+    TRAINER_OPTIONS,
+    TrainerOption,
+    apply_options,
+)
 
 CORE_AXES = ("batch_size", "init_batches", "lam", "seed")
 

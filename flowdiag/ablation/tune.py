@@ -30,11 +30,11 @@ from flowdiag.ablation.runner import (
     record_result,
 )
 from flowdiag.ablation.storage import make_storage
-from flowdiag.config import RunConfig, placement_fields
 from flowdiag.data import ImageData
 from flowdiag.progress import ProgressSink
 from flowdiag.runtime.environment import end_with_parent, process_context
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import RunConfig, placement_fields
 from flowdiag.trainer import RunResult, train
 
 STUDY_KIND = "tune-lambda"

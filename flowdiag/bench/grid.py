@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from flowdiag.bench.results import GridTiming
-from flowdiag.config import DataConfig, ModelConfig, RunConfig, flag
+from flowdiag.settings.config import DataConfig, ModelConfig, RunConfig, flag
 
 MAIN_JOB_ARGS: tuple[str, ...] = ("--batch-size", "1", "--init-batches", "1,16,256")
 

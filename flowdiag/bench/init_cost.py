@@ -10,11 +10,11 @@ import torch
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import InitCost
-from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.model import Glow, dequantize
 from flowdiag.runtime.environment import resolve_device
+from flowdiag.settings.config import RunConfig
 
 
 def _measure(config_json: str, data: ImageData, m: int, mode: str) -> tuple[float, int]:

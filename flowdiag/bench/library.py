@@ -13,11 +13,11 @@ import torch
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import LibraryOverhead
-from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
 from flowdiag.model import dequantize
 from flowdiag.monitor import Monitor
 from flowdiag.runtime.environment import resolve_device
+from flowdiag.settings.config import RunConfig
 from flowdiag.stabilizers import cumulative_init
 from flowdiag.zoo import normflows_glow
 

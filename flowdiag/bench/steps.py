@@ -15,9 +15,9 @@ from pathlib import Path
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import HOOKS_HDF5, MODES, NO_HOOKS, ModeTiming, StepTiming
-from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
 from flowdiag.runtime.files import RUN_FILE
+from flowdiag.settings.config import RunConfig
 from flowdiag.store import bytes_per_step
 from flowdiag.trainer import Trainer
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from flowdiag.bench.processes import in_fresh_process
 from flowdiag.bench.results import WorkerStartup
-from flowdiag.config import RunConfig
 from flowdiag.data import ImageData
 from flowdiag.runtime.environment import process_context
+from flowdiag.settings.config import RunConfig
 from flowdiag.trainer import Trainer
 
 

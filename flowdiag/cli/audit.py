@@ -61,9 +61,9 @@ def audit_command(
 
     from flowdiag.adapters import ADAPTER_NAMES
     from flowdiag.audit import audit
-    from flowdiag.config import DataConfig
     from flowdiag.data import load_dataset
     from flowdiag.model import dequantize
+    from flowdiag.settings.config import DataConfig
 
     if batch_size < 1 or init_batches < 1:
         raise UserError("--batch-size and --init-batches must be positive integers")

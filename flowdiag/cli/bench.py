@@ -9,9 +9,9 @@ import typer
 from flowdiag.bench.parts import PARTS, parse_parts
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
-from flowdiag.config import RunConfig
-from flowdiag.options import apply_options, parse_scalars
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import RunConfig
+from flowdiag.settings.options import apply_options, parse_scalars
 
 
 def _positive_ints(flag: str, text: str) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flowdiag.options import TRAINER_OPTIONS, TrainerOption
+from flowdiag.settings.options import TRAINER_OPTIONS, TrainerOption
 
 
 def shown(value: Any) -> str:

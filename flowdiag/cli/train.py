@@ -10,9 +10,9 @@ import typer
 
 from flowdiag.cli.common import console, training_progress, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
-from flowdiag.config import RunConfig
-from flowdiag.options import apply_options, parse_scalars
 from flowdiag.runtime.files import REPLAY_FILE, RUN_FILE, SAMPLES_FILE
+from flowdiag.settings.config import RunConfig
+from flowdiag.settings.options import apply_options, parse_scalars
 
 if TYPE_CHECKING:
     from flowdiag.trainer import RunResult

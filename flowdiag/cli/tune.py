@@ -12,8 +12,8 @@ from rich.table import Table
 from flowdiag.cli.ablate import Board, BoardSink, follow_workers
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
-from flowdiag.config import RunConfig
-from flowdiag.options import apply_options, parse_scalars
+from flowdiag.settings.config import RunConfig
+from flowdiag.settings.options import apply_options, parse_scalars
 
 DEFAULT_OUT = Path("runs/tune-lambda")
 

@@ -15,7 +15,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from flowdiag.config import FORMAT_NAMES, LARGEST_FINITE, TrainConfig
 from flowdiag.report.runs import (
     RunSettings,
     actnorm_ceiling,
@@ -26,6 +25,7 @@ from flowdiag.report.runs import (
     recon_threshold,
     run_settings,
 )
+from flowdiag.settings.config import FORMAT_NAMES, LARGEST_FINITE, TrainConfig
 from flowdiag.store import RunRecord
 
 DEFAULT_THRESHOLD = 1e4

@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flowdiag.config import placement_fields
 from flowdiag.report.runs import CellKey, best_eval_bpd, is_diverged, run_settings
+from flowdiag.settings.config import placement_fields
 from flowdiag.store import RunRecord
 
 # Two runs that differ only in where or how they were done (the placement settings), in λ and in

@@ -11,9 +11,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flowdiag.config import DataConfig, ModelConfig, TrainConfig
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
+from flowdiag.settings.config import DataConfig, ModelConfig, TrainConfig
 from flowdiag.store import RunRecord, is_run_file, read_run
 
 

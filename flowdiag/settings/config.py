@@ -2,7 +2,7 @@
 
 A setting's type, default and choices are its field's; its flag, help, valid range and whether it
 only says where or how a run is done (placement) are the field's metadata. The command-line options
-(`flowdiag.options`), the ablation grid, the TOML files and the validation all derive from these
+(`flowdiag.settings.options`), the ablation grid, the TOML files and the validation all derive from these
 fields. Every HDF5 file and checkpoint carries `RunConfig.to_json()`, so a run can always be rebuilt
 from its own output.
 """

@@ -1,6 +1,6 @@
 """The trainer's settings as command-line options, derived from the config dataclasses.
 
-`flowdiag.config` defines each setting once (type, default, choices, range, help, placement); this
+`flowdiag.settings.config` defines each setting once (type, default, choices, range, help, placement); this
 module only turns its fields into options: `train` takes one value each, `ablate` comma lists (a list
 of more than one value becomes a grid axis), TOML files the same names. Values are parsed here, not
 by click, so a bad value gives our one-line error naming the flag and the fix.
@@ -15,8 +15,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flowdiag.config import SECTIONS, RunConfig, flag, option_fields, option_name, range_error
 from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import SECTIONS, RunConfig, flag, option_fields, option_name, range_error
 
 Kind = Literal["int", "float", "str", "bool", "choice"]
 
