@@ -20,7 +20,7 @@ from nflows.transforms.reshape import SqueezeTransform
 import flowdiag
 from flowdiag.settings.config import DataConfig
 from flowdiag.data import load_dataset
-from flowdiag.model import dequantize
+from flowdiag.glow.model import dequantize
 
 
 def build_model(steps: int = 4, hidden: int = 32) -> Flow:

@@ -18,7 +18,7 @@ import torch
 import flowdiag
 from flowdiag.settings.config import DataConfig
 from flowdiag.data import load_dataset
-from flowdiag.model import dequantize
+from flowdiag.glow.model import dequantize
 
 
 def build_model(levels: int = 3, steps: int = 2, hidden: int = 32, seed: int = 0) -> nf.MultiscaleFlow:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import flowdiag
 from flowdiag.settings.config import DataConfig
 from flowdiag.data import load_dataset
-from flowdiag.model import dequantize
+from flowdiag.glow.model import dequantize
 
 
 class ActNorm(nn.Module):

@@ -12,8 +12,8 @@ from flowdiag.runtime.version import __version__
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "Glow": "flowdiag.model",
-    "bits_per_dim": "flowdiag.model",
+    "Glow": "flowdiag.glow.model",
+    "bits_per_dim": "flowdiag.glow.model",
     "Monitor": "flowdiag.monitor",
     "cumulative_init": "flowdiag.stabilizers",
     "logdet_penalty": "flowdiag.stabilizers",
@@ -22,7 +22,7 @@ _PUBLIC = {
 
 if TYPE_CHECKING:
     from flowdiag.audit import audit
-    from flowdiag.model import Glow, bits_per_dim
+    from flowdiag.glow.model import Glow, bits_per_dim
     from flowdiag.monitor import Monitor
     from flowdiag.stabilizers import cumulative_init, logdet_penalty
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flowdiag.layers import ActNorm, CouplingNet, squeeze
-from flowdiag.model import Glow
+from flowdiag.glow.layers import ActNorm, CouplingNet, squeeze
+from flowdiag.glow.model import Glow
 
 
 @dataclass(frozen=True)

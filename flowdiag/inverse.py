@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowdiag.model import Glow
+from flowdiag.glow.model import Glow
 
 SAMPLES = 16  # images drawn per check: one small batch (the cost stays a few % of a run)
 

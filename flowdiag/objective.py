@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from flowdiag.model import Glow, bpd_from_log_prob, dequantize
+from flowdiag.glow.model import Glow, bpd_from_log_prob, dequantize
 from flowdiag.penalty import logdet_penalty
 
 

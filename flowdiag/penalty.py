@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowdiag.model import Glow
+from flowdiag.glow.model import Glow
 
 
 def conv_logdets(model: Glow) -> Tensor:

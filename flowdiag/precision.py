@@ -2,7 +2,7 @@
 
 Glow users meet NaN most often here: float16's largest finite value is 65504, and a deep flow's
 activations pass it long before float32's 3.4e38. The model keeps its log-dets and Gaussian priors in
-float32 (`at_least_float32`), so what overflows is the activations, which the recorder sees.
+float32 (`flowdiag.glow.layers.numerics`), so what overflows is the activations, which the recorder sees.
 """
 
 from __future__ import annotations
@@ -10,17 +10,11 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from torch import Tensor
 
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import FORMAT_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def at_least_float32(t: Tensor) -> Tensor:
-    """float32 for a reduced-precision tensor, unchanged for float32 and float64 (no copy)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from flowdiag.checkpoint import load_payload
-from flowdiag.model import Glow
+from flowdiag.glow.model import Glow
 from flowdiag.objective import training_loss
 from flowdiag.precision import autocast
 from flowdiag.runtime.files import REPLAY_FILE

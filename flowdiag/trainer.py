@@ -24,10 +24,10 @@ from flowdiag.batches import BatchStream
 from flowdiag.checkpoint import load_payload, save_atomically
 from flowdiag.data import ImageData, load_dataset
 from flowdiag.flat import FlatParameters
+from flowdiag.glow.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
 from flowdiag.image_grid import save_grid
 from flowdiag.init import cumulative_actnorm_init
 from flowdiag.inverse import SAMPLES, check_inverse
-from flowdiag.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
 from flowdiag.monitor import Monitor
 from flowdiag.objective import training_loss
 from flowdiag.precision import autocast, check_supported, grad_scaler

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowdiag.glow.layers import ZeroConv2d
+from flowdiag.glow.model import Glow, dequantize
 from flowdiag.init import cumulative_actnorm_init
-from flowdiag.layers import ZeroConv2d
-from flowdiag.model import Glow, dequantize
 from flowdiag.settings.config import ModelConfig
 
 

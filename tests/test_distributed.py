@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from flowdiag.glow.model import Glow, dequantize
 from flowdiag.init import cumulative_actnorm_init
-from flowdiag.model import Glow, dequantize
 from flowdiag.monitor import Monitor
 from flowdiag.runtime import distributed
 from flowdiag.runtime.errors import UserError

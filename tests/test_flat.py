@@ -7,7 +7,7 @@ import copy
 import torch
 
 from flowdiag.flat import FlatParameters
-from flowdiag.model import bpd_from_log_prob, dequantize
+from flowdiag.glow.model import bpd_from_log_prob, dequantize
 
 from .flows import tiny_glow, tiny_images
 

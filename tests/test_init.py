@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from flowdiag.glow.model import dequantize
 from flowdiag.init import cumulative_actnorm_init
-from flowdiag.model import dequantize
 
 from .flows import tiny_glow, tiny_images
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from flowdiag import precision as precision_module
 from flowdiag.cli import app
+from flowdiag.glow.model import Glow, dequantize
 from flowdiag.inverse import check_inverse, conv_condition
-from flowdiag.model import Glow, dequantize
 from flowdiag.report import diagnose
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import ModelConfig, RunConfig, TrainConfig

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from flowdiag.layers import ActNorm, AdditiveCoupling, AffineCoupling, InvConvLU, InvConvPlain
-from flowdiag.model import Glow, dequantize
+from flowdiag.glow.layers import ActNorm, AdditiveCoupling, AffineCoupling, InvConvLU, InvConvPlain
+from flowdiag.glow.model import Glow, dequantize
 from flowdiag.settings.config import ModelConfig
 
 from .flows import perturb_zero_convs, tiny_glow, tiny_images

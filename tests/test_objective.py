@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from flowdiag.model import bits_per_dim, bpd_from_log_prob, dequantize
+from flowdiag.glow.model import bits_per_dim, bpd_from_log_prob, dequantize
 
 ALL_LEVELS = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
 

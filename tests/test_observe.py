@@ -14,7 +14,7 @@ from torch import nn
 
 from flowdiag import Monitor
 from flowdiag.adapters.observe import observe_output
-from flowdiag.model import dequantize
+from flowdiag.glow.model import dequantize
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.store import read_run
 

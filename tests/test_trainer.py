@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowdiag.model import Glow, dequantize
+from flowdiag.glow.model import Glow, dequantize
 from flowdiag.monitor import Monitor
 from flowdiag.replay import replay
 from flowdiag.runtime.files import RUN_FILE

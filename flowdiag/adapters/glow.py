@@ -1,4 +1,4 @@
-"""flowdiag's own Glow (`flowdiag.model.Glow`): layers, hooks and ActNorms straight from its modules."""
+"""flowdiag's own Glow (`flowdiag.glow.model.Glow`): layers, hooks and ActNorms straight from its modules."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from flowdiag.adapters.base import ActNormAccess, ActNormStats, Capture, Detach, FlowAdapter, FlowLayer
 from flowdiag.adapters.observe import observe_output
-from flowdiag.layers import FLOW_LAYER_KINDS, ActNorm
-from flowdiag.model import Glow
+from flowdiag.glow.layers import FLOW_LAYER_KINDS, ActNorm
+from flowdiag.glow.model import Glow
 
 
 class GlowActNorm(ActNormAccess):
@@ -44,7 +44,7 @@ class GlowAdapter(FlowAdapter):
         super().__init__(model)
         self.glow = _find_glow(model)
         if self.glow is None:
-            raise TypeError(f"{type(model).__name__} holds no flowdiag.model.Glow")
+            raise TypeError(f"{type(model).__name__} holds no flowdiag.glow.model.Glow")
         self._prefix = next(n for n, m in model.named_modules() if m is self.glow)
         self._prefix = f"{self._prefix}." if self._prefix else ""
 

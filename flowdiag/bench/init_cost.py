@@ -11,8 +11,8 @@ import torch
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import InitCost
 from flowdiag.data import ImageData
+from flowdiag.glow.model import Glow, dequantize
 from flowdiag.init import cumulative_actnorm_init
-from flowdiag.model import Glow, dequantize
 from flowdiag.runtime.environment import resolve_device
 from flowdiag.settings.config import RunConfig
 

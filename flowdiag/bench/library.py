@@ -14,7 +14,7 @@ import torch
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import LibraryOverhead
 from flowdiag.data import ImageData
-from flowdiag.model import dequantize
+from flowdiag.glow.model import dequantize
 from flowdiag.monitor import Monitor
 from flowdiag.runtime.environment import resolve_device
 from flowdiag.settings.config import RunConfig

@@ -62,7 +62,7 @@ def audit_command(
     from flowdiag.adapters import ADAPTER_NAMES
     from flowdiag.audit import audit
     from flowdiag.data import load_dataset
-    from flowdiag.model import dequantize
+    from flowdiag.glow.model import dequantize
     from flowdiag.settings.config import DataConfig
 
     if batch_size < 1 or init_batches < 1:

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowdiag.layers import (
+from flowdiag.glow.layers import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowdiag.layers.actnorm import ActNorm
-from flowdiag.precision import at_least_float32
+from flowdiag.glow.layers.actnorm import ActNorm
+from flowdiag.glow.layers.numerics import at_least_float32
 
 NormFactory = Callable[[int], ActNorm]  # channels -> an ActNorm with the model's eps and formula
 

@@ -1,9 +1,9 @@
 """Flow layers. Each flow layer maps data -> latent: `layer(x)` returns `(z, logdet)`, logdet (B,)."""
 
-from flowdiag.layers.actnorm import ActNorm
-from flowdiag.layers.coupling import AdditiveCoupling, AffineCoupling, CouplingNet, ZeroConv2d
-from flowdiag.layers.invconv import InvConvLU, InvConvPlain
-from flowdiag.layers.multiscale import Split, TopPrior, squeeze, unsqueeze
+from flowdiag.glow.layers.actnorm import ActNorm
+from flowdiag.glow.layers.coupling import AdditiveCoupling, AffineCoupling, CouplingNet, ZeroConv2d
+from flowdiag.glow.layers.invconv import InvConvLU, InvConvPlain
+from flowdiag.glow.layers.multiscale import Split, TopPrior, squeeze, unsqueeze
 
 FLOW_LAYER_KINDS: dict[type, str] = {
     ActNorm: "actnorm",

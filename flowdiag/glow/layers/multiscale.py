@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowdiag.layers.coupling import ZeroConv2d
-from flowdiag.precision import at_least_float32
+from flowdiag.glow.layers.coupling import ZeroConv2d
+from flowdiag.glow.layers.numerics import at_least_float32
 
 _LOG_2PI = math.log(2 * math.pi)
 
