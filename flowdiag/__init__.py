@@ -15,16 +15,17 @@ _PUBLIC = {
     "Glow": "flowdiag.glow.model",
     "bits_per_dim": "flowdiag.glow.model",
     "Monitor": "flowdiag.monitor",
-    "cumulative_init": "flowdiag.stabilizers",
-    "logdet_penalty": "flowdiag.stabilizers",
-    "audit": "flowdiag.audit",
+    "cumulative_init": "flowdiag.stabilize.cumulative_init",
+    "logdet_penalty": "flowdiag.stabilize.penalty",
+    "audit": "flowdiag.stabilize.audit",
 }
 
 if TYPE_CHECKING:
-    from flowdiag.audit import audit
     from flowdiag.glow.model import Glow, bits_per_dim
     from flowdiag.monitor import Monitor
-    from flowdiag.stabilizers import cumulative_init, logdet_penalty
+    from flowdiag.stabilize.audit import audit
+    from flowdiag.stabilize.cumulative_init import cumulative_init
+    from flowdiag.stabilize.penalty import logdet_penalty
 
 
 __getattr__ = lazy_exports("flowdiag", _PUBLIC)

@@ -39,9 +39,9 @@ from flowdiag.runtime.version import __version__
 from flowdiag.store import InverseRow, NullWriter, RunWriter
 
 if TYPE_CHECKING:
-    from flowdiag.init import ActNormInitStats
     from flowdiag.inverse import InverseCheck
     from flowdiag.settings.config import RunConfig
+    from flowdiag.stabilize.cumulative_init import ActNormInitStats
 
 # Scalars that lead every packed row; their order is the StepRecord's.
 _SCALARS = ("loss", "bpd", "penalty", "grad_norm", "lr")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from flowdiag.glow.model import Glow, bpd_from_log_prob, dequantize
-from flowdiag.penalty import logdet_penalty
+from flowdiag.stabilize.penalty import logdet_penalty
 
 
 def training_loss(

@@ -26,7 +26,6 @@ from flowdiag.data import ImageData, load_dataset
 from flowdiag.flat import FlatParameters
 from flowdiag.glow.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
 from flowdiag.image_grid import save_grid
-from flowdiag.init import cumulative_actnorm_init
 from flowdiag.inverse import SAMPLES, check_inverse
 from flowdiag.monitor import Monitor
 from flowdiag.objective import training_loss
@@ -40,6 +39,7 @@ from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE
 from flowdiag.runtime.version import __version__
 from flowdiag.settings.config import RunConfig, TrainConfig, validate_config
+from flowdiag.stabilize.cumulative_init import cumulative_init
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class Trainer:
         n_bits = self.config.data.n_bits
         batches = [dequantize(self._next_batch(), n_bits) for _ in range(self.config.train.init_batches)]
         with self.monitor.paused():
-            stats = cumulative_actnorm_init(self.model, batches, pool=distributed.pool)
+            stats = cumulative_init(self.model, batches, adapter="flowdiag", pool=distributed.pool)
         self.monitor.record_init(stats)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:

@@ -7,8 +7,8 @@ from torch import nn
 
 from flowdiag.glow.layers import ZeroConv2d
 from flowdiag.glow.model import Glow, dequantize
-from flowdiag.init import cumulative_actnorm_init
 from flowdiag.settings.config import ModelConfig
+from flowdiag.stabilize.cumulative_init import cumulative_init
 
 
 def perturb_zero_convs(module: nn.Module, scale: float = 0.1) -> None:
@@ -39,5 +39,5 @@ def tiny_glow(
     perturb_zero_convs(model)
     if init:
         x = dequantize(tiny_images(8, config.in_channels, config.image_size), 8).double()
-        cumulative_actnorm_init(model, [x[:4], x[4:]])
+        cumulative_init(model, [x[:4], x[4:]])
     return model

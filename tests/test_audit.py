@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from typer.testing import CliRunner
 
-from flowdiag.audit import audit
 from flowdiag.cli.audit import audit_command
+from flowdiag.stabilize.audit import audit
 from tests.flows import tiny_glow
 from tests.library_flows import images, normflows_glow_at_risk
 

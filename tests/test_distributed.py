@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from flowdiag.glow.model import Glow, dequantize
-from flowdiag.init import cumulative_actnorm_init
 from flowdiag.monitor import Monitor
 from flowdiag.runtime import distributed
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import RunConfig, TrainConfig
+from flowdiag.stabilize.cumulative_init import cumulative_init
 from flowdiag.store import read_run
 from flowdiag.trainer import train
 
@@ -42,7 +42,7 @@ def _init_rank(out: Path) -> None:
     distributed.start(ranks, torch.device("cpu"), 30.0)
     torch.manual_seed(0)
     model = tiny_glow(init=False, image_size=8, n_levels=3)
-    cumulative_actnorm_init(model, _minibatches(ranks.rank), pool=distributed.pool)
+    cumulative_init(model, _minibatches(ranks.rank), pool=distributed.pool)
     torch.save(
         {name: (n.log_scale.detach(), n.tau.detach()) for name, n in model.actnorms()},
         out / f"rank{ranks.rank}.pt",
@@ -54,7 +54,7 @@ def test_cross_rank_init_is_the_init_on_the_union(tmp_path: Path) -> None:
     assert distributed.launch(_init_rank, 2, tmp_path) == [0, 0]
     torch.manual_seed(0)
     single = tiny_glow(init=False, image_size=8, n_levels=3)
-    cumulative_actnorm_init(single, _minibatches(0) + _minibatches(1))
+    cumulative_init(single, _minibatches(0) + _minibatches(1))
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name, norm in single.actnorms():

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from flowdiag.glow.model import dequantize
-from flowdiag.init import cumulative_actnorm_init
+from flowdiag.runtime.errors import UserError
+from flowdiag.stabilize.cumulative_init import cumulative_init
 
 from .flows import tiny_glow, tiny_images
 
@@ -30,7 +31,7 @@ def test_m_minibatches_equal_standard_init_on_concatenation(coupling: str, m: in
     cumulative = tiny_glow(coupling, init=False, image_size=8, n_levels=3)
     standard = copy.deepcopy(cumulative)
     batches = _batches(m, batch)
-    cumulative_actnorm_init(cumulative, batches)
+    cumulative_init(cumulative, batches)
     standard(torch.cat(batches))  # every uninitialized ActNorm initializes itself: standard Glow init
     got, want = _actnorm_params(cumulative), _actnorm_params(standard)
     assert (
@@ -44,7 +45,7 @@ def test_m_equals_one_is_standard_init() -> None:
     cumulative = tiny_glow(init=False, image_size=8, n_levels=3)
     standard = copy.deepcopy(cumulative)
     (batch,) = _batches(1, 4)
-    cumulative_actnorm_init(cumulative, [batch])
+    cumulative_init(cumulative, [batch])
     standard(batch)
     # Equal to rounding: once its ActNorms are initialized a coupling net runs them folded into its
     # convs, while the self-initializing forward runs them unfolded; the sums differ in the last bits.
@@ -58,7 +59,7 @@ def test_every_actnorm_output_is_normalized_on_the_init_data() -> None:
     eps = 1e-2  # large, so var / (var + eps) is far from 1 and a wrong eps would show
     model = tiny_glow(init=False, image_size=8, n_levels=3, actnorm_eps=eps)
     batches = _batches(6, 2)
-    cumulative_actnorm_init(model, batches)
+    cumulative_init(model, batches)
     seen: dict[str, tuple[Tensor, Tensor]] = {}
     hooks = [
         norm.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out[0])))
@@ -79,7 +80,7 @@ def test_every_actnorm_output_is_normalized_on_the_init_data() -> None:
 def test_reports_how_many_values_each_actnorm_saw() -> None:
     model = tiny_glow(init=False, image_size=8, n_levels=3)
     m, batch = 5, 2
-    stats = cumulative_actnorm_init(model, _batches(m, batch))
+    stats = cumulative_init(model, _batches(m, batch))
     by_name = {s.name: s for s in stats}
     assert len(stats) == len(model.actnorms())
     # level 0 runs at 4x4, level 1 at 2x2, level 2 at 1x1 (coupling nets at the same size)
@@ -95,12 +96,12 @@ def test_reports_how_many_values_each_actnorm_saw() -> None:
 def test_single_value_per_channel_gives_the_eps_scale() -> None:
     """Batch 1 at 1x1 spatial size: var = 0, so sigma = 1/sqrt(eps) -- the paper's failure mode."""
     model = tiny_glow(init=False, image_size=8, n_levels=3, actnorm_eps=1e-6)
-    stats = cumulative_actnorm_init(model, _batches(1, 1))
+    stats = cumulative_init(model, _batches(1, 1))
     top = next(s for s in stats if s.name == "levels.2.steps.0.actnorm")
     assert top.n_values == 1 and top.min_input_var == 0.0
     assert top.log_scale_max == pytest.approx(-0.5 * torch.log(torch.tensor(1e-6)).item())
 
 
 def test_needs_a_minibatch() -> None:
-    with pytest.raises(ValueError):
-        cumulative_actnorm_init(tiny_glow(init=False), [])
+    with pytest.raises(UserError, match="at least one minibatch"):
+        cumulative_init(tiny_glow(init=False), [])

@@ -87,9 +87,9 @@ def test_a_near_singular_conv_breaks_invertibility_and_the_diagnosis_says_so(tmp
 def test_check_inverse_names_the_first_non_finite_layer_of_the_inverse() -> None:
     model = Glow(SMALL)
     x = dequantize(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8))
-    from flowdiag.init import cumulative_actnorm_init
+    from flowdiag.stabilize.cumulative_init import cumulative_init
 
-    cumulative_actnorm_init(model, [x])
+    cumulative_init(model, [x])
     with torch.no_grad():
         model.levels[1].steps[0].actnorm.log_scale.fill_(-200.0)  # exp(200) in the inverse: inf
     check = check_inverse(model, x, temperature=0.7, seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowdiag.penalty import conv_logdets, logdet_penalty
+from flowdiag.stabilize.penalty import conv_logdets, logdet_penalty
 
 from .flows import tiny_glow
 

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from flowdiag.stabilizers import cumulative_init, logdet_penalty, watch_conv_sizes
+from flowdiag.stabilize.cumulative_init import cumulative_init
+from flowdiag.stabilize.penalty import logdet_penalty, watch_conv_sizes
 from tests.flows import tiny_glow
 from tests.handwritten_flows import AccumulatedGlow, TupleGlow
 from tests.library_flows import freia_graph, freia_sequence, images, nflows_glow, normflows_glow, pyro_flow

@@ -12,9 +12,9 @@ from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import InitCost
 from flowdiag.data import ImageData
 from flowdiag.glow.model import Glow, dequantize
-from flowdiag.init import cumulative_actnorm_init
 from flowdiag.runtime.environment import resolve_device
 from flowdiag.settings.config import RunConfig
+from flowdiag.stabilize.cumulative_init import cumulative_init
 
 
 def _measure(config_json: str, data: ImageData, m: int, mode: str) -> tuple[float, int]:
@@ -33,14 +33,14 @@ def _measure(config_json: str, data: ImageData, m: int, mode: str) -> tuple[floa
         start = (i * b) % len(order)
         batches.append(dequantize(data.train[order[start : start + b]].to(device), config.data.n_bits))
     if mode == "forward":
-        cumulative_actnorm_init(model, batches[:1])
+        cumulative_init(model, batches[:1])
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     began = time.perf_counter()
     with torch.no_grad():
         if mode == "init":
-            cumulative_actnorm_init(model, batches)
+            cumulative_init(model, batches)
         else:
             for x in batches:
                 model(x)

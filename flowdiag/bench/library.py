@@ -18,7 +18,7 @@ from flowdiag.glow.model import dequantize
 from flowdiag.monitor import Monitor
 from flowdiag.runtime.environment import resolve_device
 from flowdiag.settings.config import RunConfig
-from flowdiag.stabilizers import cumulative_init
+from flowdiag.stabilize.cumulative_init import cumulative_init
 from flowdiag.zoo import normflows_glow
 
 MODEL = "normflows multiscale Glow"

@@ -84,11 +84,18 @@ def device_for(ranks: Ranks, device: torch.device) -> torch.device:
     return device
 
 
+Pool = Callable[[list[Tensor]], None]  # sums accumulators over data-parallel ranks, in place
+
+
 def pool(tensors: list[Tensor]) -> None:
     """Sum `tensors` over every rank, in place (ActNorm accumulators: float64 sums, int64 counts)."""
     if dist.is_initialized():
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def no_pool(tensors: list[Tensor]) -> None:
+    """This process's accumulators alone: a single process, or ranks that initialize independently."""
 
 
 def reduce_layer_row(

@@ -1,4 +1,5 @@
-"""Algorithm 1 on any library's ActNorms, one layer at a time, without concatenating minibatches.
+"""The cumulative init (Algorithm 1) on any library's ActNorms, one layer at a time, without
+concatenating minibatches.
 
 For each ActNorm in data -> latent order, every minibatch runs forward until that ActNorm is about
 to see its input; the input's per-channel sums are added to a float64 accumulator and the pass is
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from flowdiag.adapters.base import ActNormAccess, ActNormStats, FlowAdapter
+from flowdiag.runtime.distributed import Pool
 
 
 class _Reached(Exception):
@@ -25,7 +27,7 @@ class _Reached(Exception):
 
 
 def _pooled_input_stats(
-    adapter: FlowAdapter, norm: ActNormAccess, minibatches: Sequence[Tensor]
+    adapter: FlowAdapter, norm: ActNormAccess, minibatches: Sequence[Tensor], pool: Pool
 ) -> ActNormStats:
     pooled: list[ActNormStats] = []
 
@@ -48,7 +50,14 @@ def _pooled_input_stats(
     total = pooled[0]
     for stats in pooled[1:]:
         total = total.add(stats)
-    return total
+    return _across_ranks(total, pool)
+
+
+def _across_ranks(stats: ActNormStats, pool: Pool) -> ActNormStats:
+    """The sums of every rank's minibatches (`pool` adds them in place; a no-op in one process)."""
+    count = torch.tensor(float(stats.count), dtype=torch.float64, device=stats.total.device)
+    pool([stats.total, stats.total_sq, count])
+    return ActNormStats(int(count), stats.total, stats.total_sq)
 
 
 def _stopped_by_us(error: BaseException | None) -> bool:
@@ -61,12 +70,13 @@ def _stopped_by_us(error: BaseException | None) -> bool:
 
 
 @torch.no_grad()
-def initialize_actnorms(
-    adapter: FlowAdapter, minibatches: Sequence[Tensor]
+def cumulative_init_adapter(
+    adapter: FlowAdapter, minibatches: Sequence[Tensor], pool: Pool
 ) -> list[tuple[ActNormAccess, ActNormStats]]:
-    """Initialize every ActNorm of `adapter` from `minibatches`; returns each with its pooled stats."""
+    """Initialize every ActNorm of `adapter` from `minibatches` (and, through `pool`, every rank's);
+    returns each with its pooled stats."""
     if not minibatches:
-        raise ValueError("the ActNorm init needs at least one minibatch")
+        raise ValueError("the cumulative init needs at least one minibatch")
     norms = adapter.actnorms()
     if not norms:
         return []
@@ -80,7 +90,7 @@ def initialize_actnorms(
     results = []
     try:
         for norm in norms:
-            stats = _pooled_input_stats(adapter, norm, minibatches)
+            stats = _pooled_input_stats(adapter, norm, minibatches, pool)
             norm.finalize(stats)
             results.append((norm, stats))
         # One full pass records the spatial size every 1x1 conv runs at, for the penalty.

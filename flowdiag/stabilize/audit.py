@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from flowdiag.adapters import resolve_adapter
-from flowdiag.adapters.init_pass import initialize_actnorms
+from flowdiag.runtime.distributed import no_pool
+from flowdiag.stabilize.cumulative_adapters import cumulative_init_adapter
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def audit(
     sampling = [norm.inits_when_sampling and not norm.is_initialized() for norm in flow.actnorms()]
     # The copy keeps the user's model (and its "initialized" flags) as they were.
     copied = resolve_adapter(copy.deepcopy(model), flow.name)
-    results = initialize_actnorms(copied, batches[:init_batches])
+    results = cumulative_init_adapter(copied, batches[:init_batches], no_pool)
     per_batch = [stats.count // len(batches[:init_batches]) for _, stats in results]
     norms = []
     for (norm, stats), count, when_sampling in zip(results, per_batch, sampling, strict=True):

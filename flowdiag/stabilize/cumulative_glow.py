@@ -1,4 +1,4 @@
-"""Cumulative ActNorm initialization (Algorithm 1) for every ActNorm of a Glow, from M minibatches.
+"""The cumulative init (Algorithm 1) on flowdiag's own Glow: every ActNorm from M minibatches.
 
 Each ActNorm must see its own input: the data as transformed by the already initialized layers
 before it. Pushing all M minibatches through at once (y0ast's trick) costs M times the activation
@@ -12,33 +12,14 @@ With equal minibatch sizes the result equals the standard (M = 1) init on their 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from flowdiag.glow.layers import ActNorm, CouplingNet, squeeze
 from flowdiag.glow.model import Glow
-
-
-@dataclass(frozen=True)
-class ActNormInitStats:
-    """What the reports need to judge an ActNorm's init."""
-
-    name: str
-    log_scale_min: float
-    log_scale_max: float
-    min_input_var: float
-    n_values: int  # values per channel its statistics came from: M · batch · h · w
-    pixels: int  # h · w of its input
-
-
-Pool = Callable[[list[Tensor]], None]  # sums accumulators over data-parallel ranks, in place
-
-
-def _no_pool(tensors: list[Tensor]) -> None:
-    pass
+from flowdiag.runtime.distributed import Pool
 
 
 def _init_actnorm(norm: ActNorm, inputs: Sequence[Tensor], pool: Pool) -> None:
@@ -63,18 +44,13 @@ def _advance(layer: nn.Module, frontier: list[Tensor]) -> list[Tensor]:
 
 
 @torch.no_grad()
-def cumulative_actnorm_init(
-    model: Glow, minibatches: Sequence[Tensor], *, pool: Pool = _no_pool
-) -> list[ActNormInitStats]:
+def cumulative_init_glow(model: Glow, minibatches: Sequence[Tensor], pool: Pool) -> None:
     """Initialize every ActNorm of `model` from `minibatches` (dequantized, on the model's device).
 
     M = len(minibatches); M = 1 is the standard Glow init. `pool` sums each ActNorm's accumulators
-    over data-parallel ranks before it is finalized (flowdiag.distributed.pool), so every rank gets
-    the init of all ranks' minibatches together. Returns the per-ActNorm figures, every ActNorm of the
-    model included, in forward order.
+    over data-parallel ranks before it is finalized, so every rank gets the init of all ranks'
+    minibatches together.
     """
-    if not minibatches:
-        raise ValueError("the ActNorm init needs at least one minibatch")
     was_training = model.training
     model.eval()
     frontier = list(minibatches)
@@ -89,34 +65,3 @@ def cumulative_actnorm_init(
         if level.split is not None:
             frontier = [level.split(x)[0] for x in frontier]
     model.train(was_training)
-    return actnorm_init_stats(model)
-
-
-def _actnorms_with_pixels(model: Glow) -> list[tuple[str, ActNorm, int]]:
-    """Every ActNorm in forward order with the h·w of its level (coupling networks' included)."""
-    found = []
-    for i, level in enumerate(model.levels):
-        for k, step in enumerate(level.steps):
-            for name, module in step.named_modules():
-                if isinstance(module, ActNorm):
-                    found.append((f"levels.{i}.steps.{k}.{name}", module, level.pixels))
-    return found
-
-
-def actnorm_init_stats(model: Glow) -> list[ActNormInitStats]:
-    stats = []
-    for name, norm, pixels in _actnorms_with_pixels(model):
-        if not norm.is_initialized:
-            raise RuntimeError(f"ActNorm {name} was not initialized")
-        log_scale = norm.log_scale.detach().double()
-        stats.append(
-            ActNormInitStats(
-                name=name,
-                log_scale_min=float(log_scale.min()),
-                log_scale_max=float(log_scale.max()),
-                min_input_var=float(norm.init_min_var),
-                n_values=int(norm.init_count),
-                pixels=pixels,
-            )
-        )
-    return stats
