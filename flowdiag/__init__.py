@@ -14,7 +14,7 @@ from flowdiag.runtime.version import __version__
 _PUBLIC = {
     "Glow": "flowdiag.glow.model",
     "bits_per_dim": "flowdiag.glow.model",
-    "Monitor": "flowdiag.monitor",
+    "Monitor": "flowdiag.record.monitor",
     "cumulative_init": "flowdiag.stabilize.cumulative_init",
     "logdet_penalty": "flowdiag.stabilize.penalty",
     "audit": "flowdiag.stabilize.audit",
@@ -22,7 +22,7 @@ _PUBLIC = {
 
 if TYPE_CHECKING:
     from flowdiag.glow.model import Glow, bits_per_dim
-    from flowdiag.monitor import Monitor
+    from flowdiag.record.monitor import Monitor
     from flowdiag.stabilize.audit import audit
     from flowdiag.stabilize.cumulative_init import cumulative_init
     from flowdiag.stabilize.penalty import logdet_penalty

@@ -12,13 +12,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord
 from flowdiag.report.diagnose import diagnose
 from flowdiag.report.runs import best_eval_bpd, collect_runs, final_bpd, is_diverged, onset_step
 from flowdiag.report.watch import run_name
 from flowdiag.report.wording import diagnosis_lines, fmt_step
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import RunConfig
-from flowdiag.store import RunRecord
 
 INSTALL_TENSORBOARD = "pip install 'flowdiag[tensorboard]'"
 SCALARS = ("loss", "bpd", "penalty", "grad_norm", "lr")

@@ -26,13 +26,13 @@ from flowdiag.data import ImageData, load_dataset
 from flowdiag.flat import FlatParameters
 from flowdiag.glow.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
 from flowdiag.image_grid import save_grid
-from flowdiag.inverse import SAMPLES, check_inverse
-from flowdiag.monitor import Monitor
 from flowdiag.objective import training_loss
 from flowdiag.precision import autocast, check_supported, grad_scaler
 from flowdiag.progress import ProgressSink
 from flowdiag.radam import RAdam
-from flowdiag.run_state import RunState
+from flowdiag.record.inverse_check import SAMPLES, check_inverse
+from flowdiag.record.monitor import Monitor
+from flowdiag.record.run_state import RunState
 from flowdiag.runtime import distributed
 from flowdiag.runtime.environment import configure_threads, resolve_device, stop_on_signals
 from flowdiag.runtime.errors import UserError
@@ -309,7 +309,7 @@ class Trainer:
         return bool(patience) and self.state.evals_without_improvement >= patience
 
     def run_inverse_check(self) -> None:
-        """Sampling, reconstruction and conditioning at this evaluation (flowdiag.inverse)."""
+        """Sampling, reconstruction and conditioning at this evaluation (flowdiag.record.inverse_check)."""
         held_out = self.data.held_out if len(self.data.held_out) else self.data.train
         noise = torch.rand(held_out[:SAMPLES].shape, generator=torch.Generator().manual_seed(54321))
         batch = dequantize(held_out[:SAMPLES].to(self.device), self.config.data.n_bits, noise.to(self.device))

@@ -35,9 +35,9 @@ from flowdiag.ablation.grid import build_grid, cell_key, cell_slug, read_config_
 from flowdiag.ablation.runner import AblationSpec, prepare, work
 from flowdiag.ablation.storage import default_storage_url
 from flowdiag.cli import app
+from flowdiag.record.store import read_run
 from flowdiag.runtime import environment
 from flowdiag.runtime.errors import UserError
-from flowdiag.store import read_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}

@@ -113,15 +113,15 @@ def test_sync_check_is_skipped_on_cpu_and_counts_sync_warnings(config: RunConfig
 
     def sync_at(line: int) -> warnings.WarningMessage:
         message = UserWarning("called a synchronizing CUDA operation")
-        return warnings.WarningMessage(message, UserWarning, "/x/flowdiag/monitor.py", line)
+        return warnings.WarningMessage(message, UserWarning, "/x/flowdiag/record/monitor.py", line)
 
     other = warnings.WarningMessage(UserWarning("something else"), UserWarning, "/x/a.py", 1)
     one = classify_syncs([sync_at(250), other])
-    assert one.ran and one.no_per_layer_sync and one.syncs == ("flowdiag/monitor.py:250",)
+    assert one.ran and one.no_per_layer_sync and one.syncs == ("flowdiag/record/monitor.py:250",)
     assert "no per-layer sync" in one.note
     many = classify_syncs([sync_at(100), sync_at(100), sync_at(250)])
     assert not many.no_per_layer_sync and "3 host-device syncs" in many.note
-    assert "flowdiag/monitor.py:100" in tables.sync_line(many).plain
+    assert "flowdiag/record/monitor.py:100" in tables.sync_line(many).plain
 
 
 def test_init_cost_against_forwards(config: RunConfig, data: ImageData) -> None:

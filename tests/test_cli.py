@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from flowdiag import __version__
 from flowdiag.cli import app
+from flowdiag.record.store import read_run
 from flowdiag.runtime.errors import UserError
-from flowdiag.store import read_run
 
 RUNNER = CliRunner()
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowdiag.store import read_run
+from flowdiag.record.store import read_run
 
 N_LAYERS = 9
 WRITER = f"""
 import sys
 from pathlib import Path
 import numpy as np
-from flowdiag.store.writer import RunWriter
+from flowdiag.record.store.writer import RunWriter
 
 n = {N_LAYERS}
 names = [f"l{{i}}" for i in range(n)]
@@ -87,7 +87,7 @@ def test_a_run_killed_mid_flush_reads_back_exactly(flush_every: int, tmp_path: P
 CREATOR = """
 import sys
 from pathlib import Path
-from flowdiag.store.writer import RunWriter
+from flowdiag.record.store.writer import RunWriter
 
 folder = Path(sys.argv[1])
 print("ready", flush=True)

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from flowdiag.glow.model import Glow, dequantize
-from flowdiag.monitor import Monitor
+from flowdiag.record.monitor import Monitor
+from flowdiag.record.store import read_run
 from flowdiag.runtime import distributed
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import RunConfig, TrainConfig
 from flowdiag.stabilize.cumulative_init import cumulative_init
-from flowdiag.store import read_run
 from flowdiag.trainer import train
 
 from .flows import tiny_glow, tiny_images

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from flowdiag.cli.export import export_command
 from flowdiag.export import INSTALL_TENSORBOARD, export_tensorboard, run_hparams
+from flowdiag.record.store import RunWriter, read_run
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from flowdiag.store import RunWriter, read_run
 
 NAMES = [f"levels.{lv}.steps.0.{kind}" for lv in range(2) for kind in ("actnorm", "invconv", "coupling")]
 KINDS = [name.rsplit(".", 1)[1] for name in NAMES]

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from flowdiag import precision as precision_module
 from flowdiag.cli import app
 from flowdiag.glow.model import Glow, dequantize
-from flowdiag.inverse import check_inverse, conv_condition
+from flowdiag.record.inverse_check import check_inverse, conv_condition
+from flowdiag.record.store import read_run
 from flowdiag.report import diagnose
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import ModelConfig, RunConfig, TrainConfig
-from flowdiag.store import read_run
 from flowdiag.trainer import train
 
 SMALL = ModelConfig(n_levels=2, n_steps=1, hidden=8, conv="plain")

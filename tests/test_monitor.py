@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import flowdiag
+from flowdiag.record.store import read_run
 from flowdiag.report import build_report, collect_runs, diagnose
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
-from flowdiag.store import read_run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "normflows_glow.py"
 

@@ -15,8 +15,8 @@ from torch import nn
 from flowdiag import Monitor
 from flowdiag.adapters.observe import observe_output
 from flowdiag.glow.model import dequantize
+from flowdiag.record.store import read_run
 from flowdiag.runtime.files import RUN_FILE
-from flowdiag.store import read_run
 
 from .flows import tiny_glow, tiny_images
 

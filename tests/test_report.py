@@ -16,6 +16,7 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
+from flowdiag.record.store import RunWriter, read_run
 from flowdiag.report import build_report, collect_runs, diagnose, render_summary
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import (
@@ -37,7 +38,6 @@ from flowdiag.report.runs import RunSettings, best_eval_bpd, run_labels
 from flowdiag.report.wording import diagnosis_lines
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import ModelConfig, RunConfig, TrainConfig
-from flowdiag.store import RunWriter, read_run
 
 # --- synthetic runs -----------------------------------------------------------------------------
 

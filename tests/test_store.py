@@ -16,11 +16,11 @@ import h5py
 import numpy as np
 import pytest
 
-from flowdiag import store
+from flowdiag.record import store
+from flowdiag.record.store import LAYER_KINDS, RunWriter, is_run_file, read_run
+from flowdiag.record.store import layout as store_layout
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import RunConfig
-from flowdiag.store import LAYER_KINDS, RunWriter, is_run_file, read_run
-from flowdiag.store import layout as store_layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["level0.step0.actnorm", "level0.step0.invconv", "level0.step0.coupling", "level1.step0.actnorm"]
@@ -246,7 +246,7 @@ package = types.ModuleType("flowdiag")
 package.__path__ = [str(Path(sys.argv[2]) / "flowdiag")]
 sys.modules["flowdiag"] = package
 import numpy as np
-from flowdiag.store import RunWriter
+from flowdiag.record.store import RunWriter
 
 writer = RunWriter(Path(sys.argv[1]), config_json="{}", version="test", layer_names=["a", "b"],
                    layer_kinds=["actnorm", "coupling"], flush_every=10)

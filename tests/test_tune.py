@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from flowdiag.ablation.storage import default_storage_url
 from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tuning, tuning_rows, worst_case_bpd
 from flowdiag.cli import app
+from flowdiag.record.store import read_run
 from flowdiag.settings.config import RunConfig
-from flowdiag.store import read_run
 from flowdiag.trainer import RunResult
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from flowdiag.ablation.grid import cell_key, cell_slug
 from flowdiag.cli.watch import watch_command
+from flowdiag.record.store import RunWriter, read_run
 from flowdiag.report.watch import read_queue, watch
 from flowdiag.report.watch_data import (
     SPARK,
@@ -31,7 +32,6 @@ from flowdiag.report.watch_data import (
 )
 from flowdiag.report.watch_view import snapshot_lines, snapshot_view, summary_line
 from flowdiag.settings.config import RunConfig, TrainConfig
-from flowdiag.store import RunWriter, read_run
 
 NAMES = [f"levels.{lv}.steps.0.{kind}" for lv in range(2) for kind in ("actnorm", "invconv", "coupling")]
 KINDS = [name.rsplit(".", 1)[1] for name in NAMES]

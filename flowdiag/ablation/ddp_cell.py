@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord, read_run
 from flowdiag.runtime import distributed
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import RunConfig
-from flowdiag.store import RunRecord, read_run
 from flowdiag.trainer import RunResult, train
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import DEFAULT_THRESHOLD, Diagnosis, diagnose
 from flowdiag.report.document import (
@@ -38,7 +39,6 @@ from flowdiag.report.runs import (
 from flowdiag.report.wording import diagnosis_lines, fmt, fmt_bpd, fmt_rate, fmt_step, headline
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.version import __version__
-from flowdiag.store import RunRecord
 
 MARKDOWN_NAME, HTML_NAME = "report.md", "report.html"
 MAX_HEATMAP_RUNS = 12

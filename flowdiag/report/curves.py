@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord
 from flowdiag.report.runs import is_diverged, onset_step, run_settings
-from flowdiag.store import RunRecord
 
 # A y range wider than this factor reads better on a log axis: a diverging run's bpd climbs by
 # orders of magnitude before it turns NaN and would flatten every healthy curve to a line.

@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord
 from flowdiag.report.runs import (
     RunSettings,
     actnorm_ceiling,
@@ -26,7 +27,6 @@ from flowdiag.report.runs import (
     run_settings,
 )
 from flowdiag.settings.config import FORMAT_NAMES, LARGEST_FINITE, TrainConfig
-from flowdiag.store import RunRecord
 
 DEFAULT_THRESHOLD = 1e4
 # An ActNorm scale of 100 multiplies a unit-variance input a hundredfold; a few such layers in a row

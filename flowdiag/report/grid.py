@@ -9,9 +9,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord
 from flowdiag.report.runs import CellKey, best_eval_bpd, is_diverged, run_settings
 from flowdiag.settings.config import placement_fields
-from flowdiag.store import RunRecord
 
 # Two runs that differ only in where or how they were done (the placement settings), in λ and in
 # seed still form a λ sweep. Seeds may differ so that a sweep repeated over seeds shows its spread.

@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord
 from flowdiag.report.diagnose import inverse_failure
 from flowdiag.report.runs import is_diverged, recon_threshold, run_settings
-from flowdiag.store import RunRecord
 
 
 class InverseCurves(NamedTuple):

@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord
 from flowdiag.report.runs import has_layer_records, is_diverged, onset_step, row_at_step, run_settings
-from flowdiag.store import RunRecord
 
 
 def log10_abs(values: np.ndarray) -> np.ndarray:

@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord, is_run_file, read_run
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import DataConfig, ModelConfig, TrainConfig
-from flowdiag.store import RunRecord, is_run_file, read_run
 
 
 def _visible(path: Path, root: Path) -> bool:

@@ -22,6 +22,7 @@ from rich.live import Live
 from rich.text import Text
 
 from flowdiag.ablation.grid import cell_slug
+from flowdiag.record.store import RunRecord, read_run
 from flowdiag.report.runs import find_run_files
 from flowdiag.report.watch_data import (
     PLAIN_EVERY_S,
@@ -35,7 +36,6 @@ from flowdiag.report.watch_data import (
 from flowdiag.report.watch_view import cell_text, run_status_line, snapshot_lines, snapshot_view
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
-from flowdiag.store import RunRecord, read_run
 
 # --- reading -------------------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flowdiag.record.store import RunRecord
 from flowdiag.report.runs import best_eval_bpd, has_layer_records, is_diverged
 from flowdiag.runtime.files import RUN_FILE
-from flowdiag.store import RunRecord
 
 TOP_LAYERS = 5
 TREND_ROWS = 10  # the trend column: change of log10 max |output| over the last 10 rows

@@ -10,10 +10,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from flowdiag.runtime.errors import UserError
-from flowdiag.store import inverse
-from flowdiag.store.inverse import InverseRecord
-from flowdiag.store.layout import (
+from flowdiag.record.store import inverse_rows
+from flowdiag.record.store.inverse_rows import InverseRecord
+from flowdiag.record.store.layout import (
     _EVAL_DATASETS,
     _INIT_FLOATS,
     _INIT_INTS,
@@ -32,6 +31,7 @@ from flowdiag.store.layout import (
     _text,
     _unreadable,
 )
+from flowdiag.runtime.errors import UserError
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,7 +129,7 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
         eval_step=f["eval/step"][:e],
         eval_bpd=f["eval/bpd"][:e],
         init=init,
-        inverse=inverse.read(f, len(names)),
+        inverse=inverse_rows.read(f, len(names)),
     )
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from flowdiag.store.layout import _LAYER_ARRAYS, _SCALARS, _WALL_TIME
+from flowdiag.record.store.layout import _LAYER_ARRAYS, _SCALARS, _WALL_TIME
 
 # Rows reserved at first. The buffer doubles when full, up to the flush block, so that a huge
 # --flush-every (flushing on the timer alone) does not reserve its whole block up front: 1e6 rows of

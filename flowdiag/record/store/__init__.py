@@ -9,10 +9,10 @@ more than the counts say (tests/test_crash.py). The file is made under a hidden 
 whole. Other processes can read the file while the run goes on.
 """
 
-from flowdiag.store.inverse import InverseRecord, InverseRow
-from flowdiag.store.layout import FORMAT_VERSION, LAYER_KINDS, STATUSES
-from flowdiag.store.reader import RunRecord, bytes_per_step, is_run_file, read_run
-from flowdiag.store.writer import NullWriter, RunWriter
+from flowdiag.record.store.inverse_rows import InverseRecord, InverseRow
+from flowdiag.record.store.layout import FORMAT_VERSION, LAYER_KINDS, STATUSES
+from flowdiag.record.store.reader import RunRecord, bytes_per_step, is_run_file, read_run
+from flowdiag.record.store.writer import NullWriter, RunWriter
 
 __all__ = [
     "FORMAT_VERSION",

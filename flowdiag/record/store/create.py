@@ -9,9 +9,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from flowdiag.runtime.errors import UserError
-from flowdiag.store import inverse
-from flowdiag.store.layout import (
+from flowdiag.record.store import inverse_rows
+from flowdiag.record.store.layout import (
     _COMMITTED,
     _LAYER_ARRAYS,
     _SCALARS,
@@ -23,6 +22,7 @@ from flowdiag.store.layout import (
     _reason,
     _text_width,
 )
+from flowdiag.runtime.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _layout(f: h5py.File, header: RunHeader) -> None:
     evals = f.create_group("eval")
     _growing(evals, "step", np.int64)
     _growing(evals, "bpd", np.float64)
-    inverse.create(f, names, header.kinds, width)
+    inverse_rows.create(f, names, header.kinds, width)
 
 
 def _put_in_place(partial: Path, path: Path, overwrite: bool) -> None:

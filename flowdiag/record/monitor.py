@@ -31,15 +31,15 @@ from torch import Tensor, nn
 
 from flowdiag.adapters import resolve_adapter
 from flowdiag.adapters.base import Detach, FlowAdapter
-from flowdiag.run_state import RunState, StepRecord
+from flowdiag.record.run_state import RunState, StepRecord
+from flowdiag.record.store import InverseRow, NullWriter, RunWriter
 from flowdiag.runtime.distributed import SINGLE, Ranks, reduce_layer_row
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.runtime.version import __version__
-from flowdiag.store import InverseRow, NullWriter, RunWriter
 
 if TYPE_CHECKING:
-    from flowdiag.inverse import InverseCheck
+    from flowdiag.record.inverse_check import InverseCheck
     from flowdiag.settings.config import RunConfig
     from flowdiag.stabilize.cumulative_init import ActNormInitStats
 
@@ -224,7 +224,7 @@ class Monitor:
         self._writer = self._file_writer if write and self._file_writer is not None else NullWriter()
 
     def record_init(self, stats: Sequence[ActNormInitStats]) -> None:
-        """The ActNorm init's figures (flowdiag.init), one per ActNorm."""
+        """The cumulative init's figures (flowdiag.stabilize.cumulative_init), one per ActNorm."""
         self.writer.write_init(
             [s.name for s in stats],
             np.array([s.log_scale_min for s in stats]),
@@ -240,7 +240,7 @@ class Monitor:
         self.state.take_eval(bpd)
 
     def record_inverse(self, check: InverseCheck) -> None:
-        """An evaluation's inverse check (flowdiag.inverse) at the current step."""
+        """An evaluation's inverse check (flowdiag.record.inverse_check) at the current step."""
         state = self.state
         if check.onset_layer and state.inverse_onset_step < 0:
             state.inverse_onset_step, state.inverse_onset_layer = state.step, check.onset_layer

@@ -13,10 +13,9 @@ import h5py
 import numpy as np
 from numpy.typing import ArrayLike
 
-from flowdiag.runtime.errors import UserError
-from flowdiag.store import inverse
-from flowdiag.store.create import RunHeader, create_run_file
-from flowdiag.store.layout import (
+from flowdiag.record.store import inverse_rows
+from flowdiag.record.store.create import RunHeader, create_run_file
+from flowdiag.record.store.layout import (
     _COMMITTED,
     _EVAL_DATASETS,
     _INIT_FLOATS,
@@ -41,7 +40,8 @@ from flowdiag.store.layout import (
     _unreadable,
     _update,
 )
-from flowdiag.store.rows import StepRows
+from flowdiag.record.store.rows import StepRows
+from flowdiag.runtime.errors import UserError
 
 
 class RunWriter:
@@ -105,7 +105,7 @@ class RunWriter:
                 names = _strings(f["layers/name"])
                 n_steps = _complete_rows(f, _step_datasets(f), STEPS)
                 n_evals = _complete_rows(f, _EVAL_DATASETS, EVALS)
-                n_inverse = inverse.rows_on_disk(f)
+                n_inverse = inverse_rows.rows_on_disk(f)
                 n_init = _init_entries(f)
                 inverse_onset = (
                     int(f.attrs.get("reverse_onset_step", -1)),
@@ -153,7 +153,7 @@ class RunWriter:
         self._clock_offset = 0.0  # a resumed run's clock continues from its last row
         self._rows = StepRows(len(names), flush_every)
         self._evals: list[tuple[int, float]] = []
-        self._inverse: list[inverse.InverseRow] = []
+        self._inverse: list[inverse_rows.InverseRow] = []
         self._n_inverse_disk = 0
         self._n_init_disk = 0
         self._inverse_onset = (-1, "")
@@ -207,7 +207,7 @@ class RunWriter:
         """Buffer one held-out evaluation; it reaches the file with the next flush of the steps."""
         self._evals.append((int(step), float(bpd)))
 
-    def append_inverse(self, row: inverse.InverseRow, onset: tuple[int, str]) -> None:
+    def append_inverse(self, row: inverse_rows.InverseRow, onset: tuple[int, str]) -> None:
         """Buffer one evaluation's inverse check; `onset`: the inverse's first non-finite (step, layer)
         so far, (-1, "") while none. It reaches the file with the next flush."""
         self._inverse.append(row)
@@ -291,7 +291,7 @@ class RunWriter:
                 _append(f["eval/bpd"], self._n_evals_disk, np.array(bpds, dtype=np.float64))
                 _append(f["eval/step"], self._n_evals_disk, np.array(steps, dtype=np.int64))
             if self._inverse:
-                inverse.append(f, self._n_inverse_disk, self._inverse)
+                inverse_rows.append(f, self._n_inverse_disk, self._inverse)
             if self._init is not None:
                 self._replace_init(f, self._init)
             if n or self._evals or self._inverse or self._init is not None:
@@ -333,7 +333,7 @@ class RunWriter:
         _update(f, "nan_onset_layer", self._onset_layer)
         if self._onset_rank is not None:
             _update(f, "nan_onset_rank", self._onset_rank)
-        inverse.set_onset(f, *self._inverse_onset)
+        inverse_rows.set_onset(f, *self._inverse_onset)
 
     def truncate_after(self, step: int) -> None:
         """Drop step and eval rows past `step`: a resumed run restarts from its checkpoint's step."""
@@ -345,7 +345,7 @@ class RunWriter:
                 f[name].resize(n_steps, axis=0)
             for name in _EVAL_DATASETS:
                 f[name].resize(n_evals, axis=0)
-            self._n_inverse_disk = inverse.truncate_after(f, step)
+            self._n_inverse_disk = inverse_rows.truncate_after(f, step)
             if self._inverse_onset[0] > step:
                 self._inverse_onset = (-1, "")
             if self._onset_step > step:  # the rows that showed the onset are gone

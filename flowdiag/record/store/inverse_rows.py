@@ -13,7 +13,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from flowdiag.store.layout import (
+from flowdiag.record.store.layout import (
     _STRING,
     INVERSE,
     _append,
