@@ -19,7 +19,7 @@ from nflows.transforms.reshape import SqueezeTransform
 
 import flowdiag
 from flowdiag.settings.config import DataConfig
-from flowdiag.data import load_dataset
+from flowdiag.train.data import load_dataset
 from flowdiag.glow.model import dequantize
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import flowdiag
 from flowdiag.settings.config import DataConfig
-from flowdiag.data import load_dataset
+from flowdiag.train.data import load_dataset
 from flowdiag.glow.model import dequantize
 
 

@@ -21,10 +21,10 @@ from flowdiag.bench.results import HOOKS, HOOKS_HDF5, MODES, NO_HOOKS, ModeTimin
 from flowdiag.bench.steps import open_trainer, step_times, time_steps
 from flowdiag.bench.sync_check import check_syncs, classify_syncs
 from flowdiag.bench.workers import worker_startup
-from flowdiag.data import ImageData, load_dataset
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import ModelConfig, RunConfig, TrainConfig
+from flowdiag.train.data import ImageData, load_dataset
 
 TINY = RunConfig(
     model=ModelConfig(n_levels=3, n_steps=1, hidden=8),

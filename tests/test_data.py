@@ -13,9 +13,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from flowdiag.data import DATASETS, ImageData, load_dataset, read_idx_images, resize, split
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import DataConfig
+from flowdiag.train.data import DATASETS, ImageData, load_dataset, read_idx_images, resize, split
 
 N_DIGITS = 1797
 
@@ -357,8 +357,8 @@ def test_digits_read_from_the_bundled_file_are_scikit_learns() -> None:
     ablation's start): the same images, in the same order, as scikit-learn's own loader."""
     from sklearn.datasets import load_digits
 
-    from flowdiag.data import _digits_file, _nchw, load_dataset, split
     from flowdiag.settings.config import DataConfig
+    from flowdiag.train.data import _digits_file, _nchw, load_dataset, split
 
     assert _digits_file() is not None
     expected = np.rint(load_digits().images * 255.0 / 16.0).astype(np.uint8)

@@ -21,7 +21,7 @@ from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import RunConfig, TrainConfig
 from flowdiag.stabilize.cumulative_init import cumulative_init
-from flowdiag.trainer import train
+from flowdiag.train.trainer import train
 
 from .flows import tiny_glow, tiny_images
 

@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from flowdiag.flat import FlatParameters
 from flowdiag.glow.model import bpd_from_log_prob, dequantize
+from flowdiag.train.flat import FlatParameters
 
 from .flows import tiny_glow, tiny_images
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from flowdiag.image_grid import image_grid, save_grid
+from flowdiag.train.image_grid import image_grid, save_grid
 
 
 @pytest.mark.parametrize("shape", [(64, 1, 8, 8), (10, 3, 5, 7), (3, 1, 4, 4)])

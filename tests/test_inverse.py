@@ -11,7 +11,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flowdiag import precision as precision_module
 from flowdiag.cli import app
 from flowdiag.glow.model import Glow, dequantize
 from flowdiag.record.inverse_check import check_inverse, conv_condition
@@ -19,7 +18,8 @@ from flowdiag.record.store import read_run
 from flowdiag.report import diagnose
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import ModelConfig, RunConfig, TrainConfig
-from flowdiag.trainer import train
+from flowdiag.train import precision as precision_module
+from flowdiag.train.trainer import train
 
 SMALL = ModelConfig(n_levels=2, n_steps=1, hidden=8, conv="plain")
 

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from flowdiag.radam import RAdam
+from flowdiag.train.radam import RAdam
 
 
 def _params(seed: int) -> list[torch.Tensor]:

@@ -13,10 +13,10 @@ import torch
 from flowdiag.glow.model import Glow, dequantize
 from flowdiag.record.monitor import Monitor
 from flowdiag.record.store import read_run
-from flowdiag.replay import replay
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import ModelConfig, RunConfig, TrainConfig
-from flowdiag.trainer import Trainer, train
+from flowdiag.train.replay import replay
+from flowdiag.train.trainer import Trainer, train
 
 SMALL_MODEL = ModelConfig(n_levels=3, n_steps=1, hidden=8)
 

@@ -17,7 +17,7 @@ from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tunin
 from flowdiag.cli import app
 from flowdiag.record.store import read_run
 from flowdiag.settings.config import RunConfig
-from flowdiag.trainer import RunResult
+from flowdiag.train.trainer import RunResult
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 DIVERGES_ABOVE = 1e-2

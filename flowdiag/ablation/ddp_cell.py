@@ -16,7 +16,7 @@ from flowdiag.runtime import distributed
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import RunConfig
-from flowdiag.trainer import RunResult, train
+from flowdiag.train.trainer import RunResult, train
 
 
 def _rank(config_json: str, run_dir: str) -> None:

@@ -35,14 +35,14 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from flowdiag.ablation.grid import Grid, cell_key, cell_slug
 from flowdiag.ablation.storage import fail_dead_trials, make_storage
-from flowdiag.data import ImageData, load_dataset
-from flowdiag.progress import ProgressSink
 from flowdiag.record.store import read_run
 from flowdiag.runtime.environment import end_with_parent, process_context, resolve_device
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import DataConfig, RunConfig, validate_config
 from flowdiag.settings.options import OPTIONS_BY_NAME
-from flowdiag.trainer import RunResult, train
+from flowdiag.train.data import ImageData, load_dataset
+from flowdiag.train.progress import ProgressSink
+from flowdiag.train.trainer import RunResult, train
 
 STUDY_KIND = "ablation"
 CREATOR_WAIT_SECONDS = 10.0  # for the process that created a study to write what it holds

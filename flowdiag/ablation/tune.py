@@ -30,12 +30,12 @@ from flowdiag.ablation.runner import (
     record_result,
 )
 from flowdiag.ablation.storage import make_storage
-from flowdiag.data import ImageData
-from flowdiag.progress import ProgressSink
 from flowdiag.runtime.environment import end_with_parent, process_context
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import RunConfig, placement_fields
-from flowdiag.trainer import RunResult, train
+from flowdiag.train.data import ImageData
+from flowdiag.train.progress import ProgressSink
+from flowdiag.train.trainer import RunResult, train
 
 STUDY_KIND = "tune-lambda"
 TrainFn = Callable[..., RunResult]

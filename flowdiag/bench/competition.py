@@ -12,8 +12,8 @@ from flowdiag.bench.competitor import competing_process
 from flowdiag.bench.grid import GridJob, time_grid
 from flowdiag.bench.results import HOOKS_HDF5, CompetitionResult, GridTiming
 from flowdiag.bench.steps import run_block
-from flowdiag.data import ImageData
 from flowdiag.settings.config import RunConfig
+from flowdiag.train.data import ImageData
 
 
 def step_idle_and_competing(

@@ -13,12 +13,12 @@ import torch
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import DataParallelResult, InverseCost
 from flowdiag.bench.steps import open_trainer, step_times
-from flowdiag.data import ImageData
 from flowdiag.record.store import read_run
 from flowdiag.runtime import distributed
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import RunConfig
-from flowdiag.trainer import train
+from flowdiag.train.data import ImageData
+from flowdiag.train.trainer import train
 
 
 def _inverse_block(config_json: str, data: ImageData, steps: int, folder: str) -> tuple[float, float]:

@@ -10,11 +10,11 @@ import torch
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import InitCost
-from flowdiag.data import ImageData
 from flowdiag.glow.model import Glow, dequantize
 from flowdiag.runtime.environment import resolve_device
 from flowdiag.settings.config import RunConfig
 from flowdiag.stabilize.cumulative_init import cumulative_init
+from flowdiag.train.data import ImageData
 
 
 def _measure(config_json: str, data: ImageData, m: int, mode: str) -> tuple[float, int]:

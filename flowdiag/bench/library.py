@@ -13,12 +13,12 @@ import torch
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import LibraryOverhead
-from flowdiag.data import ImageData
 from flowdiag.glow.model import dequantize
 from flowdiag.record.monitor import Monitor
 from flowdiag.runtime.environment import resolve_device
 from flowdiag.settings.config import RunConfig
 from flowdiag.stabilize.cumulative_init import cumulative_init
+from flowdiag.train.data import ImageData
 from flowdiag.zoo import normflows_glow
 
 MODEL = "normflows multiscale Glow"

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import HOOKS_HDF5, MODES, NO_HOOKS, ModeTiming, StepTiming
-from flowdiag.data import ImageData
 from flowdiag.record.store import bytes_per_step
 from flowdiag.runtime.files import RUN_FILE
 from flowdiag.settings.config import RunConfig
-from flowdiag.trainer import Trainer
+from flowdiag.train.data import ImageData
+from flowdiag.train.trainer import Trainer
 
 WARMUP_STEPS = 5  # first-call allocations and the writer's first rows: not the steady state
 SUB_BLOCK = 5  # steps of one mode before the next mode's turn

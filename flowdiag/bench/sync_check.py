@@ -18,10 +18,10 @@ import torch
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import SyncCheck
-from flowdiag.data import ImageData
 from flowdiag.runtime.environment import resolve_device
 from flowdiag.settings.config import RunConfig
-from flowdiag.trainer import Trainer
+from flowdiag.train.data import ImageData
+from flowdiag.train.trainer import Trainer
 
 _SYNC_MESSAGE = "synchronizing CUDA operation"
 

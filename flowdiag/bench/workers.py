@@ -9,10 +9,10 @@ from pathlib import Path
 
 from flowdiag.bench.processes import in_fresh_process
 from flowdiag.bench.results import WorkerStartup
-from flowdiag.data import ImageData
 from flowdiag.runtime.environment import process_context
 from flowdiag.settings.config import RunConfig
-from flowdiag.trainer import Trainer
+from flowdiag.train.data import ImageData
+from flowdiag.train.trainer import Trainer
 
 
 def _ready(config_json: str, data: ImageData | None, folder: str) -> float:

@@ -15,8 +15,8 @@ from rich.table import Table
 from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_default, with_trainer_options
-from flowdiag.progress import ProgressSink
 from flowdiag.runtime.errors import UserError
+from flowdiag.train.progress import ProgressSink
 
 # optuna, torch and the runner are imported when a command runs: `flowdiag --help` stays fast.
 if TYPE_CHECKING:

@@ -60,10 +60,10 @@ def audit_command(
     from rich.table import Table
 
     from flowdiag.adapters import ADAPTER_NAMES
-    from flowdiag.data import load_dataset
     from flowdiag.glow.model import dequantize
     from flowdiag.settings.config import DataConfig
     from flowdiag.stabilize.audit import audit
+    from flowdiag.train.data import load_dataset
 
     if batch_size < 1 or init_batches < 1:
         raise UserError("--batch-size and --init-batches must be positive integers")

@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from flowdiag.progress import ProgressSink
 from flowdiag.runtime.errors import UserError
+from flowdiag.train.progress import ProgressSink
 
 # Wide enough for the summary tables when output goes to a file or a pipe (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 140)

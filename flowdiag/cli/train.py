@@ -15,7 +15,7 @@ from flowdiag.settings.config import RunConfig
 from flowdiag.settings.options import apply_options, parse_scalars
 
 if TYPE_CHECKING:
-    from flowdiag.trainer import RunResult
+    from flowdiag.train.trainer import RunResult
 
 DEFAULT_OUT = Path("runs/train")
 
@@ -49,7 +49,7 @@ def train_command(
     **options: Any,
 ) -> None:
     """Train one Glow with per-layer diagnostics recorded to OUT/run.h5."""
-    from flowdiag.trainer import train  # torch: imported when the command runs
+    from flowdiag.train.trainer import train  # torch: imported when the command runs
 
     config = apply_options(RunConfig(), parse_scalars(options))
     result = train(config, out, resume=resume, progress=training_progress())
@@ -65,7 +65,7 @@ def replay_command(
     ],
 ) -> None:
     """Re-run the onset step under anomaly detection and name the first non-finite operation."""
-    from flowdiag.replay import replay
+    from flowdiag.train.replay import replay
 
     if not (run_dir / REPLAY_FILE).exists() and (run_dir / RUN_FILE).exists():
         console.print(f"{run_dir} did not diverge: there is no replay bundle")

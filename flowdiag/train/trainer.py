@@ -20,16 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from flowdiag.batches import BatchStream
-from flowdiag.checkpoint import load_payload, save_atomically
-from flowdiag.data import ImageData, load_dataset
-from flowdiag.flat import FlatParameters
 from flowdiag.glow.model import Glow, bpd_from_log_prob, dequantize, validate_model_config
-from flowdiag.image_grid import save_grid
-from flowdiag.objective import training_loss
-from flowdiag.precision import autocast, check_supported, grad_scaler
-from flowdiag.progress import ProgressSink
-from flowdiag.radam import RAdam
 from flowdiag.record.inverse_check import SAMPLES, check_inverse
 from flowdiag.record.monitor import Monitor
 from flowdiag.record.run_state import RunState
@@ -40,6 +31,15 @@ from flowdiag.runtime.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPL
 from flowdiag.runtime.version import __version__
 from flowdiag.settings.config import RunConfig, TrainConfig, validate_config
 from flowdiag.stabilize.cumulative_init import cumulative_init
+from flowdiag.train.batches import BatchStream
+from flowdiag.train.checkpoint import load_payload, save_atomically
+from flowdiag.train.data import ImageData, load_dataset
+from flowdiag.train.flat import FlatParameters
+from flowdiag.train.image_grid import save_grid
+from flowdiag.train.objective import training_loss
+from flowdiag.train.precision import autocast, check_supported, grad_scaler
+from flowdiag.train.progress import ProgressSink
+from flowdiag.train.radam import RAdam
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Trainer:
         self.model = Glow(self.config.model).to(self.device)  # the same weights on every rank
         if self.ranks.enabled:  # and each rank its own dequantization noise
             torch.manual_seed(self.config.train.seed * 1009 + 1 + self.ranks.rank)
-        # One flat tensor for the optimizer, the gradient norm and zero_grad (flowdiag.flat); under
+        # One flat tensor for the optimizer, the gradient norm and zero_grad (train/flat.py); under
         # DDP the parameters stay as they are, for its gradient buckets.
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.flat = None if self.ranks.enabled else FlatParameters(trainable)

@@ -19,12 +19,12 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from flowdiag.checkpoint import load_payload
 from flowdiag.glow.model import Glow
-from flowdiag.objective import training_loss
-from flowdiag.precision import autocast
 from flowdiag.runtime.files import REPLAY_FILE
 from flowdiag.settings.config import RunConfig
+from flowdiag.train.checkpoint import load_payload
+from flowdiag.train.objective import training_loss
+from flowdiag.train.precision import autocast
 
 
 @dataclass(frozen=True)
