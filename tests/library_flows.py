@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowdiag import zoo
+from flowdiag.bench import zoo
 
 
 def images(n: int, channels: int = 1, size: int = 4, seed: int = 0) -> Tensor:

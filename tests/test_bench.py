@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from flowdiag.bench import grid, library, tables
+from flowdiag.bench import library, small_grid, tables
 from flowdiag.bench.competition import measure_competition
-from flowdiag.bench.grid import GridJob, passthrough_args, time_grid
 from flowdiag.bench.init_cost import init_cost
 from flowdiag.bench.parts import PARTS, parse_parts
 from flowdiag.bench.results import HOOKS, HOOKS_HDF5, MODES, NO_HOOKS, ModeTiming, StepTiming, WorkersResult
+from flowdiag.bench.small_grid import GridJob, passthrough_args, time_grid
 from flowdiag.bench.steps import open_trainer, step_times, time_steps
 from flowdiag.bench.sync_check import check_syncs, classify_syncs
 from flowdiag.bench.workers import worker_startup
@@ -168,7 +168,7 @@ def test_grid_passes_the_model_and_placement_options() -> None:
     args = passthrough_args(TINY)
     assert args == ("--steps-per-level", "1", "--hidden", "8", "--device", "cpu", "--threads", "0")
     assert "--batch-size" not in args and "--init-batches" not in args  # the main job keeps its own
-    command = grid.main_job(7).command(2, Path("out"), args)
+    command = small_grid.main_job(7).command(2, Path("out"), args)
     assert command[-6:] == ["--steps", "7", "--workers", "2", "--out", "out"]
     assert "--init-batches" in command and "1,16,256" in command
 

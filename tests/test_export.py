@@ -15,8 +15,8 @@ import typer
 from typer.testing import CliRunner
 
 from flowdiag.cli.export import export_command
-from flowdiag.export import INSTALL_TENSORBOARD, export_tensorboard, run_hparams
 from flowdiag.record.store import RunWriter, read_run
+from flowdiag.report.export import INSTALL_TENSORBOARD, export_tensorboard, run_hparams
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 

@@ -146,7 +146,7 @@ def test_unsupported_precision_is_one_line_naming_the_alternative(monkeypatch: p
 
 def test_report_shows_the_inverse_and_failures_against_lambda(tmp_path: Path) -> None:
     from flowdiag.report import build_report, collect_runs
-    from flowdiag.report.inverse import FailureRate, failure_rates, inverse_curves
+    from flowdiag.report.inverse_curves import FailureRate, failure_rates, inverse_curves
 
     for lam, cond in ((0.0, 1e8), (1e-3, 2.0)):
         train_config = TrainConfig(batch_size=8, steps=2, eval_every=1, lr=1e-12, lam=lam)

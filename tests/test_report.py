@@ -18,6 +18,7 @@ from rich.console import Console
 
 from flowdiag.record.store import RunWriter, read_run
 from flowdiag.report import build_report, collect_runs, diagnose, render_summary
+from flowdiag.report.cells import grid_cells, is_lambda_sweep, lambda_points
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import (
     ActNormInit,
@@ -32,8 +33,7 @@ from flowdiag.report.diagnose import (
 )
 from flowdiag.report.draw_layers import draw_coupling_peaks
 from flowdiag.report.draw_steps import draw_bpd
-from flowdiag.report.grid import grid_cells, is_lambda_sweep, lambda_points
-from flowdiag.report.layers import coupling_peaks, layer_heatmap, select_heatmap_runs
+from flowdiag.report.per_layer import coupling_peaks, layer_heatmap, select_heatmap_runs
 from flowdiag.report.runs import RunSettings, best_eval_bpd, run_labels
 from flowdiag.report.wording import diagnosis_lines
 from flowdiag.runtime.errors import UserError

@@ -4,7 +4,8 @@ One module per part, each a library function that returns a dataclass (`results`
 - `steps`: the trainer step without hooks, with hooks, with hooks plus HDF5 (fresh process per block);
   on CUDA also the check that a recorded step syncs with the host once, not per layer (`sync_check`);
 - `init_cost`: the cumulative ActNorm init against M plain forward passes;
-- `workers`: a worker's start-up time (fork and spawn), and a small grid on 1 against N workers (`grid`);
+- `workers`: a worker's start-up time (fork and spawn), and a small grid on 1 against N workers
+  (`small_grid`);
 - `competition`: the step and the grid with one competing CPU-bound process (`competitor`);
 - `library`: the Monitor's overhead on a normflows Glow, next to flowdiag's own;
 - `tables`: the rich tables the CLI prints. `suite.run_bench` runs the chosen parts.

@@ -9,8 +9,8 @@ import statistics
 from pathlib import Path
 
 from flowdiag.bench.competitor import competing_process
-from flowdiag.bench.grid import GridJob, time_grid
 from flowdiag.bench.results import HOOKS_HDF5, CompetitionResult, GridTiming
+from flowdiag.bench.small_grid import GridJob, time_grid
 from flowdiag.bench.steps import run_block
 from flowdiag.settings.config import RunConfig
 from flowdiag.train.data import ImageData

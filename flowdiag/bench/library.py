@@ -13,13 +13,13 @@ import torch
 
 from flowdiag.bench.processes import in_fresh_process, sync
 from flowdiag.bench.results import LibraryOverhead
+from flowdiag.bench.zoo import normflows_glow
 from flowdiag.glow.model import dequantize
 from flowdiag.record.monitor import Monitor
 from flowdiag.runtime.environment import resolve_device
 from flowdiag.settings.config import RunConfig
 from flowdiag.stabilize.cumulative_init import cumulative_init
 from flowdiag.train.data import ImageData
-from flowdiag.zoo import normflows_glow
 
 MODEL = "normflows multiscale Glow"
 INIT_BATCHES = 16  # Algorithm 1 over 16 minibatches: without it, batch-1 runs go NaN within steps

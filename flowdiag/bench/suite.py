@@ -6,7 +6,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flowdiag.bench import grid as grid_module
+from flowdiag.bench import small_grid
 from flowdiag.bench.competition import measure_competition
 from flowdiag.bench.extra_costs import data_parallel, inverse_cost
 from flowdiag.bench.init_cost import init_cost
@@ -67,9 +67,9 @@ def run_bench(config: RunConfig, settings: BenchSettings | None = None) -> Bench
     validate_model_config(config.model)
     n_parameters = sum(p.numel() for p in Glow(config.model).parameters())
     result = BenchResult(str(device), n_parameters, config.train.batch_size, threads, s.parts)
-    job = grid_module.main_job(s.grid_steps) if s.grid_steps > 0 else None
-    counts = grid_module.worker_counts(cpu_count())
-    extra = grid_module.passthrough_args(config)
+    job = small_grid.main_job(s.grid_steps) if s.grid_steps > 0 else None
+    counts = small_grid.worker_counts(cpu_count())
+    extra = small_grid.passthrough_args(config)
     with tempfile.TemporaryDirectory(prefix="flowdiag-bench-") as tmp:
         work = Path(tmp)
         if "steps" in s.parts:
@@ -79,7 +79,7 @@ def run_bench(config: RunConfig, settings: BenchSettings | None = None) -> Bench
             result = replace(result, init=tuple(init_cost(config, data, m) for m in s.init_ms))
         if "workers" in s.parts:
             startup = worker_startup(config, data, s.startup_repeats, work)
-            grid = grid_module.time_grid(job, counts, work, "idle", extra) if job is not None else None
+            grid = small_grid.time_grid(job, counts, work, "idle", extra) if job is not None else None
             result = replace(result, workers=WorkersResult(startup, grid))
         if "competition" in s.parts:
             competition = measure_competition(

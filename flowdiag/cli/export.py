@@ -35,7 +35,7 @@ def export_command(
     if tensorboard is None:
         raise UserError("nothing to export to: give --tensorboard DIR")
     # Imported here: the report modules it pulls in are not needed to start the CLI.
-    from flowdiag.export import export_tensorboard
+    from flowdiag.report.export import export_tensorboard
 
     exported = export_tensorboard(path, tensorboard, overwrite=overwrite)
     for run in exported:

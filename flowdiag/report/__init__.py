@@ -1,9 +1,9 @@
 """Stability reports: what the run files say about when, where and why a flow diverged.
 
-Data extraction (pure, tested) lives in `runs`, `curves`, `layers`, `grid` and `diagnose`; drawing in
-`draw_steps` and `draw_layers`; the document in `document` and `build`; the terminal in `console` and
-`watch`. The names below load on first use, so importing one submodule (the watch) never pulls in
-matplotlib.
+Data extraction (pure, tested) lives in `runs`, `curves`, `per_layer`, `cells`, `inverse_curves` and
+`diagnose`; drawing in `draw_steps`, `draw_layers` and `draw_inverse`; the document in `document` and
+`build`; the terminal in `console` and `watch`; other tools' formats in `export`. The names below load on
+first use, so importing one submodule (the watch) never pulls in matplotlib.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from flowdiag.record.store import RunRecord
+from flowdiag.report.cells import GridCell, LambdaPoint, grid_cells, is_grid, lambda_points
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import DEFAULT_THRESHOLD, Diagnosis, diagnose
 from flowdiag.report.document import (
@@ -25,9 +26,8 @@ from flowdiag.report.document import (
 from flowdiag.report.draw_inverse import draw_failure_rates, draw_inverse_layers, draw_invertibility
 from flowdiag.report.draw_layers import draw_coupling_peaks, draw_grid, draw_heatmap
 from flowdiag.report.draw_steps import draw_bpd, draw_lambda, draw_penalty
-from flowdiag.report.grid import GridCell, LambdaPoint, grid_cells, is_grid, lambda_points
-from flowdiag.report.inverse import failure_rates, has_inverse_records, inverse_curves
-from flowdiag.report.layers import CouplingPeaks, coupling_peaks, layer_heatmap, select_heatmap_runs
+from flowdiag.report.inverse_curves import failure_rates, has_inverse_records, inverse_curves
+from flowdiag.report.per_layer import CouplingPeaks, coupling_peaks, layer_heatmap, select_heatmap_runs
 from flowdiag.report.runs import (
     best_eval_bpd,
     final_bpd,

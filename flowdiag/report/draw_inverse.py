@@ -9,7 +9,7 @@ from matplotlib import colormaps
 from matplotlib.ticker import MaxNLocator
 
 from flowdiag.report.canvas import DIVERGED_MARKER, NONFINITE_COLOR, new_figure, save
-from flowdiag.report.inverse import FailureRate, InverseCurves
+from flowdiag.report.inverse_curves import FailureRate, InverseCurves
 
 HEATMAP_BAD = "black"
 

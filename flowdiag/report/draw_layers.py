@@ -1,4 +1,5 @@
-"""Drawing the per-layer figures and the grid; the data come from `layers` and `grid`, already extracted."""
+"""Drawing the per-layer figures and the grid; the data come from `per_layer` and `cells`, already
+extracted."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from flowdiag.report.canvas import (
     new_figure,
     save,
 )
-from flowdiag.report.grid import GridCell
-from flowdiag.report.layers import CouplingPeakLine, CouplingPeaks, LayerHeatmap
+from flowdiag.report.cells import GridCell
+from flowdiag.report.per_layer import CouplingPeakLine, CouplingPeaks, LayerHeatmap
 
 HEATMAP_BAD = "black"  # inf / NaN cells; no colormap used here contains black
 _MAX_LAYER_TICKS = 40

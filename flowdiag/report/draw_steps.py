@@ -1,4 +1,5 @@
-"""Drawing the figures over steps and over λ; the data come from `curves` and `grid`, already extracted."""
+"""Drawing the figures over steps and over λ; the data come from `curves` and `cells`, already
+extracted."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from flowdiag.report.canvas import (
     new_figure,
     save,
 )
+from flowdiag.report.cells import LambdaPoint
 from flowdiag.report.curves import BpdFigureData, PenaltyCurves, use_log_scale
-from flowdiag.report.grid import LambdaPoint
 
 _MAX_CONV_LEGEND = 8
 

@@ -37,7 +37,7 @@ class ZeroConv2d(nn.Module):
 
 
 class CouplingNet(nn.Module):
-    """The conditioner: `layers` is a flat sequence so the ActNorm init can walk it in order."""
+    """The conditioner: `layers` is a flat sequence so the cumulative init can walk it in order."""
 
     def __init__(
         self, in_channels: int, out_channels: int, hidden: int, make_norm: NormFactory = ActNorm
