@@ -125,7 +125,7 @@ def test_file_layout_matches_the_documented_names(tmp_path: Path) -> None:
         append_steps(writer, range(1, 13))
         writer.append_eval(12, 1.5)
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 2
+        assert f.attrs["format_version"] == 3
         assert f.attrs["flowdiag_version"] == "9.9.9"
         assert (f.attrs["phase"], f.attrs["total_steps"]) == (b"init", -1)
         assert f["layers/pixels"][()].tolist() == PIXELS
@@ -649,8 +649,9 @@ def test_the_file_grows_by_the_row_size_per_step(tmp_path: Path) -> None:
     size_after_one_chunk = path.stat().st_size
     append_steps(writer, range(65, 129))
     row = store.bytes_per_step(path)
-    # step, wall_time and the five scalars: 8 bytes; max_abs, logdet: float32; nonfinite: bool
-    assert row == 7 * 8 + N * (4 + 4 + 1)
+    # step, wall_time and the five scalars: 8 bytes; forwards: int32; max_abs, logdet: float32;
+    # nonfinite and ran: bool
+    assert row == 7 * 8 + 4 + N * (4 + 4 + 1 + 1)
     # Uncompressed: 64 more rows take exactly 64 rows' bytes, the chunk index already in place.
     assert path.stat().st_size - size_after_one_chunk == 64 * row
 

@@ -114,6 +114,7 @@ class Monitor:
         self._lows: list[Tensor] = []  # views of _extrema's rows, one per layer
         self._highs: list[Tensor] = []
         self._logdet: list[Tensor | None] = [None] * n  # batch-averaged at `step`, all layers at once
+        self._ran = np.zeros(n, bool)  # which layers ran since the last step: known on the host, no sync
         self._zero: Tensor | None = None
         self._active = True
         self._detach: Detach | None = self.adapter.attach(self._capture) if diagnostics else None
@@ -123,6 +124,7 @@ class Monitor:
     def _capture(self, index: int, output: Tensor, logdet: Tensor | None) -> None:
         if not self._active:
             return
+        self._ran[index] = True
         if self._pixels[index] is None and output.dim() >= 3:
             self._pixels[index] = int(output.shape[-2] * output.shape[-1])  # a shape: no sync
         # One pass over the output. aminmax, not vector_norm(ord=inf): measured 8 against 170 µs for
@@ -321,10 +323,11 @@ class Monitor:
         if recording:  # NaN stays NaN in both (and neither warns)
             low, high, logdet = host[k : k + n], host[k + n : k + 2 * n], host[k + 2 * n : k + 3 * n]
             max_abs = np.maximum(high, -low)
-            nonfinite = ~(np.isfinite(max_abs) & np.isfinite(logdet))
+            ran = self._ran.copy()
+            nonfinite = ran & ~(np.isfinite(max_abs) & np.isfinite(logdet))
         else:
             max_abs = logdet = np.full(n, np.nan)
-            nonfinite = np.zeros(n, bool)
+            nonfinite = ran = np.zeros(n, bool)
         record = StepRecord(
             self.state.step + 1, *(float(scalars[s]) for s in _SCALARS), max_abs, logdet, nonfinite
         )
@@ -337,6 +340,7 @@ class Monitor:
             max_abs=max_abs,
             logdet=logdet,
             nonfinite=nonfinite,
+            ran=ran,
         )
         if onset is not None and self.state.onset_step == record.step:
             self.writer.set_status("running", onset_step=record.step, onset_layer=onset)
@@ -345,6 +349,7 @@ class Monitor:
                 self.writer.set_onset_rank(self.state.onset_rank)
         self.last = record
         self._logdet = [None] * n
+        self._ran[:] = False
         if self._extrema is not None:
             self._extrema.fill_(math.nan)  # after the row's copy above, on the same stream
         return onset

@@ -12,6 +12,7 @@ import numpy as np
 from flowdiag.record.store import inverse_rows
 from flowdiag.record.store.layout import (
     _COMMITTED,
+    _FORWARDS,
     _LAYER_ARRAYS,
     _SCALARS,
     _STRING,
@@ -78,6 +79,7 @@ def _layout(f: h5py.File, header: RunHeader) -> None:
     for name in _SCALARS:
         _growing(steps, name, np.float64)
     _growing(steps, _WALL_TIME.split("/")[1], np.float64)
+    _growing(steps, _FORWARDS.split("/")[1], np.int32)
     layers = f.create_group("layers")
     layers.create_dataset("name", data=names, dtype=_STRING)
     layers.create_dataset("kind", data=header.kinds, dtype=_STRING)

@@ -16,13 +16,24 @@ from flowdiag.runtime.errors import UserError
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
 LAYER_KINDS = ("actnorm", "invconv", "coupling", "other")
 PHASES = ("init", "train")  # the ActNorm init, then the steps (it stays "train" once the run ended)
-# 2: layers/pixels, steps/wall_time and the total_steps / phase attributes. Version 1 files still read.
-FORMAT_VERSION = 2
+# 2: layers/pixels, steps/wall_time and the total_steps / phase attributes.
+# 3: layers/ran (which layers ran in the step) and steps/forwards (training forwards a row covers).
+# Files of versions 1 and 2 still read.
+FORMAT_VERSION = 3
 
 _SCALARS = ("loss", "bpd", "penalty", "grad_norm", "lr")  # steps/<name>, float64, (T,)
 _WALL_TIME = "steps/wall_time"  # seconds since the run started, resumed runs continuing the clock
-_LAYER_ARRAYS = {"max_abs": np.float32, "logdet": np.float32, "nonfinite": np.bool_}  # layers/<name>, (T, N)
-_STEP_DATASETS = ("steps/step", *(f"steps/{s}" for s in _SCALARS), *(f"layers/{a}" for a in _LAYER_ARRAYS))
+_FORWARDS = "steps/forwards"  # int32: training forwards the row covers (gradient accumulation: several)
+# layers/<name>, (T, N). `ran` is False where a layer did not run in the step (a partial forward, a
+# skipped branch): its max_abs and logdet are then NaN, and it is neither finite nor non-finite.
+_LAYER_ARRAYS = {"max_abs": np.float32, "logdet": np.float32, "nonfinite": np.bool_, "ran": np.bool_}
+# What every version has; later versions add the optional ones (`_step_datasets` says which a file has).
+_STEP_DATASETS = (
+    "steps/step",
+    *(f"steps/{s}" for s in _SCALARS),
+    *(f"layers/{a}" for a in _LAYER_ARRAYS if a != "ran"),
+)
+_OPTIONAL_STEP_DATASETS = (_WALL_TIME, _FORWARDS, "layers/ran")
 
 _EVAL_DATASETS = ("eval/step", "eval/bpd")
 _INIT_FLOATS = ("log_scale_min", "log_scale_max", "min_input_var")
@@ -161,8 +172,8 @@ def _text_width(names: Sequence[str]) -> int:
 
 
 def _step_datasets(f: h5py.File) -> tuple[str, ...]:
-    """The per-step datasets this file has (a version-1 file has no wall clock)."""
-    return (*_STEP_DATASETS, _WALL_TIME) if _WALL_TIME in f else _STEP_DATASETS
+    """The per-step datasets this file has (version 1 has no wall clock, version 2 no forwards or ran)."""
+    return (*_STEP_DATASETS, *(name for name in _OPTIONAL_STEP_DATASETS if name in f))
 
 
 def _strings(dataset: h5py.Dataset) -> list[str]:

@@ -14,6 +14,7 @@ from flowdiag.record.store import inverse_rows
 from flowdiag.record.store.inverse_rows import InverseRecord
 from flowdiag.record.store.layout import (
     _EVAL_DATASETS,
+    _FORWARDS,
     _INIT_FLOATS,
     _INIT_INTS,
     _LAYER_ARRAYS,
@@ -60,6 +61,8 @@ class RunRecord:
     max_abs: np.ndarray
     logdet: np.ndarray
     nonfinite: np.ndarray
+    ran: np.ndarray  # (T, N) which layers ran in each step; before format 3, those with a measurement
+    forwards: np.ndarray  # (T,) training forwards each row covers; 1 before format 3
     eval_step: np.ndarray
     eval_bpd: np.ndarray
     inverse: InverseRecord  # the inverse checks, one row per evaluation (empty before format 2)
@@ -125,12 +128,22 @@ def _read(path: Path, f: h5py.File) -> RunRecord:
         layer_names=names,
         layer_kinds=_strings(f["layers/kind"]),
         layer_pixels=f["layers/pixels"][()] if "layers/pixels" in f else np.full(len(names), -1, np.int64),
-        **{name: f[f"layers/{name}"][:t] for name in _LAYER_ARRAYS},
+        **{name: f[f"layers/{name}"][:t] for name in _LAYER_ARRAYS if name != "ran"},
+        ran=_ran(f, t),
+        forwards=f[_FORWARDS][:t] if _FORWARDS in f else np.ones(t, np.int32),
         eval_step=f["eval/step"][:e],
         eval_bpd=f["eval/bpd"][:e],
         init=init,
         inverse=inverse_rows.read(f, len(names)),
     )
+
+
+def _ran(f: h5py.File, t: int) -> np.ndarray:
+    """layers/ran, or for a file from before it, the layers that hold a measurement or a flag."""
+    if "layers/ran" in f:
+        return f["layers/ran"][:t]
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(f["layers/max_abs"][:t]) | f["layers/nonfinite"][:t]
 
 
 def bytes_per_step(path: Path) -> int:

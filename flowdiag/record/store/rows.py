@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from flowdiag.record.store.layout import _LAYER_ARRAYS, _SCALARS, _WALL_TIME
+from flowdiag.record.store.layout import _FORWARDS, _LAYER_ARRAYS, _SCALARS, _WALL_TIME
 
 # Rows reserved at first. The buffer doubles when full, up to the flush block, so that a huge
 # --flush-every (flushing on the timer alone) does not reserve its whole block up front: 1e6 rows of
@@ -23,11 +23,17 @@ class StepRows:
         self.n = 0
         self.step = np.empty(rows, np.int64)
         self.wall_time = np.empty(rows, np.float64)
+        self.forwards = np.empty(rows, np.int32)
         self.scalars = np.empty((rows, len(_SCALARS)), np.float64)
         self.layers = {name: np.empty((rows, n_layers), dtype) for name, dtype in _LAYER_ARRAYS.items()}
 
     def add(
-        self, step: int, wall_time: float, scalars: tuple[float, ...], per_layer: dict[str, np.ndarray]
+        self,
+        step: int,
+        wall_time: float,
+        forwards: int,
+        scalars: tuple[float, ...],
+        per_layer: dict[str, np.ndarray],
     ) -> None:
         """One row; `scalars` in _SCALARS order, `per_layer` one (N,) array per _LAYER_ARRAYS name."""
         i = self.n
@@ -35,6 +41,7 @@ class StepRows:
             self._grow()
         self.step[i] = step
         self.wall_time[i] = wall_time
+        self.forwards[i] = forwards
         self.scalars[i] = scalars
         for name, values in per_layer.items():
             buffer = self.layers[name]
@@ -51,12 +58,13 @@ class StepRows:
         for j, name in enumerate(_SCALARS):
             yield f"steps/{name}", self.scalars[:n, j]
         yield _WALL_TIME, self.wall_time[:n]
+        yield _FORWARDS, self.forwards[:n]
         yield "steps/step", self.step[:n]
 
     def _grow(self) -> None:
         rows = min(2 * len(self.step), self.most)
-        self.step, self.wall_time, self.scalars = (
-            _grown(a, rows) for a in (self.step, self.wall_time, self.scalars)
+        self.step, self.wall_time, self.forwards, self.scalars = (
+            _grown(a, rows) for a in (self.step, self.wall_time, self.forwards, self.scalars)
         )
         self.layers = {name: _grown(block, rows) for name, block in self.layers.items()}
 

@@ -186,20 +186,27 @@ class RunWriter:
         max_abs: ArrayLike,
         logdet: ArrayLike,
         nonfinite: ArrayLike,
+        ran: ArrayLike | None = None,
+        forwards: int = 1,
     ) -> None:
-        """Buffer one step's row; the block goes to the file every `flush_every` rows or `flush_seconds`."""
+        """Buffer one step's row; the block goes to the file every `flush_every` rows or `flush_seconds`.
+
+        `ran`: which layers ran in the step (default all); `forwards`: the training forwards the row
+        covers (several under gradient accumulation).
+        """
         n = len(self.layer_names)
         per_layer = {
             "max_abs": np.asarray(max_abs),
             "logdet": np.asarray(logdet),
             "nonfinite": np.asarray(nonfinite),
+            "ran": np.ones(n, bool) if ran is None else np.asarray(ran),
         }
         for name, values in per_layer.items():
             if values.shape != (n,):
                 raise ValueError(f"{name} has shape {values.shape}; expected ({n},), one value per layer")
         now = time.monotonic()
         wall_time = self._clock_offset + now - self._started
-        self._rows.add(step, wall_time, (loss, bpd, penalty, grad_norm, lr), per_layer)
+        self._rows.add(step, wall_time, forwards, (loss, bpd, penalty, grad_norm, lr), per_layer)
         if self._rows.n == self.flush_every or now - self._last_flush >= self.flush_seconds:
             self.flush()
 
@@ -285,7 +292,8 @@ class RunWriter:
             n = self._rows.n
             if n:
                 for name, block in self._rows.blocks():
-                    _append(f[name], self._n_disk, block)
+                    if name in f:  # a file of an older version resumed: it keeps its own datasets
+                        _append(f[name], self._n_disk, block)
             if self._evals:
                 steps, bpds = zip(*self._evals, strict=True)
                 _append(f["eval/bpd"], self._n_evals_disk, np.array(bpds, dtype=np.float64))
