@@ -31,9 +31,12 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from typer.testing import CliRunner
 
 from flowdiag.ablation import storage as storage_module
+from flowdiag.ablation import study as study_module
+from flowdiag.ablation.claims import CLAIM_ATTR
 from flowdiag.ablation.grid import build_grid, cell_key, cell_slug, read_config_file
-from flowdiag.ablation.runner import AblationSpec, prepare, work
-from flowdiag.ablation.storage import default_storage_url
+from flowdiag.ablation.runner import prepare, work
+from flowdiag.ablation.spec import AblationSpec
+from flowdiag.ablation.storage import Reaper, default_storage_url
 from flowdiag.cli import app
 from flowdiag.record.store import read_run
 from flowdiag.runtime import environment
@@ -282,7 +285,7 @@ def test_ablation_end_to_end_rerun_and_grown_grid(tmp_path: Path) -> None:
     before = {t.number: t.datetime_complete for t in study.get_trials()}
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert "2 already done or running, 0 to run" in " ".join(result.output.split())
+    assert "2 cells: 2 done, 0 interrupted, 0 pending; 0 to run" in " ".join(result.output.split())
     assert {t.number: t.datetime_complete for t in load(sqlite_url(out)).get_trials()} == before
 
     # A new M, from a config file this time: only its cell runs.
@@ -366,27 +369,59 @@ def tiny_spec(out: Path, init_batches: str = "4") -> AblationSpec:
     return AblationSpec(build_grid({**settings, "seed": "0"}), out, sqlite_url(out), "ablation")
 
 
-def test_a_trial_claimed_by_a_worker_killed_before_its_first_heartbeat_is_queued_again(
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # `ask()` outside optimize: the test's claim
+def test_a_trial_claimed_by_a_worker_killed_before_its_claim_record_is_queued_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    study, queued, _ = prepare(tiny_spec(tmp_path))
-    assert queued == 1
-    waiting = study.get_trials(states=(TrialState.WAITING,))[0]
-    # What `ask()` does, with the worker gone before its heartbeat thread wrote anything.
-    assert study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)
-    monkeypatch.setattr(storage_module, "grace_seconds", lambda: 0)
+    study, report, _ = prepare(tiny_spec(tmp_path))
+    assert report.queued == 1
+    # What a worker killed right after `ask()` claimed the trial leaves: RUNNING, no heartbeat and
+    # no claim record of ours.
+    claimed = study.ask()
+    assert claimed.user_attrs["cell"] and CLAIM_ATTR not in claimed.user_attrs
+    reaper = Reaper()
+    assert reaper.sweep(study) == 0  # seen unclaimed for the first time: it may be claiming now
     optuna.storages.fail_stale_trials(study)
     assert study.trials[0].state == TrialState.RUNNING  # Optuna alone would leave it so for ever
-    storage_module.fail_dead_trials(study)
+    monkeypatch.setattr(storage_module, "grace_seconds", lambda: 0)
+    assert reaper.sweep(study) == 1  # still unclaimed after the grace period, on this process's clock
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].user_attrs["cell"] == waiting.user_attrs["cell"] and trials[1].params == waiting.params
+    assert trials[1].params == claimed.params
+    assert trials[1].user_attrs == {"cell": claimed.user_attrs["cell"], storage_module.DEATHS_ATTR: 1}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_whose_worker_on_this_machine_is_gone_is_queued_again_at_once(tmp_path: Path) -> None:
+    """The claim record names the process: on its own machine a rerun needs no heartbeat to go stale."""
+    study, _, _ = prepare(tiny_spec(tmp_path, init_batches="4,8"))
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from flowdiag.ablation.claims import this_worker; print(json.dumps(this_worker()))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    dead, alive = study.ask(), study.ask()
+    dead.set_user_attr(CLAIM_ATTR, json.loads(child.stdout))  # a process that has exited since
+    from flowdiag.ablation.claims import this_worker
+
+    alive.set_user_attr(CLAIM_ATTR, this_worker())
+    assert Reaper().sweep(study) == 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[dead.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    requeued = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["cell"] for t in requeued] == [dead.user_attrs["cell"]]
 
 
 def test_a_cell_queued_by_two_machines_at_once_runs_once(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path, init_batches="4,8")
-    study, queued, _ = prepare(spec)
-    assert queued == 2
+    study, report, _ = prepare(spec)
+    assert report.queued == 2
     for cell in spec.grid.cells:  # a second machine that synced at the same moment
         distributions = {
             k: IntDistribution(v, v) if isinstance(v, int) else FloatDistribution(v, v)
@@ -443,7 +478,7 @@ def test_a_study_reused_with_other_fixed_settings_is_refused(
 
 
 def _open_studies(url: str, names: list[str], fixed: str, barrier: object, results: object) -> None:
-    from flowdiag.ablation.runner import open_study
+    from flowdiag.ablation.study import open_study
 
     outcomes = []
     for name in names:
@@ -500,19 +535,17 @@ def test_processes_starting_one_new_postgres_study_at_once(postgres_url: str, sa
 def test_a_study_whose_creator_died_before_labelling_it_is_taken_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flowdiag.ablation import runner
-
     url = sqlite_url(tmp_path)
     optuna.create_study(study_name="orphan", storage=url)  # created, never labelled
-    monkeypatch.setattr(runner, "CREATOR_WAIT_SECONDS", 0.2)
-    runner.open_study(url, "orphan", "ablation", '{"lr": 0.001}', ["init_batches"])
+    monkeypatch.setattr(study_module, "CREATOR_WAIT_SECONDS", 0.2)
+    study_module.open_study(url, "orphan", "ablation", '{"lr": 0.001}', ["init_batches"])
     assert load(url, "orphan").user_attrs == {
         "kind": "ablation",
         "fixed": '{"lr": 0.001}',
         "axes": ["init_batches"],
     }
     with pytest.raises(UserError, match="other fixed settings"):  # labelled now: checked as usual
-        runner.open_study(url, "orphan", "ablation", '{"lr": 0.01}', ["init_batches"])
+        study_module.open_study(url, "orphan", "ablation", '{"lr": 0.01}', ["init_batches"])
 
 
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------

@@ -12,8 +12,9 @@ import torch
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
+from flowdiag.ablation.spec import TuneSpec
 from flowdiag.ablation.storage import default_storage_url
-from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tuning, tuning_rows, worst_case_bpd
+from flowdiag.ablation.tune import best_lambda, open_tuning, run_tuning, tuning_rows, worst_case_bpd
 from flowdiag.cli import app
 from flowdiag.record.store import read_run
 from flowdiag.settings.config import RunConfig
