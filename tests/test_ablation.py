@@ -563,7 +563,7 @@ BAD_INPUTS = [
     ["--dataset", "mnist", "--data-root", "/nonexistent/mnist"],
     ["--storage", "not a url"],
     ["--storage", "foo://bar"],
-    ["--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/db"],
+    ["--storage", "postgresql://u:secret@127.0.0.1:1/db"],
     ["--storage", "sqlite:////nonexistent_dir/x.db"],
     ["--config", "MISSING"],
     ["--config", "NOT_TOML"],

@@ -34,6 +34,7 @@ from flowdiag.record.store import read_run
 from flowdiag.record.store.writer import RunWriter
 from flowdiag.runtime.files import CELLS_FILE
 from flowdiag.train import trainer
+from tests.test_ablation import postgres_url, study_name  # noqa: F401 -- the PostgreSQL fixtures
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "OMP_NUM_THREADS": "1", "FLOWDIAG_GRACE_SECONDS": "600"}
 TINY = [
@@ -52,12 +53,17 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def ablate(out: Path, *extra: str) -> Any:
-    return CliRunner().invoke(app, ["ablate", *GRID, "--out", str(out), *extra], env=ENV)
+STORAGE: dict[str, str] = {}  # a test on PostgreSQL puts its URL and study here
+
+
+def ablate(out: Path) -> Any:
+    where = ["--storage", STORAGE["url"], "--study", STORAGE["study"]] if STORAGE else []
+    return CliRunner().invoke(app, ["ablate", *GRID, "--out", str(out), *where], env=ENV)
 
 
 def trials(out: Path) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="ablation", storage=default_storage_url(out)).get_trials()
+    url, name = (STORAGE["url"], STORAGE["study"]) if STORAGE else (default_storage_url(out), "ablation")
+    return optuna.load_study(study_name=name, storage=url).get_trials()
 
 
 def cells_file(out: Path) -> dict[str, str]:
@@ -110,12 +116,12 @@ def test_a_signal_at_any_moment_leaves_the_cell_unfinished_and_the_rerun_resumes
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
 ) -> None:
     place, stopped_at = MOMENTS[moment]
-    fired = place(monkeypatch)
-    result = ablate(tmp_path)
+    with pytest.MonkeyPatch.context() as patch:  # the signal's wrapper, for the first command only
+        fired = place(patch)
+        result = ablate(tmp_path)
     assert fired, "the signal was never sent"
     assert result.exit_code == 130, result.output
     assert "rerun the same command to resume" in " ".join(result.output.split()).lower()
-    monkeypatch.undo()
     first = [t for t in trials(tmp_path) if "run_dir" in t.user_attrs]
     assert all(t.state != TrialState.RUNNING for t in trials(tmp_path))
     assert len(first) == 1, "the worker ran no second cell after the signal"
@@ -153,6 +159,17 @@ def assert_resumed(out: Path, stopped_at: int | None) -> None:
         assert record.status == "completed"
         assert np.array_equal(record.step, np.arange(1, 7))  # every step once: resumed, not restarted
     assert not (out / ".stale").exists()
+
+
+@pytest.mark.postgres
+def test_an_interrupted_cell_resumes_on_postgres(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    monkeypatch.setitem(STORAGE, "url", request.getfixturevalue("postgres_url"))
+    monkeypatch.setitem(STORAGE, "study", request.getfixturevalue("study_name"))
+    test_a_signal_at_any_moment_leaves_the_cell_unfinished_and_the_rerun_resumes_it(
+        tmp_path, monkeypatch, "mid-training"
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")

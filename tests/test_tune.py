@@ -143,7 +143,7 @@ def test_tune_lambda_command_end_to_end(tmp_path: Path) -> None:
         ["--n-trials", "0"],
         ["--timeout", "0"],
         ["--storage", "not a url"],
-        ["--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/db"],
+        ["--storage", "postgresql://u:secret@127.0.0.1:1/db"],
         ["--batch-size", "0"],
         ["--dataset", "nosuch"],
         ["--dataset", "mnist"],
