@@ -174,3 +174,37 @@ def test_parallel_workers_do_not_draw_the_same_lambda(tmp_path: Path) -> None:
         drawn.append(study.ask().suggest_float("lam", 1e-6, 1e2, log=True))
     assert len(set(drawn)) == 3
     assert make_sampler(spec)._constant_liar
+
+
+def test_an_interrupted_tuning_trial_resumes_in_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import numpy as np
+
+    from flowdiag.runtime.files import CELLS_FILE
+    from flowdiag.train import trainer
+    from tests.test_interrupt import at_step, signal_once
+
+    out = tmp_path / "tune"
+    args = ["tune-lambda", *TINY, "--n-trials", "2", "--lam-max", "1e-2", "--workers", "1", "--out", str(out)]
+    env = {**ENV, "FLOWDIAG_GRACE_SECONDS": "600"}  # a rerun that waited for a stale heartbeat would hang
+    with pytest.MonkeyPatch.context() as patch:
+        signal_once(patch, trainer.Trainer, "one_step", at_step(1))
+        result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 130, result.output
+    (first,) = optuna.load_study(study_name="tune-lambda", storage=default_storage_url(out)).get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs["status"] == "interrupted"
+    assert first.user_attrs["steps"] == 2 and "best_bpd" not in first.user_attrs
+    assert json.loads((out / CELLS_FILE).read_text())["cells"] == {"trial0000-lam0": "interrupted"}
+
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="tune-lambda", storage=default_storage_url(out))
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2 and done[0].user_attrs["run_name"] == "trial0000-lam0"
+    assert done[0].params == first.params and done[0].user_attrs["resumed_from_step"] == 2
+    record = read_run(Path(done[0].user_attrs["hdf5_path"]))
+    assert np.array_equal(record.step, np.arange(1, 7))  # continued, not restarted
+    assert set(json.loads((out / CELLS_FILE).read_text())["cells"].values()) == {"done"}
