@@ -200,6 +200,7 @@ def test_an_interrupted_tuning_trial_resumes_in_its_own_folder(
 
     result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 0, result.output
+    assert "0 of 2 trials done, 1 interrupted (trial0000-lam0) resume;" in result.output.splitlines()[0]
     study = optuna.load_study(study_name="tune-lambda", storage=default_storage_url(out))
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 2 and done[0].user_attrs["run_name"] == "trial0000-lam0"

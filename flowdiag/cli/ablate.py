@@ -338,7 +338,7 @@ def run_ablation(spec: AblationSpec, workers: str) -> None:
     rows = summarize(optuna_study, spec.grid.cells)
     print_summary(rows)
     unfinished = [row for row in rows if not row.is_result]
-    if stopped:
+    if stopped and unfinished:  # a signal after the last cell had finished changes nothing
         typer.echo(
             f"interrupted: {len(unfinished)} cell(s) without a result; running cells stopped at a "
             "checkpoint. Rerun the same command to resume",

@@ -93,12 +93,7 @@ def run_tune(spec: TuneSpec, workers: str) -> None:
     optuna_study, data = open_tuning(spec)
     left = max(spec.n_trials - len(tuning_rows(optuna_study)), 1)
     n_workers = min(resolve_workers(workers, left), left)
-    console.print(
-        f"study {spec.study_name} ({display_url(spec.storage_url)}): {len(tuning_rows(optuna_study))} of "
-        f"{spec.n_trials} trials done; running on {n_workers} worker(s)",
-        soft_wrap=True,
-        highlight=False,
-    )
+    console.print(start_line(spec, optuna_study, n_workers), soft_wrap=True, highlight=False)
     stopped = _tune_with_board(spec, optuna_study, data, n_workers)
     publish_runs(spec, optuna_study, stopped=stopped)
     rows = tuning_rows(optuna_study)
@@ -110,7 +105,7 @@ def run_tune(spec: TuneSpec, workers: str) -> None:
         console.print(
             f"best λ = [bold]{best.lam:.3g}[/] (held-out bpd {best.value:.4g}, trial {best.number})"
         )
-    if stopped:
+    if stopped and len(rows) < spec.n_trials:  # a signal after the last trial changes nothing
         typer.echo(
             "interrupted: running trials stopped at a checkpoint; rerun the same command to resume", err=True
         )
@@ -118,6 +113,21 @@ def run_tune(spec: TuneSpec, workers: str) -> None:
     if len(rows) < spec.n_trials and spec.timeout is None:
         typer.echo(f"{spec.n_trials - len(rows)} trial(s) failed (see above): rerun to retry them", err=True)
         raise typer.Exit(code=1)
+
+
+def start_line(spec: TuneSpec, study: optuna.Study, n_workers: int) -> str:
+    """Trials done, and the interrupted ones queued again to resume (their run folder named)."""
+    from optuna.trial import TrialState
+
+    from flowdiag.ablation.tune import RUN_NAME_ATTR, tuning_rows
+
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    resumed = sorted(t.user_attrs[RUN_NAME_ATTR] for t in waiting if RUN_NAME_ATTR in t.user_attrs)
+    again = f", {len(resumed)} interrupted ({', '.join(resumed[:5])}) resume" if resumed else ""
+    return (
+        f"study {spec.study_name} ({display_url(spec.storage_url)}): {len(tuning_rows(study))} of "
+        f"{spec.n_trials} trials done{again}; running on {n_workers} worker(s)"
+    )
 
 
 def _tune_with_board(spec: TuneSpec, study: optuna.Study, data: Any, n_workers: int) -> bool:
