@@ -266,3 +266,30 @@ def test_ctrl_c_with_two_workers_then_the_same_command_resumes(tmp_path: Path, t
             assert trial.user_attrs["resumed_from_step"] == stopped
         record = read_run(Path(trial.user_attrs["hdf5_path"]))
         assert np.array_equal(record.step, np.arange(1, 301)), "a resumed run repeats or skips no step"
+
+
+def test_a_cell_out_of_memory_is_failed_not_interrupted_and_the_next_run_retries_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowdiag.ablation import objective
+
+    real = objective.train
+
+    def short_of_memory(config: Any, run_dir: Path, **kwargs: Any) -> Any:
+        if config.train.init_batches == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(config, run_dir, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(objective, "train", short_of_memory)
+        result = ablate(tmp_path)
+    assert result.exit_code == 1, result.output  # the other cell ran: memory fails one cell, not all
+    assert f"{FIRST}: failed (CUDA out of memory. Tried to allocate 2.00 GiB)" in result.output
+    failed = next(t for t in trials(tmp_path) if t.params["init_batches"] == 4)
+    assert failed.state == TrialState.FAIL and failed.user_attrs["status"] == "failed"
+    assert "best_bpd" not in failed.user_attrs
+    assert cells_file(tmp_path) == {FIRST: "failed", SECOND: "done"}
+    rerun = ablate(tmp_path)
+    assert rerun.exit_code == 0, rerun.output
+    assert "1 done, 0 interrupted, 0 pending, 1 failed (run again); 1 to run" in rerun.output.splitlines()[0]
+    assert cells_file(tmp_path) == {FIRST: "done", SECOND: "done"}

@@ -112,11 +112,10 @@ def run_attempt(
     forwarding = StopForwardingSink(sink, stop)
     try:
         result = train(config, run_dir, resume, forwarding)
-    except CELL_FAILURES as error:
+    except Exception as error:  # memory (CELL_FAILURES) or a bug: failed, not interrupted
+        text = str(error).strip()
         trial.set_user_attr("status", "failed")
-        trial.set_user_attr(
-            "error", str(error).strip().splitlines()[0][:200] if str(error) else type(error).__name__
-        )
+        trial.set_user_attr("error", text.splitlines()[0][:200] if text else type(error).__name__)
         raise
     if resume and forwarding.first_step is not None:
         trial.set_user_attr("resumed_from_step", forwarding.first_step - 1)
@@ -178,4 +177,6 @@ def describe(attrs: dict[str, Any]) -> str:
         return f"interrupted at step {attrs.get('steps', '?')}: rerun the same command to resume"
     if attrs.get("status") == "failed":
         return f"failed ({attrs.get('error', 'error')})"
+    if RUN_DIR_ATTR in attrs:
+        return "its worker stopped without a word (killed?); queued again to resume"
     return "stopped before it trained"

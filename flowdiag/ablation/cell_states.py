@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from optuna.trial import FrozenTrial, TrialState
 
 RUN_DIR_ATTR = "run_dir"  # set when a trial has chosen its run folder, before it trains
+RUN_NAME_ATTR = "run_name"  # a tuning trial's run folder under OUT/runs/, kept when it is queued again
 STATES = ("done", "running", "interrupted", "failed", "pending")
 
 

@@ -27,6 +27,7 @@ from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from sqlalchemy import event
 
+from flowdiag.ablation.cell_states import RUN_NAME_ATTR
 from flowdiag.ablation.claims import CLAIM_ATTR, worker_gone
 from flowdiag.ablation.storage_url import check_storage_url, default_storage_url, display_url
 from flowdiag.runtime.errors import UserError
@@ -38,7 +39,7 @@ GRACE_SECONDS = 15  # a RUNNING trial with no heartbeat for this long belonged t
 MAX_DEATHS = 3  # a cell whose worker died this often is left failed: it may be what kills them
 DEATHS_ATTR = "deaths"  # earlier attempts of the same cell or run whose worker died
 # What a queued-again trial keeps of the dead one: what identifies its cell or its run folder.
-IDENTITY_ATTRS = ("cell", "run_name")
+IDENTITY_ATTRS = ("cell", RUN_NAME_ATTR)
 _SCHEMA_ATTEMPTS = 5
 
 

@@ -21,7 +21,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from flowdiag.ablation.attempt import StorageProgress, claim, ends_trial, run_attempt
-from flowdiag.ablation.cell_states import by_key, cell_state
+from flowdiag.ablation.cell_states import RUN_NAME_ATTR, by_key, cell_state
 from flowdiag.ablation.cells_file import publish
 from flowdiag.ablation.runner import check_configs, make_out
 from flowdiag.ablation.spec import TuneSpec, check_tuning
@@ -36,7 +36,6 @@ from flowdiag.train.progress import ProgressSink
 from flowdiag.train.trainer import RunResult, train
 
 STUDY_KIND = "tune-lambda"
-RUN_NAME_ATTR = "run_name"  # the trial's run folder under OUT/runs/, kept when it is queued again
 TrainFn = Callable[..., RunResult]
 
 

@@ -119,7 +119,8 @@ def start_line(spec: TuneSpec, study: optuna.Study, n_workers: int) -> str:
     """Trials done, and the interrupted ones queued again to resume (their run folder named)."""
     from optuna.trial import TrialState
 
-    from flowdiag.ablation.tune import RUN_NAME_ATTR, tuning_rows
+    from flowdiag.ablation.cell_states import RUN_NAME_ATTR
+    from flowdiag.ablation.tune import tuning_rows
 
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     resumed = sorted(t.user_attrs[RUN_NAME_ATTR] for t in waiting if RUN_NAME_ATTR in t.user_attrs)
