@@ -419,6 +419,57 @@ def test_a_trial_whose_worker_on_this_machine_is_gone_is_queued_again_at_once(tm
     assert [t.user_attrs["cell"] for t in requeued] == [dead.user_attrs["cell"]]
 
 
+CLAIM_AND_HANG = """
+import socket, sys, time
+import optuna
+socket.gethostname = lambda: "another-machine"  # its claim record names a host the test is not on
+from flowdiag.ablation.attempt import claim
+from flowdiag.ablation.storage import make_storage
+
+def objective(trial):
+    claim(trial)
+    print("claimed", flush=True)
+    time.sleep(600)
+
+optuna.load_study(study_name="ablation", storage=make_storage(sys.argv[1])).optimize(objective, n_trials=1)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_killed_on_another_machine_comes_back_when_its_heartbeat_goes_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna's heartbeat check (public fail_stale_trials) fails it; our callback queues the cell
+    again with nothing of the dead worker's claim."""
+    monkeypatch.setenv("FLOWDIAG_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("FLOWDIAG_GRACE_SECONDS", "2")
+    study, _, _ = prepare(tiny_spec(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_HANG, sqlite_url(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "claimed"
+    finally:
+        worker.kill()
+        worker.wait()
+    (claimed,) = study.get_trials()
+    assert claimed.state == TrialState.RUNNING and claimed.user_attrs[CLAIM_ATTR]["host"] == "another-machine"
+    reaper = Reaper()
+    assert reaper.sweep(study) == 0  # not this machine's process: only the heartbeat can tell
+    deadline = time.monotonic() + 30
+    while not study.get_trials(states=(TrialState.WAITING,)):  # stale after 2 s without a beat
+        assert time.monotonic() < deadline, "the stale trial was never failed"
+        time.sleep(0.2)
+        reaper.sweep(study)
+    dead, again = study.get_trials()
+    assert dead.state == TrialState.FAIL and again.state == TrialState.WAITING
+    assert again.user_attrs == {"cell": claimed.user_attrs["cell"], storage_module.DEATHS_ATTR: 1}
+
+
 def test_a_cell_queued_by_two_machines_at_once_runs_once(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path, init_batches="4,8")
     study, report, _ = prepare(spec)
