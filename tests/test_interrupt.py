@@ -271,9 +271,9 @@ def test_ctrl_c_with_two_workers_then_the_same_command_resumes(tmp_path: Path, t
 def test_a_cell_out_of_memory_is_failed_not_interrupted_and_the_next_run_retries_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flowdiag.ablation import objective
+    from flowdiag.ablation import cell_objective
 
-    real = objective.train
+    real = cell_objective.train
 
     def short_of_memory(config: Any, run_dir: Path, **kwargs: Any) -> Any:
         if config.train.init_batches == 4:
@@ -281,7 +281,7 @@ def test_a_cell_out_of_memory_is_failed_not_interrupted_and_the_next_run_retries
         return real(config, run_dir, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(objective, "train", short_of_memory)
+        patch.setattr(cell_objective, "train", short_of_memory)
         result = ablate(tmp_path)
     assert result.exit_code == 1, result.output  # the other cell ran: memory fails one cell, not all
     assert f"{FIRST}: failed (CUDA out of memory. Tried to allocate 2.00 GiB)" in result.output

@@ -20,8 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from flowdiag.ablation.attempt import ends_trial
+from flowdiag.ablation.cell_objective import CellObjective
 from flowdiag.ablation.cells_file import publish
-from flowdiag.ablation.objective import CellObjective
 from flowdiag.ablation.spec import AblationSpec, check_ablation
 from flowdiag.ablation.stopping import StopRequest
 from flowdiag.ablation.storage import Reaper, make_storage

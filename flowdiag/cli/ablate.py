@@ -157,7 +157,7 @@ def _update(board: Board, study: optuna.Study, keys: set[str]) -> None:
 
 def _run_with_board(spec: AblationSpec, study: optuna.Study, data: dict[Any, Any]) -> bool:
     """Run the queued cells on the board; True when a signal stopped them."""
-    from flowdiag.ablation.objective import CellObjective
+    from flowdiag.ablation.cell_objective import CellObjective
     from flowdiag.ablation.runner import start_workers, work
     from flowdiag.ablation.stopping import StopRequest
 
