@@ -165,8 +165,10 @@ def run_tuning(
         return study
     objective = LambdaObjective(spec, data, progress, train_fn, stop)
     objective.on_claim = lambda: publish_runs(spec, study)
+    reaper = Reaper()  # dead workers' trials, between trials (Optuna checks stale heartbeats itself)
 
     def finished(study: optuna.Study, trial: FrozenTrial) -> None:
+        reaper.sweep(study)
         publish_runs(spec, study)
         if objective.stop.requested:
             study.stop()
