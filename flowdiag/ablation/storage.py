@@ -139,9 +139,9 @@ def requeue_dead(study: optuna.Study, trial: FrozenTrial) -> None:
     claim record included, and the new attempt would look claimed by a dead process.
     """
     deaths = int(trial.user_attrs.get(DEATHS_ATTR, 0)) + 1
-    if deaths > MAX_DEATHS:
-        return
     kept = {k: trial.user_attrs[k] for k in IDENTITY_ATTRS if k in trial.user_attrs}
+    if deaths > MAX_DEATHS or not kept:  # nothing to resume: a sampler's trial that had no cell yet
+        return
     study.add_trial(
         create_trial(
             state=TrialState.WAITING,
