@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -31,13 +30,17 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from typer.testing import CliRunner
 
 from flowdiag.ablation import storage as storage_module
+from flowdiag.ablation import study as study_module
+from flowdiag.ablation.claims import CLAIM_ATTR
 from flowdiag.ablation.grid import build_grid, cell_key, cell_slug, read_config_file
-from flowdiag.ablation.runner import AblationSpec, prepare, work
-from flowdiag.ablation.storage import default_storage_url
+from flowdiag.ablation.runner import prepare, work
+from flowdiag.ablation.spec import AblationSpec
+from flowdiag.ablation.storage import Reaper, default_storage_url
 from flowdiag.cli import app
 from flowdiag.record.store import read_run
 from flowdiag.runtime import environment
 from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.files import CELLS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
@@ -278,11 +281,14 @@ def test_ablation_end_to_end_rerun_and_grown_grid(tmp_path: Path) -> None:
     assert done[cell_key(cells[1])].user_attrs["status"] == "completed"
     assert "diverged" in result.output and "completed" in result.output
 
-    # The same command again: every cell has a result, nothing runs.
-    before = {t.number: t.datetime_complete for t in study.get_trials()}
+    _rerun_then_grow(tmp_path, out, args, cells, {t.number: t.datetime_complete for t in study.get_trials()})
+
+
+def _rerun_then_grow(tmp_path: Path, out: Path, args: list[str], cells: list[dict], before: dict) -> None:
+    """The same command again runs nothing; a grown grid runs only its new cell."""
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert "2 already done or running, 0 to run" in " ".join(result.output.split())
+    assert "2 cells: 2 done, 0 interrupted, 0 pending; 0 to run" in " ".join(result.output.split())
     assert {t.number: t.datetime_complete for t in load(sqlite_url(out)).get_trials()} == before
 
     # A new M, from a config file this time: only its cell runs.
@@ -291,21 +297,18 @@ def test_ablation_end_to_end_rerun_and_grown_grid(tmp_path: Path) -> None:
     result = invoke(*TINY, "--config", str(config), "--seeds", "0", "--out", str(out))
     assert result.exit_code == 0, result.output
     study = load(sqlite_url(out))
-    done = expect_once(study, [*cells, {"batch_size": 1, "init_batches": 8, "lam": 1e-3, "seed": 0}])
+    expect_once(study, [*cells, {"batch_size": 1, "init_batches": 8, "lam": 1e-3, "seed": 0}])
     assert len(study.trials) == 3
     assert {t.number: t.datetime_complete for t in study.get_trials() if t.number in before} == before
     assert len(list(out.rglob("run.h5"))) == 3
 
 
-def _trial_states(db: Path) -> dict[int, str]:
-    """Trial number -> state, read straight from the worker's SQLite file (empty until it has tables)."""
-    if not db.exists():
+def _cells(out: Path) -> dict[str, str]:
+    """The cells file's states (empty until the runner first wrote it)."""
+    try:
+        return json.loads((out / CELLS_FILE).read_text())["cells"]
+    except FileNotFoundError:
         return {}
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as connection:
-        try:
-            return dict(connection.execute("SELECT number, state FROM trials").fetchall())
-        except sqlite3.OperationalError:  # the schema is not there yet
-            return {}
 
 
 @pytest.mark.slow
@@ -313,8 +316,9 @@ def test_a_killed_workers_cell_runs_again_and_only_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "abl"
-    monkeypatch.setenv("FLOWDIAG_HEARTBEAT_SECONDS", "1")
-    monkeypatch.setenv("FLOWDIAG_GRACE_SECONDS", "2")
+    # Ten minutes of grace: the killed worker's trial must come back through its claim record (this
+    # machine, a process that is gone), not through a heartbeat going stale.
+    monkeypatch.setenv("FLOWDIAG_GRACE_SECONDS", "600")
     args = [*TINY, "--steps", "40", "--eval-every", "20", "--batch-size", "1", "--init-batches", "4,8,16"]
     args += ["--seeds", "0", "--workers", "1", "--out", str(out)]
     process = subprocess.Popen(
@@ -325,9 +329,9 @@ def test_a_killed_workers_cell_runs_again_and_only_it(
     )
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # kill it in the middle of its second cell
-            states = _trial_states(out / "study.db")
-            if states.get(0) == "COMPLETE" and states.get(1) == "RUNNING":
+        while time.monotonic() < deadline:  # kill it in the middle of its second cell, once claimed
+            states = _cells(out)
+            if sorted(states.values()) == ["done", "running", "waiting"]:
                 break
             assert process.poll() is None, f"the worker ended before it could be killed: {states}"
             time.sleep(0.05)
@@ -366,27 +370,110 @@ def tiny_spec(out: Path, init_batches: str = "4") -> AblationSpec:
     return AblationSpec(build_grid({**settings, "seed": "0"}), out, sqlite_url(out), "ablation")
 
 
-def test_a_trial_claimed_by_a_worker_killed_before_its_first_heartbeat_is_queued_again(
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # `ask()` outside optimize: the test's claim
+def test_a_trial_claimed_by_a_worker_killed_before_its_claim_record_is_queued_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    study, queued, _ = prepare(tiny_spec(tmp_path))
-    assert queued == 1
-    waiting = study.get_trials(states=(TrialState.WAITING,))[0]
-    # What `ask()` does, with the worker gone before its heartbeat thread wrote anything.
-    assert study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)
-    monkeypatch.setattr(storage_module, "grace_seconds", lambda: 0)
+    study, report, _ = prepare(tiny_spec(tmp_path))
+    assert report.queued == 1
+    # What a worker killed right after `ask()` claimed the trial leaves: RUNNING, no heartbeat and
+    # no claim record of ours.
+    claimed = study.ask()
+    assert claimed.user_attrs["cell"] and CLAIM_ATTR not in claimed.user_attrs
+    reaper = Reaper()
+    assert reaper.sweep(study) == 0  # seen unclaimed for the first time: it may be claiming now
     optuna.storages.fail_stale_trials(study)
     assert study.trials[0].state == TrialState.RUNNING  # Optuna alone would leave it so for ever
-    storage_module.fail_dead_trials(study)
+    monkeypatch.setattr(storage_module, "grace_seconds", lambda: 0)
+    assert reaper.sweep(study) == 1  # still unclaimed after the grace period, on this process's clock
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].user_attrs["cell"] == waiting.user_attrs["cell"] and trials[1].params == waiting.params
+    assert trials[1].params == claimed.params
+    assert trials[1].user_attrs == {"cell": claimed.user_attrs["cell"], storage_module.DEATHS_ATTR: 1}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_whose_worker_on_this_machine_is_gone_is_queued_again_at_once(tmp_path: Path) -> None:
+    """The claim record names the process: on its own machine a rerun needs no heartbeat to go stale."""
+    study, _, _ = prepare(tiny_spec(tmp_path, init_batches="4,8"))
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from flowdiag.ablation.claims import this_worker; print(json.dumps(this_worker()))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    dead, alive = study.ask(), study.ask()
+    dead.set_user_attr(CLAIM_ATTR, json.loads(child.stdout))  # a process that has exited since
+    from flowdiag.ablation.claims import this_worker
+
+    alive.set_user_attr(CLAIM_ATTR, this_worker())
+    assert Reaper().sweep(study) == 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[dead.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    requeued = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["cell"] for t in requeued] == [dead.user_attrs["cell"]]
+
+
+CLAIM_AND_HANG = """
+import socket, sys, time
+import optuna
+socket.gethostname = lambda: "another-machine"  # its claim record names a host the test is not on
+from flowdiag.ablation.attempt import claim
+from flowdiag.ablation.storage import make_storage
+
+def objective(trial):
+    claim(trial)
+    print("claimed", flush=True)
+    time.sleep(600)
+
+optuna.load_study(study_name="ablation", storage=make_storage(sys.argv[1])).optimize(objective, n_trials=1)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_killed_on_another_machine_comes_back_when_its_heartbeat_goes_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna's heartbeat check (public fail_stale_trials) fails it; our callback queues the cell
+    again with nothing of the dead worker's claim."""
+    monkeypatch.setenv("FLOWDIAG_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("FLOWDIAG_GRACE_SECONDS", "2")
+    study, _, _ = prepare(tiny_spec(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_HANG, sqlite_url(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "claimed"
+    finally:
+        worker.kill()
+        worker.wait()
+    (claimed,) = study.get_trials()
+    assert claimed.state == TrialState.RUNNING and claimed.user_attrs[CLAIM_ATTR]["host"] == "another-machine"
+    reaper = Reaper()
+    assert reaper.sweep(study) == 0  # not this machine's process: only the heartbeat can tell
+    deadline = time.monotonic() + 30
+    while not study.get_trials(states=(TrialState.WAITING,)):  # stale after 2 s without a beat
+        assert time.monotonic() < deadline, "the stale trial was never failed"
+        time.sleep(0.2)
+        reaper.sweep(study)
+    dead, again = study.get_trials()
+    assert dead.state == TrialState.FAIL and again.state == TrialState.WAITING
+    assert again.user_attrs == {"cell": claimed.user_attrs["cell"], storage_module.DEATHS_ATTR: 1}
 
 
 def test_a_cell_queued_by_two_machines_at_once_runs_once(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path, init_batches="4,8")
-    study, queued, _ = prepare(spec)
-    assert queued == 2
+    study, report, _ = prepare(spec)
+    assert report.queued == 2
     for cell in spec.grid.cells:  # a second machine that synced at the same moment
         distributions = {
             k: IntDistribution(v, v) if isinstance(v, int) else FloatDistribution(v, v)
@@ -443,7 +530,7 @@ def test_a_study_reused_with_other_fixed_settings_is_refused(
 
 
 def _open_studies(url: str, names: list[str], fixed: str, barrier: object, results: object) -> None:
-    from flowdiag.ablation.runner import open_study
+    from flowdiag.ablation.study import open_study
 
     outcomes = []
     for name in names:
@@ -500,19 +587,17 @@ def test_processes_starting_one_new_postgres_study_at_once(postgres_url: str, sa
 def test_a_study_whose_creator_died_before_labelling_it_is_taken_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flowdiag.ablation import runner
-
     url = sqlite_url(tmp_path)
     optuna.create_study(study_name="orphan", storage=url)  # created, never labelled
-    monkeypatch.setattr(runner, "CREATOR_WAIT_SECONDS", 0.2)
-    runner.open_study(url, "orphan", "ablation", '{"lr": 0.001}', ["init_batches"])
+    monkeypatch.setattr(study_module, "CREATOR_WAIT_SECONDS", 0.2)
+    study_module.open_study(url, "orphan", "ablation", '{"lr": 0.001}', ["init_batches"])
     assert load(url, "orphan").user_attrs == {
         "kind": "ablation",
         "fixed": '{"lr": 0.001}',
         "axes": ["init_batches"],
     }
     with pytest.raises(UserError, match="other fixed settings"):  # labelled now: checked as usual
-        runner.open_study(url, "orphan", "ablation", '{"lr": 0.01}', ["init_batches"])
+        study_module.open_study(url, "orphan", "ablation", '{"lr": 0.01}', ["init_batches"])
 
 
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------
@@ -530,7 +615,7 @@ BAD_INPUTS = [
     ["--dataset", "mnist", "--data-root", "/nonexistent/mnist"],
     ["--storage", "not a url"],
     ["--storage", "foo://bar"],
-    ["--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/db"],
+    ["--storage", "postgresql://u:secret@127.0.0.1:1/db"],
     ["--storage", "sqlite:////nonexistent_dir/x.db"],
     ["--config", "MISSING"],
     ["--config", "NOT_TOML"],

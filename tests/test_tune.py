@@ -12,8 +12,9 @@ import torch
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
+from flowdiag.ablation.spec import TuneSpec
 from flowdiag.ablation.storage import default_storage_url
-from flowdiag.ablation.tune import TuneSpec, best_lambda, open_tuning, run_tuning, tuning_rows, worst_case_bpd
+from flowdiag.ablation.tune import best_lambda, open_tuning, run_tuning, tuning_rows, worst_case_bpd
 from flowdiag.cli import app
 from flowdiag.record.store import read_run
 from flowdiag.settings.config import RunConfig
@@ -142,7 +143,7 @@ def test_tune_lambda_command_end_to_end(tmp_path: Path) -> None:
         ["--n-trials", "0"],
         ["--timeout", "0"],
         ["--storage", "not a url"],
-        ["--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/db"],
+        ["--storage", "postgresql://u:secret@127.0.0.1:1/db"],
         ["--batch-size", "0"],
         ["--dataset", "nosuch"],
         ["--dataset", "mnist"],
@@ -172,4 +173,38 @@ def test_parallel_workers_do_not_draw_the_same_lambda(tmp_path: Path) -> None:
         study = optuna.create_study(sampler=make_sampler(s))
         drawn.append(study.ask().suggest_float("lam", 1e-6, 1e2, log=True))
     assert len(set(drawn)) == 3
-    assert make_sampler(spec)._constant_liar
+
+
+def test_an_interrupted_tuning_trial_resumes_in_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import numpy as np
+
+    from flowdiag.runtime.files import CELLS_FILE
+    from flowdiag.train import trainer
+    from tests.test_interrupt import at_step, signal_once
+
+    out = tmp_path / "tune"
+    args = ["tune-lambda", *TINY, "--n-trials", "2", "--lam-max", "1e-2", "--workers", "1", "--out", str(out)]
+    env = {**ENV, "FLOWDIAG_GRACE_SECONDS": "600"}  # a rerun that waited for a stale heartbeat would hang
+    with pytest.MonkeyPatch.context() as patch:
+        signal_once(patch, trainer.Trainer, "one_step", at_step(1))
+        result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 130, result.output
+    (first,) = optuna.load_study(study_name="tune-lambda", storage=default_storage_url(out)).get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs["status"] == "interrupted"
+    assert first.user_attrs["steps"] == 2 and "best_bpd" not in first.user_attrs
+    assert json.loads((out / CELLS_FILE).read_text())["cells"] == {"trial0000-lam0": "interrupted"}
+
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert "0 of 2 trials done, 1 interrupted (trial0000-lam0) resume;" in result.output.splitlines()[0]
+    study = optuna.load_study(study_name="tune-lambda", storage=default_storage_url(out))
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2 and done[0].user_attrs["run_name"] == "trial0000-lam0"
+    assert done[0].params == first.params and done[0].user_attrs["resumed_from_step"] == 2
+    record = read_run(Path(done[0].user_attrs["hdf5_path"]))
+    assert np.array_equal(record.step, np.arange(1, 7))  # continued, not restarted
+    assert set(json.loads((out / CELLS_FILE).read_text())["cells"].values()) == {"done"}

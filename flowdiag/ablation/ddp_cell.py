@@ -19,9 +19,9 @@ from flowdiag.settings.config import RunConfig
 from flowdiag.train.trainer import RunResult, train
 
 
-def _rank(config_json: str, run_dir: str) -> None:
+def _rank(config_json: str, run_dir: str, resume: bool) -> None:
     try:
-        train(RunConfig.from_json(config_json), Path(run_dir))
+        train(RunConfig.from_json(config_json), Path(run_dir), resume=resume)
     except UserError as error:  # the run file says `failed`; one line, not a traceback per rank
         print(f"error: {error}", flush=True)
         raise SystemExit(2) from None
@@ -57,8 +57,9 @@ def result_from_record(record: RunRecord) -> RunResult:
     )
 
 
-def train_data_parallel(config: RunConfig, run_dir: Path, nproc: int) -> RunResult:
-    distributed.launch(_rank, nproc, config.to_json(), str(run_dir))
+def train_data_parallel(config: RunConfig, run_dir: Path, nproc: int, *, resume: bool = False) -> RunResult:
+    """Train (or resume, from the checkpoint rank 0 wrote) one cell on `nproc` ranks."""
+    distributed.launch(_rank, nproc, config.to_json(), str(run_dir), resume)
     if not (run_dir / RUN_FILE).exists():
         raise UserError(
             f"no rank of the {nproc}-process cell wrote {run_dir / RUN_FILE}: see the errors above"

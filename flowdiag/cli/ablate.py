@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing.connection
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -13,19 +16,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
-from flowdiag.cli.common import console, fail, user_errors_exit_2
+from flowdiag.ablation.spec import AblationSpec, check_ablation, parse_workers
+from flowdiag.ablation.storage_url import default_storage_url, display_url
+from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_default, with_trainer_options
-from flowdiag.runtime.errors import UserError
 from flowdiag.train.progress import ProgressSink
 
-# optuna, torch and the runner are imported when a command runs: `flowdiag --help` stays fast.
+# optuna, torch and the runner are imported only once every flag, file and setting has been checked:
+# `flowdiag --help` stays fast, and bad input is refused in a fraction of a second.
 if TYPE_CHECKING:
     import optuna
 
-    from flowdiag.ablation.runner import AblationSpec
+    from flowdiag.ablation.stopping import StopRequest
+    from flowdiag.ablation.study import SyncReport
     from flowdiag.ablation.summary import CellRow
 
 DEFAULT_OUT = Path("runs/ablation")
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ended
+LISTED_INTERRUPTED = 10  # interrupted cells named one per line at start-up, at most
 PEAKS_EXPLAINED = (
     "step-2 peak: the largest max |output| over every flow layer at step 2, after one update (the "
     "paper's Fig. 5). peak steps 1-2: the same over steps 1 and 2, for runs that never reached step 2. "
@@ -50,6 +58,10 @@ class Board:
         self.overall = self.progress.add_task("[bold]cells", total=total_cells, note="")
         self.trials: dict[int, TaskID] = {}
         self._logged: set[int] = set()
+
+    def skip_finished(self, study: optuna.Study) -> None:
+        """Trials that ended before this command started are not news: no line for them."""
+        self._logged.update(t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished())
 
     def set_done(self, done: int) -> None:
         self.progress.update(self.overall, completed=done)
@@ -78,7 +90,13 @@ class Board:
 
 def finished_line(trial: optuna.trial.FrozenTrial) -> str:
     """`cell M1-lam0.001-b1-seed0: diverged at step 1 in levels.2.steps.0.actnorm, best held-out bpd -`."""
+    from optuna.trial import TrialState
+
+    from flowdiag.ablation.attempt import describe
+
     attrs = trial.user_attrs
+    if trial.state == TrialState.FAIL:
+        return f"{trial_name(trial)}: {describe(attrs)}"
     status = attrs.get("status", trial.state.name.lower())
     onset = attrs.get("nan_onset_step", -1)
     where = (
@@ -137,46 +155,75 @@ def _update(board: Board, study: optuna.Study, keys: set[str]) -> None:
     board.log_finished(study)
 
 
-def _run_with_board(spec: AblationSpec, study: optuna.Study, data: dict[Any, Any]) -> None:
-    from flowdiag.ablation.runner import CellObjective, start_workers, work
+def _run_with_board(spec: AblationSpec, study: optuna.Study, data: dict[Any, Any]) -> bool:
+    """Run the queued cells on the board; True when a signal stopped them."""
+    from flowdiag.ablation.cell_objective import CellObjective
+    from flowdiag.ablation.runner import start_workers, work
+    from flowdiag.ablation.stopping import StopRequest
 
     keys = {cell_key(cell) for cell in spec.grid.cells}
     board = Board(len(keys))
+    board.skip_finished(study)
     board.set_done(_count_done(study, keys))
     if spec.workers == 1:
-        with board.progress:
-            objective = CellObjective(spec, progress=lambda trial: BoardSink(board, trial), data=data)
+        with StopRequest() as stop, board.progress:
+            sinks = lambda trial: BoardSink(board, trial)  # noqa: E731
+            objective = CellObjective(spec, progress=sinks, data=data, stop=stop)
             work(spec, objective, after_trial=lambda s, _: _update(board, s, keys))
         _update(board, study, keys)
-        return
-    # Started before the board's refresh thread exists: a forked child must not inherit its locks.
+        return stop.requested
+    # Started before the board's refresh thread and the stop request exist: a forked child must not
+    # inherit the thread's locks or the request's wakeup socket.
     processes = start_workers(spec, data)
-    with board.progress:
-        follow_workers(board, study, processes, update=lambda: _update(board, study, keys))
+    with StopRequest() as stop, board.progress:
+        follow_workers(board, study, processes, update=lambda: _update(board, study, keys), stop=stop)
+    return stop.requested
+
+
+def _show_running(board: Board, study: optuna.Study) -> None:
+    """The steps of every RUNNING trial that says how far it got; the bars of ended ones removed."""
+    from optuna.trial import TrialState
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        if "progress_total" in trial.user_attrs:
+            board.trial_step(
+                trial.number,
+                trial_name(trial),
+                trial.user_attrs.get("progress_step", 0),
+                trial.user_attrs["progress_total"],
+                "ActNorm init" if trial.user_attrs.get("progress_phase") == "init" else "",
+            )
+    for number in set(board.trials) - {t.number for t in running}:
+        board.trial_done(number)
 
 
 def follow_workers(
-    board: Board, study: optuna.Study, processes: list[Any], update: Callable[[], None]
+    board: Board,
+    study: optuna.Study,
+    processes: list[Any],
+    update: Callable[[], None],
+    stop: StopRequest | None = None,
 ) -> None:
-    """Show worker processes' trials on the board (from the study) until every worker has ended."""
-    from optuna.trial import TrialState
+    """Show worker processes' trials on the board (from the study) until every worker has ended.
 
+    A stop asked of the launcher (Ctrl-C reaches the whole process group, but `kill PID` only the
+    launcher) is passed on to every worker as SIGINT: each ends its cell at a checkpoint.
+    """
+    forwarded = False
     try:
         while any(p.is_alive() for p in processes):
             update()
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            for trial in running:
-                if "progress_total" in trial.user_attrs:
-                    board.trial_step(
-                        trial.number,
-                        trial_name(trial),
-                        trial.user_attrs.get("progress_step", 0),
-                        trial.user_attrs["progress_total"],
-                        "ActNorm init" if trial.user_attrs.get("progress_phase") == "init" else "",
-                    )
-            for number in set(board.trials) - {t.number for t in running}:
-                board.trial_done(number)
-            multiprocessing.connection.wait([p.sentinel for p in processes], timeout=1.0)
+            _show_running(board, study)
+            if stop is not None and not forwarded and stop.requested:
+                for process in processes:
+                    if process.is_alive() and process.pid is not None:
+                        os.kill(process.pid, signal.SIGINT)
+                forwarded = True
+            waiting_on: list[Any] = [p.sentinel for p in processes]
+            if stop is not None and not forwarded:
+                waiting_on.append(stop)  # wakes at once when a signal arrives
+            multiprocessing.connection.wait(waiting_on, timeout=1.0)
     finally:
         for process in processes:
             process.join()
@@ -268,37 +315,65 @@ def ablate_command(
     **options: Any,
 ) -> None:
     """Cross M, λ, batch size and seeds (and any comma-listed trainer option) in one Optuna study."""
-    from flowdiag.ablation.runner import AblationSpec, prepare
-    from flowdiag.ablation.storage import default_storage_url, display_url
+    parse_workers(workers)  # every flag, file and setting is checked before torch or optuna loads
+    grid = build_grid({**options, "seed": seeds}, config)
+    spec = AblationSpec(grid, out, storage or default_storage_url(out), study, nproc_per_cell=nproc_per_cell)
+    check_ablation(spec, storage_given=storage is not None)
+    run_ablation(spec, workers)
+
+
+def run_ablation(spec: AblationSpec, workers: str) -> None:
+    """Queue, run and summarize; exit 1 when cells are left without a result, 130 when stopped."""
+    from flowdiag.ablation.runner import prepare, publish_cells
     from flowdiag.ablation.summary import summarize
     from flowdiag.runtime.environment import configure_launcher, resolve_workers
 
-    resolve_workers(workers, 1)  # a bad value fails before anything is created
-    if nproc_per_cell < 1:
-        raise UserError(f"--nproc-per-cell {nproc_per_cell}: pass a positive integer, e.g. 2")
     configure_launcher()  # no thread pool may exist when it forks workers
-    grid = build_grid({**options, "seed": seeds}, config)
-    spec = AblationSpec(grid, out, storage or default_storage_url(out), study, nproc_per_cell=nproc_per_cell)
-    optuna_study, queued, data = prepare(spec)
+    optuna_study, report, data = prepare(spec)
     # Each cell of N ranks takes N cores: `auto` counts cells that fit side by side.
-    spec = replace(spec, workers=resolve_workers(workers, queued, per_worker=nproc_per_cell))
-    total = len(grid.cells)
-    console.print(
-        f"study [bold]{study}[/] ({display_url(spec.storage_url)}): {total} cells, "
-        f"{total - queued} already done or running, {queued} to run on {spec.workers} worker(s)",
-        soft_wrap=True,
-    )
-    try:
-        _run_with_board(spec, optuna_study, data)
-    except KeyboardInterrupt:
-        print_summary(summarize(optuna_study, grid.cells))
-        raise fail("interrupted: rerun the same command to resume") from None
-    rows = summarize(optuna_study, grid.cells)
+    spec = replace(spec, workers=resolve_workers(workers, report.to_run, per_worker=spec.nproc_per_cell))
+    print_start(spec, report)
+    stopped = _run_with_board(spec, optuna_study, data)
+    publish_cells(spec, optuna_study, stopped=stopped)
+    rows = summarize(optuna_study, spec.grid.cells)
     print_summary(rows)
-    console.print(f"report: flowdiag report {out}")
-    pending = [cell_slug(row.cell) for row in rows if row.status == "pending"]
-    if pending:
+    unfinished = [row for row in rows if not row.is_result]
+    if stopped and unfinished:  # a signal after the last cell had finished changes nothing
         typer.echo(
-            f"{len(pending)} cell(s) have no result ({', '.join(pending[:5])}): rerun to resume", err=True
+            f"interrupted: {len(unfinished)} cell(s) without a result; running cells stopped at a "
+            "checkpoint. Rerun the same command to resume",
+            err=True,
         )
+        raise typer.Exit(code=INTERRUPTED_EXIT)
+    console.print(f"report: flowdiag report {spec.out}")
+    if unfinished:
+        names = ", ".join(cell_slug(row.cell) for row in unfinished[:5])
+        typer.echo(f"{len(unfinished)} cell(s) have no result ({names}): rerun to resume", err=True)
         raise typer.Exit(code=1)
+
+
+def start_line(spec: AblationSpec, report: SyncReport) -> str:
+    """The first line: the cells by state, counted before anything was queued, and what runs now."""
+    counts = report.counts
+    parts = [f"{counts['done']} done", f"{counts['interrupted']} interrupted", f"{counts['pending']} pending"]
+    if counts["failed"]:
+        parts.append(f"{counts['failed']} failed (run again)")
+    if counts["running"]:
+        parts.append(f"{counts['running']} running elsewhere")
+    return (
+        f"study {spec.study_name} ({display_url(spec.storage_url)}): {len(spec.grid.cells)} cells: "
+        f"{', '.join(parts)}; {report.to_run} to run on {spec.workers} worker(s)"
+    )
+
+
+def print_start(spec: AblationSpec, report: SyncReport) -> None:
+    """The first line, then the interrupted cells and the step each continues from."""
+    console.print(start_line(spec, report), soft_wrap=True, highlight=False)
+    interrupted = [(key, s) for key, s in report.states.items() if s.state == "interrupted"]
+    for key, state in interrupted[:LISTED_INTERRUPTED]:
+        attrs = state.last.user_attrs if state.last is not None else {}
+        step = attrs.get("steps") if attrs.get("status") == "interrupted" else None  # else: a killed worker
+        where = f"its checkpoint at step {step}" if step is not None else "its last checkpoint"
+        console.print(f"  {cell_slug(json.loads(key))}: interrupted, resumes from {where}", highlight=False)
+    if len(interrupted) > LISTED_INTERRUPTED:
+        console.print(f"  ... and {len(interrupted) - LISTED_INTERRUPTED} more", highlight=False)

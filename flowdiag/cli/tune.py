@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from flowdiag.cli.ablate import Board, BoardSink, follow_workers
-from flowdiag.cli.common import console, fail, user_errors_exit_2
+from flowdiag.ablation.spec import TuneSpec, check_tuning, parse_workers
+from flowdiag.ablation.storage_url import default_storage_url, display_url
+from flowdiag.cli.ablate import INTERRUPTED_EXIT, Board, BoardSink, follow_workers
+from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
 from flowdiag.settings.config import RunConfig
 from flowdiag.settings.options import apply_options, parse_scalars
 
+if TYPE_CHECKING:  # loaded once the flags are checked (see cli/ablate.py)
+    import optuna
+
+    from flowdiag.ablation.tune import TuneRow
+
 DEFAULT_OUT = Path("runs/tune-lambda")
 
 
-def print_tuning(rows: list, best: Any) -> None:
+def print_tuning(rows: list[TuneRow], best: TuneRow | None) -> None:
     table = Table(title="tune-lambda", header_style="bold")
     for column in ("trial", "λ", "status", "onset step", "objective (bpd)", "best held-out bpd"):
         table.add_column(column)
@@ -61,23 +68,9 @@ def tune_lambda_command(
     **options: Any,
 ) -> None:
     """TPE over λ (λ = 0 included) at fixed M, batch size and the rest; objective: held-out bpd."""
-    from flowdiag.ablation.storage import default_storage_url
-    from flowdiag.ablation.tune import (
-        TuneSpec,
-        best_lambda,
-        open_tuning,
-        run_tuning,
-        start_tuning_workers,
-        tuning_rows,
-    )
-    from flowdiag.runtime.environment import configure_launcher, resolve_workers
-
-    resolve_workers(workers, 1)  # a bad value fails before anything is created
-    configure_launcher()  # no thread pool may exist when it forks workers
-    values = parse_scalars(options)
-    config = apply_options(RunConfig(), values)
+    parse_workers(workers)  # every flag, file and setting is checked before torch or optuna loads
     spec = TuneSpec(
-        config=config,
+        config=apply_options(RunConfig(), parse_scalars(options)),
         lam_min=lam_min,
         lam_max=lam_max,
         n_trials=n_trials,
@@ -87,32 +80,22 @@ def tune_lambda_command(
         timeout=timeout,
         sampler_seed=sampler_seed,
     )
+    check_tuning(spec, storage_given=storage is not None)
+    run_tune(spec, workers)
+
+
+def run_tune(spec: TuneSpec, workers: str) -> None:
+    """Open or resume the study, run trials on the board, print the table and the best λ."""
+    from flowdiag.ablation.tune import best_lambda, open_tuning, publish_runs, tuning_rows
+    from flowdiag.runtime.environment import configure_launcher, resolve_workers
+
+    configure_launcher()  # no thread pool may exist when it forks workers
     optuna_study, data = open_tuning(spec)
-    left = max(n_trials - len(tuning_rows(optuna_study)), 1)
+    left = max(spec.n_trials - len(tuning_rows(optuna_study)), 1)
     n_workers = min(resolve_workers(workers, left), left)
-    board = Board(n_trials)
-
-    def update(study: Any = optuna_study) -> None:
-        board.set_done(len(tuning_rows(study)))
-        board.log_finished(study)
-
-    board.set_done(len(tuning_rows(optuna_study)))
-    try:
-        if n_workers == 1:
-            with board.progress:
-                run_tuning(
-                    spec,
-                    optuna_study,
-                    data,
-                    progress=lambda trial: BoardSink(board, trial),
-                    after_trial=lambda s, _: update(s),
-                )
-        else:
-            processes = start_tuning_workers(spec, data, n_workers)  # before the board's thread starts
-            with board.progress:
-                follow_workers(board, optuna_study, processes, update=update)
-    except KeyboardInterrupt:
-        raise fail("interrupted: rerun the same command to resume") from None
+    console.print(start_line(spec, optuna_study, n_workers), soft_wrap=True, highlight=False)
+    stopped = _tune_with_board(spec, optuna_study, data, n_workers)
+    publish_runs(spec, optuna_study, stopped=stopped)
     rows = tuning_rows(optuna_study)
     best = best_lambda(rows)
     print_tuning(rows, best)
@@ -122,6 +105,52 @@ def tune_lambda_command(
         console.print(
             f"best λ = [bold]{best.lam:.3g}[/] (held-out bpd {best.value:.4g}, trial {best.number})"
         )
-    if len(rows) < n_trials and timeout is None:
-        typer.echo(f"{n_trials - len(rows)} trial(s) failed (see above): rerun to retry them", err=True)
+    if stopped and len(rows) < spec.n_trials:  # a signal after the last trial changes nothing
+        typer.echo(
+            "interrupted: running trials stopped at a checkpoint; rerun the same command to resume", err=True
+        )
+        raise typer.Exit(code=INTERRUPTED_EXIT)
+    if len(rows) < spec.n_trials and spec.timeout is None:
+        typer.echo(f"{spec.n_trials - len(rows)} trial(s) failed (see above): rerun to retry them", err=True)
         raise typer.Exit(code=1)
+
+
+def start_line(spec: TuneSpec, study: optuna.Study, n_workers: int) -> str:
+    """Trials done, and the interrupted ones queued again to resume (their run folder named)."""
+    from optuna.trial import TrialState
+
+    from flowdiag.ablation.cell_states import RUN_NAME_ATTR
+    from flowdiag.ablation.tune import tuning_rows
+
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    resumed = sorted(t.user_attrs[RUN_NAME_ATTR] for t in waiting if RUN_NAME_ATTR in t.user_attrs)
+    again = f", {len(resumed)} interrupted ({', '.join(resumed[:5])}) resume" if resumed else ""
+    return (
+        f"study {spec.study_name} ({display_url(spec.storage_url)}): {len(tuning_rows(study))} of "
+        f"{spec.n_trials} trials done{again}; running on {n_workers} worker(s)"
+    )
+
+
+def _tune_with_board(spec: TuneSpec, study: optuna.Study, data: Any, n_workers: int) -> bool:
+    """Run the trials, in this process or in workers; True when a signal stopped them."""
+    from flowdiag.ablation.stopping import StopRequest
+    from flowdiag.ablation.tune import run_tuning, start_tuning_workers, tuning_rows
+
+    board = Board(spec.n_trials)
+    board.skip_finished(study)
+
+    def update(study: Any = study) -> None:
+        board.set_done(len(tuning_rows(study)))
+        board.log_finished(study)
+
+    board.set_done(len(tuning_rows(study)))
+    if n_workers == 1:
+        with StopRequest() as stop, board.progress:
+            sinks = lambda trial: BoardSink(board, trial)  # noqa: E731
+            run_tuning(spec, study, data, progress=sinks, after_trial=lambda s, _: update(s), stop=stop)
+        update()
+        return stop.requested
+    processes = start_tuning_workers(spec, data, n_workers)  # before the board's thread starts
+    with StopRequest() as stop, board.progress:
+        follow_workers(board, study, processes, update=update, stop=stop)
+    return stop.requested

@@ -1,0 +1,91 @@
+"""What an ablation or a λ tuning is asked to do, checked before optuna or torch is imported: a bad
+flag, file or setting is refused in a fraction of a second, with nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowdiag.ablation.grid import Grid
+from flowdiag.ablation.storage_url import check_storage_url
+from flowdiag.runtime.errors import UserError
+from flowdiag.settings.config import RunConfig, placement_fields, validate_config
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    grid: Grid
+    out: Path
+    storage_url: str
+    study_name: str
+    workers: int = 1
+    nproc_per_cell: int = 1  # > 1: each cell is a data-parallel job of that many ranks
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    config: RunConfig  # everything but λ
+    lam_min: float
+    lam_max: float
+    n_trials: int
+    out: Path
+    storage_url: str
+    study_name: str
+    timeout: float | None = None
+    sampler_seed: int = 0
+    startup_trials: int = 4
+
+    def fixed_json(self) -> str:
+        """What defines the study: the config but λ and the placement settings, and λ's range."""
+        config = self.config.to_dict()
+        config["train"].pop("lam")
+        for section, name in placement_fields():
+            config[section].pop(name)
+        return json.dumps({"config": config, "lam_range": [self.lam_min, self.lam_max]}, sort_keys=True)
+
+
+def parse_workers(text: str) -> int | None:
+    """`--workers`: None for auto, else the positive count given."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise UserError(f"--workers {text!r}: pass auto or a positive integer, e.g. --workers 2")
+    return workers
+
+
+def check_out(out: Path) -> None:
+    """An --out that exists must be a folder (it is created only once everything else is checked)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot create --out {out} (it is a file); choose another folder")
+
+
+def check_ablation(spec: AblationSpec, storage_given: bool) -> None:
+    """Everything about an ablation that needs neither torch nor optuna: every cell's settings, the
+    ranks per cell, the output folder and a given storage URL. Device and data come later."""
+    if spec.nproc_per_cell < 1:
+        raise UserError(f"--nproc-per-cell {spec.nproc_per_cell}: pass a positive integer, e.g. 2")
+    for cell in spec.grid.cells:
+        validate_config(spec.grid.config_for(cell))
+    check_out(spec.out)
+    if storage_given:
+        check_storage_url(spec.storage_url)
+
+
+def check_tuning(spec: TuneSpec, storage_given: bool) -> None:
+    """The same for `tune-lambda`: λ's range, the trial budget, the settings, folder and URL."""
+    if not (0 < spec.lam_min < spec.lam_max) or not math.isfinite(spec.lam_max):
+        raise UserError(f"--lam-min/--lam-max: need 0 < min < max, got {spec.lam_min:g}, {spec.lam_max:g}")
+    if spec.n_trials < 1:
+        raise UserError(f"--n-trials must be a positive integer, got {spec.n_trials}")
+    if spec.timeout is not None and spec.timeout <= 0:
+        raise UserError(f"--timeout must be positive seconds, got {spec.timeout:g}")
+    validate_config(spec.config)
+    check_out(spec.out)
+    if storage_given:
+        check_storage_url(spec.storage_url)
