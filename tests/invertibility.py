@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import FlowAdapter
+from flowdiag.adapters.base import FlowAdapter, Logdet, logdet_value
 from flowdiag.adapters.walk import output_tensor
 from flowdiag.adapters.wrapping import listen
 
@@ -53,9 +53,10 @@ def recorded_logdets(adapter: FlowAdapter, run: Callable[[], Any]) -> dict[int, 
     """Every layer's log-det as the adapter reports it in one run (None counts as 0)."""
     recorded: dict[int, Tensor] = {}
 
-    def capture(index: int, output: Tensor, logdet: Tensor | None) -> None:
+    def capture(index: int, output: Tensor, logdet: Logdet) -> None:
         assert index not in recorded, f"layer {index} ran twice in one forward"
-        recorded[index] = output.new_zeros(()) if logdet is None else logdet
+        value = logdet_value(logdet)
+        recorded[index] = output.new_zeros(()) if value is None else value
 
     detach = adapter.attach(capture)
     try:
@@ -102,8 +103,9 @@ def assert_layer_logdets_are_jacobians(adapter: FlowAdapter, run: Callable[[Tens
     layers, inputs, outputs, logdets = adapter.layers(), {}, {}, {}
     undo = [_layer_input(adapter, layer.module, inputs, i) for i, layer in enumerate(layers)]
 
-    def capture(index: int, output: Tensor, logdet: Tensor | None) -> None:
-        outputs[index], logdets[index] = output, output.new_zeros(()) if logdet is None else logdet
+    def capture(index: int, output: Tensor, logdet: Logdet) -> None:
+        value = logdet_value(logdet)
+        outputs[index], logdets[index] = output, output.new_zeros(()) if value is None else value
 
     detach = adapter.attach(capture)
     try:

@@ -21,16 +21,23 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flowdiag.adapters.base import Capture, Detach, FlowAdapter, FlowLayer
+from flowdiag.adapters.base import Capture, Detach, Difference, FlowAdapter, FlowLayer
 from flowdiag.adapters.handwritten import HandwrittenParts
+from flowdiag.adapters.observe import observe_call
 from flowdiag.adapters.walk import kind_by_class_name, output_tensor
 
 
-def threads_logdet(module: nn.Module) -> bool:
+def _signature(module: nn.Module) -> list[inspect.Parameter]:
+    """The class's forward's parameters after `self`: what any wrapper of the instance's forward
+    (flowdiag's own, while attached) hides."""
     try:
-        return "logdet" in inspect.signature(module.forward).parameters
+        return list(inspect.signature(type(module).forward).parameters.values())[1:]
     except (TypeError, ValueError):
-        return False
+        return []
+
+
+def threads_logdet(module: nn.Module) -> bool:
+    return any(parameter.name == "logdet" for parameter in _signature(module))
 
 
 def _is_container(module: nn.Module) -> bool:
@@ -56,7 +63,7 @@ class _Arguments:
     """Reads `logdet` and `reverse` from one module's call, the signature read once (not per call)."""
 
     def __init__(self, module: nn.Module) -> None:
-        parameters = list(inspect.signature(module.forward).parameters.values())
+        parameters = _signature(module)
         self._position = {p.name: i for i, p in enumerate(parameters)}
         self._default = {
             p.name: None if p.default is inspect.Parameter.empty else p.default for p in parameters
@@ -115,55 +122,77 @@ class AccumulatedAdapter(HandwrittenParts, FlowAdapter):
         return self._layers
 
     def attach(self, capture: Capture) -> Detach:
+        # Wrapped forwards, not hooks, where the module has none: each call stays on `Module.__call__`'s
+        # fast path (adapters.observe). Inside the forward only references are kept: the log-dets go to
+        # `capture` as Differences of running totals, subtracted when the step's row is made.
         capture = self.remembering(capture)
-        inputs: dict[int, Tensor | float] = {}  # the running total each layer was given
-        children_sum: dict[int, Tensor | float] = {}  # a step's children's increments so far
-        handles = []
+        given: dict[int, Tensor | float] = {}  # the running total each layer in progress was given
+        children: dict[int, list[tuple[Tensor, Tensor | float]]] = {}  # a step's layers' (total, given)
+        steps = {parent for parent in self._parent if parent is not None}
+        undo = []
         for index, layer in enumerate(self._layers):
             arguments = _Arguments(layer.module)
 
-            def pre_hook(
-                module: nn.Module, args: tuple, kwargs: dict, i: int = index, a: _Arguments = arguments
-            ) -> None:
+            def before(args: tuple, kwargs: dict, i: int = index, a: _Arguments = arguments) -> None:
                 try:
                     if a.get(args, kwargs, "reverse"):
                         return
                     total = a.get(args, kwargs, "logdet")
-                    inputs[i] = 0.0 if total is None else total
-                    children_sum[i] = 0.0
+                    given[i] = 0.0 if total is None else total
+                    if i in steps:
+                        children[i] = []
                 except Exception as error:  # never inside the user's forward: say so once instead
                     self.unreadable(i, error)
 
-            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, i: int = index) -> None:
-                if i not in inputs:
+            def after(args: tuple, kwargs: dict, output: Any, i: int = index) -> None:
+                if i not in given:
                     return
                 try:
-                    self._report(i, output, inputs.pop(i), children_sum, capture)
+                    self._report(i, output, given.pop(i), children, capture)
                 except Exception as error:
                     self.unreadable(i, error)
 
-            handles.append(layer.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-        return Detach([handle.remove for handle in handles])
+            undo.append(observe_call(layer.module, before, after))
+        return Detach(undo)
 
     def _report(
         self,
         i: int,
         output: Any,
         given: Tensor | float,
-        children_sum: dict[int, Tensor | float],
+        children: dict[int, list[tuple[Tensor, Tensor | float]]],
         capture: Capture,
     ) -> None:
-        """Layer i's increment (minus its children's, for a step) to `capture`, and to its step's sum."""
+        """Layer i's increment (a step's: less its layers') to `capture`; its totals to its step."""
         if not isinstance(output, tuple | list) or len(output) < 2 or output[1] is None:
             raise TypeError("returned no running log-det: it was called as (x, _) = layer(x), not threaded")
         out = output_tensor(output[0])
-        delta = output[1] - given
-        own = delta - children_sum.pop(i, 0.0)
+        total = output[1] if isinstance(output[1], Tensor) else out.new_full((), float(output[1]))
+        own = _own_increment(total, given, children.pop(i, None))
         parent = self._parent[i]
-        if parent is not None and parent in children_sum:
-            children_sum[parent] = children_sum[parent] + delta
-        capture(i, out, own if isinstance(own, Tensor) else out.new_full((), float(own)))
+        if parent is not None and parent in children:
+            children[parent].append((total, given))
+        capture(i, out, own)
+
+
+def _own_increment(
+    total: Tensor, given: Tensor | float, kids: list[tuple[Tensor, Tensor | float]] | None
+) -> Difference | Tensor:
+    """total - given, less the increments of the step's layers. When each layer was given what the one
+    before returned (first: the step's own), theirs telescope: the step's own is total - the last's."""
+    if not kids:
+        return Difference(total, given)
+    start: Tensor | float = given
+    for kid_total, kid_given in kids:
+        if kid_given is not start:
+            break
+        start = kid_total
+    else:
+        return Difference(total, start)
+    own = total - given  # the step changed the total between its layers: subtract each now
+    for kid_total, kid_given in kids:
+        own = own - (kid_total - kid_given)
+    return own
 
 
 ADAPTER = AccumulatedAdapter

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,29 @@ from torch import Tensor, nn
 # "split": a multi-scale split whose log-det increment is its prior's log-likelihood of the factored-out
 # half (the accumulated convention adds it to the running total).
 LayerKind = Literal["actnorm", "invconv", "coupling", "split", "other"]
+
+
+class Difference(NamedTuple):
+    """A log-det given as the difference of two running totals, `total - given` (the accumulated
+    convention): the recorder subtracts when it makes the step's row, every layer at once, instead of
+    one small tensor op per layer inside the model's forward."""
+
+    total: Tensor
+    given: Tensor | float
+
+
 # (index into layers(), the layer's output in the data -> latent direction, its log-det or None).
-# A log-det may be a scalar (the same for every sample), shape (B,), or None (volume-preserving).
-Capture = Callable[[int, Tensor, Tensor | None], None]
+# A log-det may be a scalar (the same for every sample), shape (B,), a Difference, or None
+# (volume-preserving).
+Logdet = Tensor | Difference | None
+Capture = Callable[[int, Tensor, Logdet], None]
+
+
+def logdet_value(logdet: Logdet) -> Tensor | None:
+    """A captured log-det as a tensor (a Difference subtracted now)."""
+    if isinstance(logdet, Difference):
+        return logdet.total - logdet.given
+    return logdet
 
 
 @dataclass(frozen=True)
@@ -204,7 +224,7 @@ class FlowAdapter(ABC):
             return capture
         modules = [layer.module if layer.kind == "invconv" else None for layer in self.layers()]
 
-        def wrapped(index: int, output: Tensor, logdet: Tensor | None) -> None:
+        def wrapped(index: int, output: Tensor, logdet: Logdet) -> None:
             module = modules[index]
             if module is not None:
                 remember_pixels(module, output)
