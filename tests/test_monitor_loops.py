@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import flowdiag
+from flowdiag.record.run_state import StepRecord
 from flowdiag.record.store import read_run
 from flowdiag.runtime.files import RUN_FILE
 from tests.handwritten_flows import ActNorm, tarflow, threaded_glow, tuple_glow
@@ -256,3 +257,75 @@ def test_flowdiags_own_passes_are_never_recorded(tmp_path: Path) -> None:
         assert monitor._train.forwards == 0 and monitor.eval_forwards() is None
         assert _step(monitor, loop, images(2, size=8)) is None
     assert monitor.last.forwards == 1 and np.isfinite(monitor.last.max_abs).all()
+
+
+def _break_tuple(model: nn.Module) -> str:
+    with torch.no_grad():
+        model.blocks[1].flows[0].invconv.w_s[0] = float("inf")
+    return "blocks.1.flows.0.invconv"
+
+
+def _break_transformer(model: nn.Module) -> str:
+    with torch.no_grad():
+        model.blocks[1].proj_out.weight.fill_(float("nan"))
+    return "blocks.1"
+
+
+@pytest.mark.parametrize(
+    ("convention", "breaks"), [("tuple", _break_tuple), ("transformer", _break_transformer)]
+)
+def test_a_forced_non_finite_layer_is_named_in_the_other_conventions(
+    convention: str, breaks: Callable[[nn.Module], str], tmp_path: Path
+) -> None:
+    loop = LOOPS[convention]()
+    x = images(1, size=loop.size)
+    loop.loss(loop.model, x)
+    with flowdiag.Monitor(loop.model, tmp_path) as monitor:
+        assert _step(monitor, loop, x) is None
+        layer = breaks(loop.model)
+        assert _step(monitor, loop, x) == layer
+    assert (read_run(tmp_path / RUN_FILE).nan_onset_step, monitor.state.onset_layer) == (2, layer)
+
+
+def test_a_transformer_flow_under_bf16_autocast_is_recorded_in_true_units(tmp_path: Path) -> None:
+    model = tarflow().float()
+    x = images(4).float()
+    with flowdiag.Monitor(model, tmp_path) as monitor, torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _per_layer_max(monitor, lambda: model(x))
+        z, _, logdets = model(x)
+        loss = 0.5 * z.float().pow(2).mean() - logdets.float().mean()
+        loss.backward()
+        assert monitor.step(loss) is None
+    assert np.isfinite(monitor.last.max_abs).all() and monitor.last.ran.all()
+    np.testing.assert_allclose(monitor.last.max_abs, expected, rtol=1e-2)
+    # The blocks' per-dimension means, scaled by T · D = 16, add up to the model's own total in true units.
+    assert monitor.last.logdet.sum() == pytest.approx(
+        16 * float(logdets.detach().float().mean()), rel=2e-2, abs=1e-2
+    )
+
+
+class _Calls:
+    """A run-file writer that remembers the order of what it was asked to do."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.calls.append(name)
+
+
+def test_the_onset_rank_is_set_before_the_flush_that_writes_the_onset(tmp_path: Path) -> None:
+    loop = _tuple()
+    monitor = flowdiag.Monitor(loop.model, tmp_path)
+    writer = _Calls()
+    monitor._writer = writer  # type: ignore[assignment]
+    record = monitor.state.step + 1
+    monitor.state.onset_step = record  # as `advance` leaves it at an onset
+    nothing = np.zeros(len(monitor.layer_names))
+    monitor._write(
+        StepRecord(record, 0.0, 0.0, 0.0, 0.0, 0.0, nothing, nothing, nothing > 0),
+        "loss",
+        np.array([1]),
+    )
+    assert writer.calls == ["append_step", "set_onset_rank", "set_status"]  # set_status flushes all three
+    assert monitor.state.onset_rank == 1

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowdiag.adapters.base import Difference, Logdet, logdet_value
+
 
 class ForwardsRecord(NamedTuple):
     """Forwards kept out of the training rows (validation, sampling), per flow layer (host copies)."""
@@ -63,7 +65,7 @@ class LayerCapture:
         self._extrema: Tensor | None = None  # (2, N) min, max; made at the first call, on its device
         self._lows: list[Tensor] = []  # views of _extrema's rows, one per layer
         self._highs: list[Tensor] = []
-        self._logdet: list[Tensor | None] = [None] * n_layers  # each layer's first call
+        self._logdet: list[Tensor | Difference | None] = [None] * n_layers  # each layer's first call
         self._batches = [1] * n_layers
         self._more: dict[int, list[tuple[Tensor, int]]] = {}  # later calls: (log-det, batch size)
         self._zero: Tensor | None = None
@@ -77,27 +79,26 @@ class LayerCapture:
         """Forwards folded in: the most calls of any one layer."""
         return int(self.calls.max()) if self.n else 0
 
-    def take(self, index: int, output: Tensor, logdet: Tensor | None) -> None:
-        """One call of layer `index`: device work only."""
+    def take(self, index: int, output: Tensor, logdet: Logdet) -> None:
+        """One call of layer `index`: device work only (a Difference stays one until the row)."""
         output = output.detach()
-        logdet = self._zero_logdet(output) if logdet is None else logdet.detach()
+        if logdet is None:
+            logdet = self._zero_logdet(output)
+        elif not isinstance(logdet, Difference):  # a Difference is subtracted under no_grad at the row
+            logdet = logdet.detach()
         if self.calls[index] == 0:
             self._set_extrema(index, output)
             self._logdet[index] = logdet
             self._batches[index] = _batch(output)
-        else:
+        else:  # a later forward before the step: folded in at once (the slower, rarer path)
             self._fold_extrema(index, output)
-            self._more.setdefault(index, []).append((logdet, _batch(output)))
+            value: Tensor = logdet_value(logdet).detach()  # type: ignore[union-attr]
+            self._more.setdefault(index, []).append((value, _batch(output)))
         self.calls[index] += 1
 
     def _set_extrema(self, index: int, output: Tensor) -> None:
         extrema = self._extrema
-        if (
-            extrema is not None
-            and output.dtype is extrema.dtype
-            and output.is_cuda == extrema.is_cuda
-            and not (output.is_cuda and output.device != extrema.device)
-        ):
+        if extrema is not None and output.dtype is extrema.dtype and output.device == extrema.device:
             # One pass over the output. aminmax, not vector_norm(ord=inf): measured 8 against 170 µs for
             # 49k floats on one CPU thread; both propagate NaN and inf.
             torch.aminmax(output, out=(self._lows[index], self._highs[index]))
@@ -149,18 +150,29 @@ class LayerCapture:
             return [like.new_full((3 * self.n,), self.fill, dtype=torch.float64)]
         return [self._extrema.reshape(-1), self._logdet_means(like)]
 
+    @torch.no_grad()
     def _logdet_means(self, like: Tensor) -> Tensor:
         filler = like.new_full((), self.fill, dtype=torch.float64)
         firsts = [filler if v is None else v for v in self._logdet]
-        if not self._more:  # one forward: every layer at once
-            return batch_means(firsts)
+        if self._more:  # several forwards
+            return self._pooled_means(firsts)
+        if not any(isinstance(v, Difference) for v in firsts):  # one forward: every layer at once
+            return batch_means(firsts)  # type: ignore[arg-type]
+        # Differences of running totals: mean(total) - mean(given), every layer in one go.
+        totals = [v.total if isinstance(v, Difference) else v for v in firsts]
+        givens = [v.given if isinstance(v, Difference) else filler.new_zeros(()) for v in firsts]
+        givens = [g if isinstance(g, Tensor) else filler.new_full((), g) for g in givens]
+        return batch_means(totals) - batch_means(givens)
+
+    def _pooled_means(self, firsts: list[Tensor | Difference]) -> Tensor:
         means = []
         for index, first in enumerate(firsts):
+            value: Tensor = logdet_value(first)  # type: ignore[assignment]
             more = self._more.get(index)
             if more is None:
-                means.append(first.mean(dtype=torch.float64))
+                means.append(value.mean(dtype=torch.float64))
             else:
-                means.append(_pooled_mean([(first, self._batches[index]), *more]))
+                means.append(_pooled_mean([(value, self._batches[index]), *more]))
         return torch.stack(means)
 
     def to_host(self) -> ForwardsRecord:

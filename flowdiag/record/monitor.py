@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdiag.adapters import resolve_adapter
-from flowdiag.adapters.base import Detach, FlowAdapter, in_internal_pass
+from flowdiag.adapters.base import Detach, FlowAdapter, Logdet, in_internal_pass
 from flowdiag.record.capture import ForwardsRecord, LayerCapture
 from flowdiag.record.run_state import RunState, StepRecord
 from flowdiag.record.step_row import SCALARS, Number, host_row, onset_of
@@ -124,12 +124,13 @@ class Monitor:
         self._other: LayerCapture | None = None  # forwards kept out of the rows, made at the first
         self._said_other = False
         self._listeners: list[Listener] = []
+        self._parameters: list[nn.Parameter] | None = None
         self._active = True
         self._detach: Detach | None = self.adapter.attach(self._capture) if diagnostics else None
 
     # --- inside the library's forward: device work only ------------------------------------------
 
-    def _capture(self, index: int, output: Tensor, logdet: Tensor | None) -> None:
+    def _capture(self, index: int, output: Tensor, logdet: Logdet) -> None:
         if not self._active or in_internal_pass():
             return
         if self._pixels[index] is None and output.dim() >= 4:
@@ -291,8 +292,17 @@ class Monitor:
         return onset
 
     def _grad_norm(self) -> Tensor | float:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else math.nan
+        """The gradients' total norm, where the loop does not give it: on the device, no sync."""
+        if self._parameters is None:  # listed once: walking a deep module tree costs ~0.7 ms a step
+            self._parameters = list(self.model.parameters())
+        grads = [p.grad for p in self._parameters if p.grad is not None]
+        if not grads:
+            return math.nan
+        if grads[0].is_cuda:  # fused per-tensor norms, no copy of the gradients
+            return torch.nn.utils.get_total_norm(grads)
+        # On the CPU one pass over one joined vector: 0.29 against 0.63 ms for a y0ast-style Glow's 342
+        # gradients (K = 8, width 32), whose 1.2 ms default made the Monitor's largest single cost.
+        return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
 
     def _warn_without_training_forwards(self) -> None:
         other = self._other
