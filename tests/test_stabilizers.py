@@ -125,13 +125,21 @@ def _flowdiag_case() -> tuple[nn.Module, Callable[[], object], list[tuple[Tensor
 def _tuple_case() -> tuple[nn.Module, Callable[[], object], list[tuple[Tensor, int]]]:
     model = tuple_glow()  # 8x8: the first block's convs run at 4x4 on 4 channels, the second's at 2x2 on 8
     convs = [m for m in model.modules() if type(m).__name__ == "InvConv2dLU"]
-    return model, lambda: model(images(2, size=8)), [(m.weight(), 16 if m.w_s.numel() == 4 else 4) for m in convs]
+    return (
+        model,
+        lambda: model(images(2, size=8)),
+        [(m.weight(), 16 if m.w_s.numel() == 4 else 4) for m in convs],
+    )
 
 
 def _accumulated_case() -> tuple[nn.Module, Callable[[], object], list[tuple[Tensor, int]]]:
     model = threaded_glow(noise=False)
     convs = [m for m in model.modules() if type(m).__name__ == "InvConv1x1"]
-    return model, lambda: model(images(2, size=8)), [(m.weight(), 16 if m.log_s.numel() == 4 else 4) for m in convs]
+    return (
+        model,
+        lambda: model(images(2, size=8)),
+        [(m.weight(), 16 if m.log_s.numel() == 4 else 4) for m in convs],
+    )
 
 
 PENALTY_CASES = {
