@@ -48,11 +48,11 @@ def batch_means(logdets: list[Tensor]) -> Tensor:
     return stacked.reshape(len(logdets), -1).mean(1, dtype=torch.float64)
 
 
-def _pooled_mean(parts: list[tuple[Tensor, int]]) -> Tensor:
-    """The mean log-det over every sample of several calls; a scalar log-det counts once per sample."""
-    total = sum(ld.sum(dtype=torch.float64) if ld.dim() else ld.double() * batch for ld, batch in parts)
-    count = sum(ld.numel() if ld.dim() else batch for ld, batch in parts)
-    return total / count  # type: ignore[operator]
+def _summed(logdet: Tensor, batch: int) -> tuple[Tensor, int]:
+    """(Σ over the call's samples in float64, how many): a scalar log-det counts once per sample."""
+    if logdet.dim():
+        return logdet.sum(dtype=torch.float64), logdet.numel()
+    return logdet.double() * batch, batch
 
 
 class LayerCapture:
@@ -67,7 +67,8 @@ class LayerCapture:
         self._highs: list[Tensor] = []
         self._logdet: list[Tensor | Difference | None] = [None] * n_layers  # each layer's first call
         self._batches = [1] * n_layers
-        self._more: dict[int, list[tuple[Tensor, int]]] = {}  # later calls: (log-det, batch size)
+        # A layer's later calls folded as they come (constant memory however many): (Σ, samples).
+        self._more: dict[int, tuple[Tensor, int]] = {}
         self._zero: Tensor | None = None
 
     @property
@@ -93,7 +94,9 @@ class LayerCapture:
         else:  # a later forward before the step: folded in at once (the slower, rarer path)
             self._fold_extrema(index, output)
             value: Tensor = logdet_value(logdet).detach()  # type: ignore[union-attr]
-            self._more.setdefault(index, []).append((value, _batch(output)))
+            total, count = _summed(value, _batch(output))
+            held = self._more.get(index)
+            self._more[index] = (total, count) if held is None else (held[0] + total, held[1] + count)
         self.calls[index] += 1
 
     def _set_extrema(self, index: int, output: Tensor) -> None:
@@ -165,14 +168,16 @@ class LayerCapture:
         return batch_means(totals) - batch_means(givens)
 
     def _pooled_means(self, firsts: list[Tensor | Difference]) -> Tensor:
+        """Each layer's mean over every sample of its calls (several forwards: each weighs its batch)."""
         means = []
         for index, first in enumerate(firsts):
             value: Tensor = logdet_value(first)  # type: ignore[assignment]
-            more = self._more.get(index)
-            if more is None:
+            held = self._more.get(index)
+            if held is None:
                 means.append(value.mean(dtype=torch.float64))
             else:
-                means.append(_pooled_mean([(value, self._batches[index]), *more]))
+                total, count = _summed(value, self._batches[index])
+                means.append((total + held[0]) / (count + held[1]))
         return torch.stack(means)
 
     def to_host(self) -> ForwardsRecord:

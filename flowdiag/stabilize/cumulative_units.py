@@ -130,12 +130,15 @@ def _template(output: Any) -> Any:
     return output
 
 
-def _stand_in(template: Any) -> Any:
+def _stand_in(template: Any, made: dict[_TensorShape, Tensor]) -> Any:
+    """NaN of the template's shapes: one tensor per shape, made once (`made`) and handed out again."""
     if isinstance(template, _TensorShape):
-        fill = math.nan if template.dtype.is_floating_point or template.dtype.is_complex else 0
-        return torch.full(template.shape, fill, dtype=template.dtype, device=template.device)
+        if template not in made:
+            fill = math.nan if template.dtype.is_floating_point or template.dtype.is_complex else 0
+            made[template] = torch.full(template.shape, fill, dtype=template.dtype, device=template.device)
+        return made[template]
     if isinstance(template, tuple | list):
-        return _rebuilt(template, (_stand_in(item) for item in template))
+        return _rebuilt(template, (_stand_in(item, made) for item in template))
     return template
 
 
@@ -168,19 +171,22 @@ class _Runner:
         self.plan = plan
         self.minibatches = minibatches
         self.templates: list[list[Any]] = [[None] * len(minibatches) for _ in plan.units]
+        self.stand_ins: dict[_TensorShape, Tensor] = {}
         self.real_from = 0  # units before it return stand-ins
         self.kept: list[Call] | None = None  # per minibatch, the arguments unit `real_from` gets
-        self.stop_at: int | None = None  # keep this unit's arguments and stop
+        self.stop_at: int | None = None  # keep this unit's arguments, then stop (or go in: `enter`)
+        self.enter = False
         self.caught: Call | None = None
         self.j = 0  # the minibatch of the pass
 
     def call(self, index: int, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if index < self.real_from:
-            return _stand_in(self.templates[index][self.j])
+            return _stand_in(self.templates[index][self.j], self.stand_ins)
         if index == self.stop_at:
             self.caught = _copied((args, kwargs))
-            raise Reached
-        if index == self.real_from and self.kept is not None:
+            if not self.enter:
+                raise Reached
+        elif index == self.real_from and self.kept is not None:
             args, kwargs = _copied(self.kept[self.j])
         output = forward(*args, **kwargs)
         self.templates[index][self.j] = _template(output)
@@ -196,37 +202,51 @@ class _Runner:
             except Exception as error:
                 raise NotSequential(f"a pass failed ({error})") from error
 
-    def keep(self, adapter: FlowAdapter, unit: int) -> None:
-        """Each minibatch's arguments of `unit`, from the units from `real_from` on."""
-        self.stop_at, kept = unit, []
-        for stopped in self.passes(adapter):
-            if not stopped or self.caught is None:
-                raise NotSequential(f"unit {unit} did not run")
-            kept.append(self.caught)
-        self.stop_at, self.caught = None, None
-        flags = [torch.isnan(t).any() for t in _tensors(kept) if t.is_floating_point()]
-        if flags and bool(torch.stack(flags).any()):  # one sync per unit
-            raise NotSequential("a stand-in reached a unit's arguments")
+    def keep(self, adapter: FlowAdapter, unit: int, pool: Pool) -> ActNormStats:
+        """Each minibatch's arguments of `unit`, from the units from `real_from` on; the same passes go
+        on into the unit up to its first ActNorm, whose pooled input sums they return."""
+        first = self.plan.norms[unit][0]
+        self.stop_at, self.enter, kept = unit, first.module is not self.plan.units[unit], []
+        with _grabbing(first) as grabbed:
+            for stopped in self.passes(adapter):
+                if not stopped or self.caught is None:
+                    raise NotSequential(f"unit {unit} did not run")
+                kept.append(self.caught)
+        self.stop_at, self.enter, self.caught = None, False, None
+        self._check(kept)
         self.real_from, self.kept = unit, kept
+        return pooled(grabbed if grabbed else [first.stats_of(args[0]) for args, _ in kept], pool)
+
+    def _check(self, kept: list[Call]) -> None:
+        """No stand-in's NaN in the kept arguments, and every stand-in still NaN: one sync per unit."""
+        flags = [torch.isnan(t).any() for t in _tensors(kept) if t.is_floating_point()]
+        flags += [~torch.isnan(t).all() for t in self.stand_ins.values() if t.is_floating_point()]
+        if flags and bool(torch.stack(flags).any()):
+            raise NotSequential("a stand-in reached a unit's arguments")
 
     def stats(self, adapter: FlowAdapter, norm: ActNormAccess, unit: int, pool: Pool) -> ActNormStats:
-        """The pooled input sums of one ActNorm of `unit` over every minibatch (and rank)."""
+        """The pooled input sums of a later ActNorm of `unit` over every minibatch (and rank)."""
         assert self.kept is not None and self.real_from == unit
-        if norm.module is self.plan.units[unit]:  # the ActNorm is the unit: its input is kept
-            return pooled([norm.stats_of(args[0]) for args, _ in self.kept], pool)
-        grabbed: list[ActNormStats] = []
-
-        def grab(x: Tensor) -> None:
-            grabbed.append(norm.stats_of(x))
-            raise Reached
-
-        watcher = norm.watch_input(grab)
-        try:
+        with _grabbing(norm) as grabbed:
             if not all(self.passes(adapter)):
                 raise NotSequential(f"ActNorm {norm.name} did not run")
-        finally:
-            watcher.remove()
         return pooled(grabbed, pool)
+
+
+@contextmanager
+def _grabbing(norm: ActNormAccess) -> Iterator[list[ActNormStats]]:
+    """The input sums `norm` sees, each pass stopped there."""
+    grabbed: list[ActNormStats] = []
+
+    def grab(x: Tensor) -> None:
+        grabbed.append(norm.stats_of(x))
+        raise Reached
+
+    watcher = norm.watch_input(grab)
+    try:
+        yield grabbed
+    finally:
+        watcher.remove()
 
 
 def walk_units(
@@ -240,9 +260,10 @@ def walk_units(
     results = []
     with _overriding(plan.units, runner.call):
         for unit in holding:
-            runner.keep(adapter, unit)
-            for norm in plan.norms[unit]:
-                stats = runner.stats(adapter, norm, unit, pool)
+            for k, norm in enumerate(plan.norms[unit]):
+                stats = (
+                    runner.keep(adapter, unit, pool) if k == 0 else runner.stats(adapter, norm, unit, pool)
+                )
                 norm.finalize(stats)
                 results.append((norm, stats))
     return results
