@@ -168,7 +168,8 @@ class AccumulatedAdapter(HandwrittenParts, FlowAdapter):
             raise TypeError("returned no running log-det: it was called as (x, _) = layer(x), not threaded")
         out = output_tensor(output[0])
         total = output[1] if isinstance(output[1], Tensor) else out.new_full((), float(output[1]))
-        own = _own_increment(total, given, children.pop(i, None))
+        kids = children.pop(i, None)
+        own = Difference(total, given) if kids is None else _own_increment(total, given, kids)
         parent = self._parent[i]
         if parent is not None and parent in children:
             children[parent].append((total, given))

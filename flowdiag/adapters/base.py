@@ -223,6 +223,8 @@ class FlowAdapter(ABC):
         if getattr(capture, _REMEMBERING, False):
             return capture
         modules = [layer.module if layer.kind == "invconv" else None for layer in self.layers()]
+        if all(module is None for module in modules):  # no conv: nothing to remember
+            return capture
 
         def wrapped(index: int, output: Tensor, logdet: Logdet) -> None:
             module = modules[index]
