@@ -151,3 +151,16 @@ def test_a_call_observer_sees_arguments_and_output_and_stays_on_the_fast_path() 
     remove()
     layer(x)
     assert len(seen) == 4  # two calls: the original's and the copy's, nothing after removal
+
+
+def test_wrappers_removed_out_of_order_leave_the_others_working() -> None:
+    layer, seen = nn.Linear(3, 2), []
+    first = observe_call(layer, lambda args, kwargs: seen.append("first"), lambda args, kwargs, out: None)
+    second = observe_output(layer, lambda output: seen.append("second"))
+    first()  # the one underneath goes first: taken out of the chain
+    layer(torch.ones(1, 3))
+    assert seen == ["second"]
+    second()
+    assert "forward" not in layer.__dict__  # nothing of flowdiag's is left
+    layer(torch.ones(1, 3))
+    assert seen == ["second"]

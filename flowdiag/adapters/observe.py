@@ -73,6 +73,10 @@ class ObservedCall:
         return ObservedCall(copied, self.before, self.after)
 
 
+def _ignore(*args: Any) -> None:
+    return None
+
+
 def _installed(module: nn.Module, wrapper: ObservedForward | ObservedCall) -> Callable[[], None]:
     module.forward = wrapper  # type: ignore[method-assign]
 
@@ -82,6 +86,19 @@ def _installed(module: nn.Module, wrapper: ObservedForward | ObservedCall) -> Ca
                 del module.forward
             else:
                 module.forward = wrapper.previous  # type: ignore[method-assign]
+            return
+        # Another wrapper went on after this one: take this one out of the chain under it, or, past a
+        # wrapper not flowdiag's, leave it there observing nothing.
+        above = module.__dict__.get("forward")
+        while isinstance(above, ObservedForward | ObservedCall):
+            if above.previous is wrapper:
+                above.previous, above.inner = wrapper.previous, wrapper.inner
+                return
+            above = above.previous
+        if isinstance(wrapper, ObservedForward):
+            wrapper.observer = _ignore
+        else:
+            wrapper.before, wrapper.after = _ignore, _ignore
 
     return remove
 

@@ -345,6 +345,7 @@ class Monitor:
         """Write the final status and detach from the model; returns the status. Safe to call twice."""
         if self.status is not None:
             return self.status
+        self._active = False  # whatever stays attached (under another tool's wrapper) records nothing
         if self._detach is not None:
             self._detach.remove()
             self._detach = None
