@@ -329,3 +329,12 @@ def test_the_onset_rank_is_set_before_the_flush_that_writes_the_onset(tmp_path: 
     )
     assert writer.calls == ["append_step", "set_onset_rank", "set_status"]  # set_status flushes all three
     assert monitor.state.onset_rank == 1
+
+
+def test_the_gradient_norm_it_computes_is_the_total_norm(tmp_path: Path) -> None:
+    loop = _accumulated()
+    with flowdiag.Monitor(loop.model, tmp_path) as monitor:
+        _step(monitor, loop, images(2, size=8))
+        grads = [p.grad for p in loop.model.parameters() if p.grad is not None]
+        expected = float(torch.nn.utils.get_total_norm(grads))
+    assert monitor.last.grad_norm == pytest.approx(expected, rel=1e-9)
