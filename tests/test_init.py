@@ -77,20 +77,33 @@ def test_every_actnorm_output_is_normalized_on_the_init_data() -> None:
         assert torch.allclose(z.var(dim=(0, 2, 3), unbiased=False), expected, rtol=1e-8, atol=1e-12), name
 
 
-def test_reports_how_many_values_each_actnorm_saw() -> None:
+def test_reports_how_many_values_each_actnorm_saw_and_what_it_got() -> None:
     model = tiny_glow(init=False, image_size=8, n_levels=3)
     m, batch = 5, 2
-    stats = cumulative_init(model, _batches(m, batch))
+    batches = _batches(m, batch)
+    stats = cumulative_init(model, batches)
     by_name = {s.name: s for s in stats}
-    assert len(stats) == len(model.actnorms())
+    assert list(by_name) == [name for name, _ in model.actnorms()]
     # level 0 runs at 4x4, level 1 at 2x2, level 2 at 1x1 (coupling nets at the same size)
     for level, pixels in enumerate([16, 4, 1]):
         for name, stat in by_name.items():
             if name.startswith(f"levels.{level}."):
-                assert stat.n_values == m * batch * pixels, name
-    top = by_name["levels.2.steps.0.actnorm"]
-    assert top.log_scale_min <= top.log_scale_max
-    assert top.min_input_var >= 0
+                assert stat.n_values == m * batch * pixels and stat.pixels == pixels, name
+    inputs: dict[str, Tensor] = {}
+    hooks = [
+        norm.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, norm in model.actnorms()
+    ]
+    with torch.no_grad():
+        model(torch.cat(batches))
+    for hook in hooks:
+        hook.remove()
+    for name, norm in model.actnorms():
+        stat, log_scale = by_name[name], norm.log_scale.detach()
+        assert stat.log_scale_min == pytest.approx(float(log_scale.min()), rel=1e-9, abs=1e-12), name
+        assert stat.log_scale_max == pytest.approx(float(log_scale.max()), rel=1e-9, abs=1e-12), name
+        smallest = float(inputs[name].var(dim=(0, 2, 3), unbiased=False).min())
+        assert stat.min_input_var == pytest.approx(smallest, rel=1e-6, abs=1e-12), name
 
 
 def test_single_value_per_channel_gives_the_eps_scale() -> None:

@@ -1,5 +1,6 @@
-"""One suite for every flow layer and for whole small Glows: shape, round trip, the autograd
-Jacobian, gradients, and state_dict round trips. Everything in float64."""
+"""One suite for every flow layer and for whole small Glows: shape, round trip and the autograd Jacobian
+(through the shared invertibility base, tests/invertibility.py), gradients, and state_dict round trips.
+Everything in float64."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from flowdiag.glow.layers import ActNorm, AdditiveCoupling, AffineCoupling, InvConvLU, InvConvPlain
+from flowdiag.glow.layers.multiscale import Split
 from flowdiag.glow.model import Glow, dequantize
 from flowdiag.settings.config import ModelConfig
 
 from .flows import perturb_zero_convs, tiny_glow, tiny_images
+from .invertibility import assert_logdet_is_jacobian, assert_round_trip
 
 
 def _initialized_actnorm() -> ActNorm:
@@ -54,10 +57,6 @@ def _glow_input(n: int) -> Tensor:
     return dequantize(tiny_images(n, seed=1), 8).double()
 
 
-def _flat(zs: list[Tensor]) -> Tensor:
-    return torch.cat([z.flatten(1) for z in zs], dim=1)
-
-
 # --- single layers -----------------------------------------------------------------------------
 
 
@@ -74,21 +73,36 @@ def test_layer_shape_and_finite(name: str) -> None:
 @pytest.mark.parametrize("name", LAYERS)
 def test_layer_round_trip(name: str) -> None:
     layer = LAYERS[name]()
-    x = torch.randn(5, 4, 2, 2, dtype=torch.float64)
-    z, _ = layer(x)
-    assert not torch.allclose(z, x), "the layer should not be the identity in this test"
-    assert torch.allclose(layer.reverse(z), x, atol=1e-5, rtol=0)
+    assert_round_trip(layer, layer.reverse, torch.randn(5, 4, 2, 2, dtype=torch.float64), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_layer_logdet_matches_autograd_jacobian(name: str) -> None:
-    layer = LAYERS[name]()
+    assert_logdet_is_jacobian(LAYERS[name](), torch.randn(3, 4, 2, 2, dtype=torch.float64))
+
+
+def _split_as_flow(split: Split) -> tuple[Callable, Callable]:
+    """The split as a bijection x -> (kept, z): volume-preserving; its prior is a density, not a log-det."""
+
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        kept, z, _ = split(x)
+        return torch.cat([kept, z], 1), x.new_zeros(x.shape[0])
+
+    def inverse(joined: Tensor) -> Tensor:
+        return split.reverse(joined[:, : split.n_keep], joined[:, split.n_keep :])
+
+    return forward, inverse
+
+
+def test_split_round_trip_and_jacobian() -> None:
+    split = Split(4).double()
+    perturb_zero_convs(split, scale=0.3)
+    forward, inverse = _split_as_flow(split)
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
-    _, logdet = layer(x)
-    for i in range(x.shape[0]):
-        jac = torch.autograd.functional.jacobian(lambda xi: layer(xi)[0].flatten(), x[i : i + 1])
-        expected = torch.linalg.slogdet(jac.reshape(16, 16)).logabsdet
-        assert torch.allclose(logdet[i], expected, rtol=1e-6, atol=1e-9), (name, logdet[i], expected)
+    torch.testing.assert_close(inverse(forward(x)[0]), x, rtol=0, atol=0)
+    assert_logdet_is_jacobian(forward, x)
+    kept, z, log_p = split(x)
+    assert log_p.shape == (3,) and torch.isfinite(log_p).all() and kept.shape == z.shape == (3, 2, 2, 2)
 
 
 @pytest.mark.parametrize("name", LAYERS)
@@ -134,18 +148,12 @@ def test_glow_round_trip_and_shapes(name: str) -> None:
     zs, logdet = model(x)
     assert [tuple(z.shape) for z in zs] == [(4, 2, 2, 2), (4, 8, 1, 1)]
     assert logdet.shape == (4,)
-    assert torch.allclose(model.reverse(zs), x, atol=1e-5, rtol=0)
+    assert_round_trip(model, model.reverse, x, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", GLOWS)
 def test_glow_logdet_matches_autograd_jacobian(name: str) -> None:
-    model = GLOWS[name]()
-    x = _glow_input(2)
-    _, logdet = model(x)
-    for i in range(2):
-        jac = torch.autograd.functional.jacobian(lambda xi: _flat(model(xi)[0]).flatten(), x[i : i + 1])
-        expected = torch.linalg.slogdet(jac.reshape(16, 16)).logabsdet
-        assert torch.allclose(logdet[i], expected, rtol=1e-6), (name, logdet[i], expected)
+    assert_logdet_is_jacobian(GLOWS[name](), _glow_input(2))
 
 
 @pytest.mark.parametrize("name", GLOWS)

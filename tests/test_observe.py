@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from flowdiag import Monitor
-from flowdiag.adapters.observe import observe_output
+from flowdiag.adapters.observe import observe_call, observe_output
 from flowdiag.glow.model import dequantize
 from flowdiag.record.store import read_run
 from flowdiag.runtime.files import RUN_FILE
@@ -130,3 +130,37 @@ def test_bfloat16_outputs_are_recorded(tmp_path: Path) -> None:
         handle.remove()
     assert np.isfinite(monitor.last.max_abs).all()
     np.testing.assert_array_equal(monitor.last.max_abs, expected)
+
+
+def test_a_call_observer_sees_arguments_and_output_and_stays_on_the_fast_path() -> None:
+    layer, seen = nn.Linear(3, 2), []
+    remove = observe_call(
+        layer,
+        lambda args, kwargs: seen.append(("before", args[0])),
+        lambda args, kwargs, out: seen.append(("after", out)),
+    )
+    assert "forward" in layer.__dict__ and not layer._forward_hooks
+    x = torch.ones(1, 3)
+    y = layer(x)
+    assert [tag for tag, _ in seen] == ["before", "after"] and seen[0][1] is x and seen[1][1] is y
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.zero_()
+        twin.bias.fill_(1.0)
+    assert torch.equal(twin(x), torch.ones(1, 2))  # the copy runs its own weights
+    remove()
+    layer(x)
+    assert len(seen) == 4  # two calls: the original's and the copy's, nothing after removal
+
+
+def test_wrappers_removed_out_of_order_leave_the_others_working() -> None:
+    layer, seen = nn.Linear(3, 2), []
+    first = observe_call(layer, lambda args, kwargs: seen.append("first"), lambda args, kwargs, out: None)
+    second = observe_output(layer, lambda output: seen.append("second"))
+    first()  # the one underneath goes first: taken out of the chain
+    layer(torch.ones(1, 3))
+    assert seen == ["second"]
+    second()
+    assert "forward" not in layer.__dict__  # nothing of flowdiag's is left
+    layer(torch.ones(1, 3))
+    assert seen == ["second"]

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from flowdiag.stabilize.cumulative_init import cumulative_init
 from flowdiag.stabilize.penalty import logdet_penalty, watch_conv_sizes
 from tests.flows import tiny_glow
-from tests.handwritten_flows import AccumulatedGlow, TupleGlow
+from tests.handwritten_flows import threaded_glow, tuple_glow
 from tests.library_flows import freia_graph, freia_sequence, images, nflows_glow, normflows_glow, pyro_flow
 
 BATCH, M = 3, 7  # M · BATCH = 21 is no dimension of any of these models
@@ -123,13 +123,23 @@ def _flowdiag_case() -> tuple[nn.Module, Callable[[], object], list[tuple[Tensor
 
 
 def _tuple_case() -> tuple[nn.Module, Callable[[], object], list[tuple[Tensor, int]]]:
-    model = TupleGlow().double()
-    return model, lambda: model(images(2, channels=4)), [(layer.weight, 16) for layer in model.layers[1::3]]
+    model = tuple_glow()  # 8x8: the first block's convs run at 4x4 on 4 channels, the second's at 2x2 on 8
+    convs = [m for m in model.modules() if type(m).__name__ == "InvConv2dLU"]
+    return (
+        model,
+        lambda: model(images(2, size=8)),
+        [(m.weight(), 16 if m.w_s.numel() == 4 else 4) for m in convs],
+    )
 
 
 def _accumulated_case() -> tuple[nn.Module, Callable[[], object], list[tuple[Tensor, int]]]:
-    model = AccumulatedGlow().double()
-    return model, lambda: model(images(2, channels=4)), [(step.invconv.weight, 16) for step in model.steps]
+    model = threaded_glow(noise=False)
+    convs = [m for m in model.modules() if type(m).__name__ == "InvConv1x1"]
+    return (
+        model,
+        lambda: model(images(2, size=8)),
+        [(m.weight(), 16 if m.log_s.numel() == 4 else 4) for m in convs],
+    )
 
 
 PENALTY_CASES = {
@@ -145,10 +155,9 @@ PENALTY_CASES = {
 @pytest.mark.parametrize("library", PENALTY_CASES)
 def test_logdet_penalty_equals_the_sum_over_each_library_weight_matrix(library: str) -> None:
     model, forward, weights = PENALTY_CASES[library]()
-    adapter = {"tuple": "tuple", "accumulated": "accumulated"}.get(library, "auto")
-    watch_conv_sizes(model, adapter=adapter)
+    watch_conv_sizes(model)  # "auto": hand-written flows are recognized too
     forward()
-    penalty = logdet_penalty(model, adapter=adapter)
+    penalty = logdet_penalty(model)
     expected = sum((pixels * _slogdet(weight)) ** 2 for weight, pixels in weights)
     torch.testing.assert_close(penalty, expected.to(penalty.dtype), rtol=1e-6, atol=1e-12)
     assert penalty > 0

@@ -2,7 +2,12 @@
 
 Libraries are imported lazily, and only when the model's own classes come from them, so flowdiag
 works without any of them installed. Adding a library is one entry in `_MODULES` (and `_ROOTS` when
-"auto" should find it) plus one file.
+"auto" should find it) plus one file. A flow no adapter here knows takes an adapter instance of the
+user's own (`base.FlowAdapter`'s docstring): every entry point accepts a name or an instance.
+
+"auto" needs no forward: a library is known by its classes; a hand-written flow by its modules'
+signatures and names, in this order: layers that take a running `logdet` (accumulated), a stack of
+attention blocks (transformer), layers named ActNorm / InvConv / ...Coupling (tuple).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import TYPE_CHECKING
 from flowdiag.runtime.errors import UserError
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import nn
 
     from flowdiag.adapters.base import FlowAdapter
 
@@ -27,6 +32,7 @@ _MODULES: dict[str, str] = {
     "pyro": "flowdiag.adapters.pyro",
     "tuple": "flowdiag.adapters.tuple_convention",
     "accumulated": "flowdiag.adapters.accumulated_convention",
+    "transformer": "flowdiag.adapters.transformer",
 }
 # Libraries "auto" recognizes by class: adapter name -> the top-level package their classes live in.
 _ROOTS: dict[str, str] = {
@@ -37,9 +43,13 @@ _ROOTS: dict[str, str] = {
     "zuko": "zuko",
     "pyro": "pyro",
 }
-CONVENTIONS = ("tuple", "accumulated")
+# Hand-written conventions, in the order "auto" tries them (see the module docstring).
+CONVENTIONS = ("accumulated", "transformer", "tuple")
 ADAPTER_NAMES: tuple[str, ...] = tuple(_MODULES)
-_LIBRARIES_TEXT = "flowdiag Glow, nflows, normflows, FrEIA, zuko or pyro classes"
+_LOOKED_FOR = (
+    "flowdiag Glow, nflows, normflows, FrEIA, zuko or pyro classes, layers taking a running logdet, "
+    "a stack of attention blocks, or layers named ActNorm / InvConv / ...Coupling"
+)
 
 
 def adapter_class(name: str) -> type[FlowAdapter]:
@@ -52,9 +62,10 @@ def _class_roots(model: nn.Module) -> set[str]:
     return {type(module).__module__.split(".")[0] for module in model.modules()}
 
 
-def resolve_adapter(model: nn.Module, adapter: str = "auto", *, example: Tensor | None = None) -> FlowAdapter:
-    """The adapter for `model`: named, or found by its classes; `example` lets "auto" probe one forward
-    for the hand-written conventions (`probe_adapter`)."""
+def resolve_adapter(model: nn.Module, adapter: str | FlowAdapter = "auto") -> FlowAdapter:
+    """The adapter for `model`: an instance as given, a name, or "auto" (see the module docstring)."""
+    if not isinstance(adapter, str):
+        return adapter
     if adapter != "auto":
         cls = adapter_class(adapter)
         if adapter not in CONVENTIONS and not cls.recognizes(model):
@@ -62,45 +73,33 @@ def resolve_adapter(model: nn.Module, adapter: str = "auto", *, example: Tensor 
                 f"adapter {adapter!r} found no {adapter} flow layers in {type(model).__name__}; "
                 f"choose one of: auto, {', '.join(ADAPTER_NAMES)}"
             )
-        instance = cls(model)
-        _require_layers(instance, model)
-        return instance
+        return _with_layers(cls(model), model)
     roots = _class_roots(model)
     for name, root in _ROOTS.items():
         if root in roots:
             cls = adapter_class(name)
             if cls.recognizes(model):
                 return cls(model)
-    if example is not None:
-        return probe_adapter(model, example)
+    for name in CONVENTIONS:
+        cls = adapter_class(name)
+        if cls.recognizes(model):
+            instance = cls(model)
+            if instance.layers():
+                return instance
     raise UserError(
-        f"no recognizable flow layers in {type(model).__name__}: looked for {_LIBRARIES_TEXT}; "
-        f"pass adapter= one of: {', '.join(ADAPTER_NAMES)} (tuple and accumulated are hand-written Glows)"
+        f"no recognizable flow layers in {type(model).__name__}: looked for {_LOOKED_FOR}; "
+        f"pass adapter= one of: {', '.join(ADAPTER_NAMES)}, or an instance of your own "
+        "flowdiag.adapters.base.FlowAdapter"
     )
 
 
-def probe_adapter(model: nn.Module, example: Tensor) -> FlowAdapter:
-    """Find the hand-written convention by running one forward on a copy of `model`."""
-    from flowdiag.adapters.probe import probe_convention
-
-    name = probe_convention(model, example)
-    if name is None:
-        raise UserError(
-            f"no recognizable flow layers in {type(model).__name__}: looked for {_LIBRARIES_TEXT}, "
-            "and modules returning (out, logdet) or taking a running logdet in one forward; "
-            f"pass adapter= one of: {', '.join(ADAPTER_NAMES)}"
-        )
-    instance = adapter_class(name)(model)
-    _require_layers(instance, model)
-    return instance
-
-
-def _require_layers(instance: FlowAdapter, model: nn.Module) -> None:
+def _with_layers(instance: FlowAdapter, model: nn.Module) -> FlowAdapter:
     if not instance.layers():
         raise UserError(
             f"adapter {instance.name!r} found no flow layers in {type(model).__name__}; "
             f"choose one of: auto, {', '.join(ADAPTER_NAMES)}"
         )
+    return instance
 
 
-__all__ = ["ADAPTER_NAMES", "adapter_class", "probe_adapter", "resolve_adapter"]
+__all__ = ["ADAPTER_NAMES", "CONVENTIONS", "adapter_class", "resolve_adapter"]

@@ -7,23 +7,54 @@ An adapter knows one library (or one hand-written convention) and nothing about 
 - reads and writes every ActNorm's statistics, so Algorithm 1 can run on the library's own layers;
 - gives each invertible 1x1 conv's log|det W|, differentiable, for the eq. (2) penalty.
 
-`capture` must not copy to the host: it is called inside the step's hot path.
+`capture` must not copy to the host: it is called inside the step's hot path. An adapter never raises
+inside the model's forward: a call it cannot read (an unexpected output, a missing log-det) records
+nothing and is reported once, as a warning (`FlowAdapter.unreadable`).
+
+Supporting a flow flowdiag does not know is writing one subclass of `FlowAdapter` (`layers`, `attach`,
+and where the model has them `actnorms` and `conv_logabsdets`) and passing an instance wherever an
+adapter name is accepted: `Monitor(model, out, adapter=MyAdapter(model))`, `cumulative_init`,
+`logdet_penalty`, `audit`.
 """
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-LayerKind = Literal["actnorm", "invconv", "coupling", "other"]
+# "split": a multi-scale split whose log-det increment is its prior's log-likelihood of the factored-out
+# half (the accumulated convention adds it to the running total).
+LayerKind = Literal["actnorm", "invconv", "coupling", "split", "other"]
+
+
+class Difference(NamedTuple):
+    """A log-det given as the difference of two running totals, `total - given` (the accumulated
+    convention): the recorder subtracts when it makes the step's row, every layer at once, instead of
+    one small tensor op per layer inside the model's forward."""
+
+    total: Tensor
+    given: Tensor | float
+
+
 # (index into layers(), the layer's output in the data -> latent direction, its log-det or None).
-# A log-det may be a scalar (the same for every sample), shape (B,), or None (volume-preserving).
-Capture = Callable[[int, Tensor, Tensor | None], None]
+# A log-det may be a scalar (the same for every sample), shape (B,), a Difference, or None
+# (volume-preserving).
+Logdet = Tensor | Difference | None
+Capture = Callable[[int, Tensor, Logdet], None]
+
+
+def logdet_value(logdet: Logdet) -> Tensor | None:
+    """A captured log-det as a tensor (a Difference subtracted now)."""
+    if isinstance(logdet, Difference):
+        return logdet.total - logdet.given
+    return logdet
 
 
 @dataclass(frozen=True)
@@ -107,13 +138,48 @@ class ActNormAccess(ABC):
         """(C,) the multiplicative scale the library's init would give; NaN/inf where it would."""
 
 
+_INTERNAL = {"depth": 0}  # flowdiag's own passes in progress (nested: the audit runs the init)
+
+
+@contextmanager
+def internal_passes() -> Iterator[None]:
+    """flowdiag's own forwards through a model (Algorithm 1, the audit): a Monitor attached to the same
+    model records none of them, whatever the grad mode."""
+    _INTERNAL["depth"] += 1
+    try:
+        yield
+    finally:
+        _INTERNAL["depth"] -= 1
+
+
+def in_internal_pass() -> bool:
+    return _INTERNAL["depth"] > 0
+
+
 class FlowAdapter(ABC):
-    """One library's view of a flow model. Subclasses live in one file each under `adapters/`."""
+    """One library's (or one convention's) view of a flow model: subclass it to support a flow flowdiag
+    does not know, and pass the instance as `adapter=` (see the module docstring)."""
 
     name: ClassVar[str]  # the name users pass as adapter="..."
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self._warned = False
+
+    def unreadable(self, index: int, why: object) -> None:
+        """A call of layer `index` this adapter cannot read: nothing is recorded for it, and the first
+        such call of the run says so (a warning, never an error inside the model's forward)."""
+        if self._warned:
+            return
+        self._warned = True
+        layers = self.layers()
+        name = layers[index].name if 0 <= index < len(layers) else f"#{index}"
+        warnings.warn(
+            f"flowdiag ({self.name} adapter) cannot read a call of flow layer {name}: {why}; such calls "
+            "are not recorded (said once per run)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     @classmethod
     @abstractmethod
@@ -149,26 +215,41 @@ class FlowAdapter(ABC):
 
     def watch_convs(self) -> Detach:
         """Remember the spatial size every invconv runs at, for the penalty (no host copy)."""
-        return self.attach(lambda index, output, logdet: None)
+        return self.attach(self.remembering(lambda index, output, logdet: None))
 
     def remembering(self, capture: Capture) -> Capture:
-        """`capture`, plus `remember_pixels` for the invconv layers: every adapter's attach uses it."""
+        """`capture`, plus `remember_pixels` for the invconv layers: the built-in adapters' attach use it,
+        and `watch_convs` wraps it around an adapter's own attach too (once: a wrapped one is kept)."""
+        if getattr(capture, _REMEMBERING, False):
+            return capture
         modules = [layer.module if layer.kind == "invconv" else None for layer in self.layers()]
+        if all(module is None for module in modules):  # no conv: nothing to remember
+            return capture
 
-        def wrapped(index: int, output: Tensor, logdet: Tensor | None) -> None:
+        def wrapped(index: int, output: Tensor, logdet: Logdet) -> None:
             module = modules[index]
             if module is not None:
                 remember_pixels(module, output)
             capture(index, output, logdet)
 
+        setattr(wrapped, _REMEMBERING, True)
         return wrapped
 
     def run_forward(self, x: Tensor) -> Any:
         """Run the whole model data -> latent on `x` (for probing, the init and the audit)."""
         return self.model(x)
 
+    def units(self) -> list[nn.Module]:
+        """The outermost flow layers in data -> latent order, where the model's own code calls each as
+        `module(...)` with all it depends on in the call's arguments (a Glow's steps and splits, a
+        TarFlow's blocks): Algorithm 1 then caches each one's inputs across the minibatches instead of
+        re-running the model up to every ActNorm (stabilize.cumulative_units). Empty (the default): the
+        library runs its layers some other way, and Algorithm 1 re-runs the model per ActNorm."""
+        return []
+
 
 _PIXELS = "_flowdiag_pixels"
+_REMEMBERING = "_flowdiag_remembering"
 
 
 def remember_pixels(module: nn.Module, output: Tensor) -> None:

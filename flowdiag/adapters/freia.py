@@ -90,10 +90,13 @@ class FreiaAdapter(WalkedAdapter):
         for index, layer in enumerate(self._layers):
 
             def hook(module: nn.Module, args: tuple, kwargs: dict, output: tuple, i: int = index) -> None:
-                if _reverse(kwargs, args):
-                    return
-                out = output_tensor(output[0])
-                capture(i, out, as_logdet(output[1], out))
+                try:
+                    if _reverse(kwargs, args):
+                        return
+                    out = output_tensor(output[0])
+                    capture(i, out, as_logdet(output[1], out))
+                except Exception as error:  # never inside the user's forward: say so once instead
+                    self.unreadable(i, error)
 
             handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         return Detach([handle.remove for handle in handles])

@@ -73,7 +73,10 @@ class GlowAdapter(FlowAdapter):
         for index, layer in enumerate(self.layers()):
 
             def observer(output: tuple[Tensor, Tensor], i: int = index) -> None:
-                capture(i, output[0], output[1])
+                try:
+                    capture(i, output[0], output[1])
+                except Exception as error:  # never inside the user's forward: say so once instead
+                    self.unreadable(i, error)
 
             undo.append(observe_output(layer.module, observer))
         return Detach(undo)

@@ -3,7 +3,11 @@
 - (loc, scale, initialized): rosinality/glow-pytorch style, z = scale · (x + loc);
   init loc = -mean, scale = 1 / (unbiased std + 1e-6), so one value per channel gives NaN.
 - (bias, logs, inited): y0ast / chaiyujin style, z = (x + bias) · exp(logs);
-  init bias = -mean, logs = log(1 / (sqrt(biased var) + 1e-6)), so one value gives 1e6.
+  init bias = -mean, logs = log(scale / (sqrt(biased var) + 1e-6)), `scale` their `actnorm_scale`
+  (1.0 by default), so one value gives 1e6.
+
+Every such ActNorm of the model is Algorithm 1's, wherever it sits: those in a coupling's network too,
+which are no flow layers of the record (they add nothing to the model's log-det).
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ class BiasLogsActNorm(ActNormAccess):
         self.module.inited = value
 
     def scale_from(self, stats: ActNormStats) -> Tensor:
-        return 1.0 / (torch.sqrt(stats.var(unbiased=False)) + _EPS)
+        target = getattr(self.module, "scale", 1.0)  # their actnorm_scale, a plain number
+        target = float(target) if isinstance(target, int | float) else 1.0
+        return target / (torch.sqrt(stats.var(unbiased=False)) + _EPS)
 
     @torch.no_grad()
     def finalize(self, stats: ActNormStats) -> None:
@@ -86,17 +92,24 @@ def handwritten_logabsdet(module: nn.Module) -> Tensor | None:
 
 
 class HandwrittenParts:
-    """ActNorms and 1x1 convs of a hand-written Glow, recognized by their attributes: what the `tuple`
-    and `accumulated` adapters share (mixed into a FlowAdapter, whose `layers` it reads)."""
+    """ActNorms, 1x1 convs and the units of a hand-written flow: what the `tuple`, `accumulated` and
+    `transformer` adapters share (mixed into a FlowAdapter, whose `model` and `layers` it reads)."""
 
     def actnorms(self) -> list[ActNormAccess]:
-        found = [
-            handwritten_actnorm(layer.name, layer.module)
-            for layer in self.layers()  # type: ignore[attr-defined]
-            if layer.kind == "actnorm"
-        ]
+        """Every ActNorm of the model by its attributes, flow layers' and networks' alike, in module order."""
+        found = [handwritten_actnorm(name, module) for name, module in self.model.named_modules()]  # type: ignore[attr-defined]
         return [access for access in found if access is not None]
 
     def conv_logabsdets(self) -> list[tuple[str, Tensor]]:
         found = [(layer.name, handwritten_logabsdet(layer.module)) for layer in self.invconvs()]  # type: ignore[attr-defined]
         return [(name, value) for name, value in found if value is not None]
+
+    def units(self) -> list[nn.Module]:
+        """The listed layers no other listed layer holds (a step, not its ActNorm), each once."""
+        modules = [layer.module for layer in self.layers()]  # type: ignore[attr-defined]
+        inner = {id(m) for outer in modules for m in list(outer.modules())[1:]}
+        units: dict[int, nn.Module] = {}
+        for module in modules:
+            if id(module) not in inner:
+                units.setdefault(id(module), module)
+        return list(units.values())

@@ -89,8 +89,11 @@ class NormflowsAdapter(WalkedAdapter):
         for index, layer in enumerate(self._layers):
 
             def after(args: tuple, kwargs: dict, result: tuple, i: int = index) -> None:
-                out = output_tensor(result[0])
-                capture(i, out, as_logdet(result[1], out))
+                try:
+                    out = output_tensor(result[0])
+                    capture(i, out, as_logdet(result[1], out))
+                except Exception as error:  # never inside the user's forward: say so once instead
+                    self.unreadable(i, error)
 
             undo.append(listen(layer.module, "inverse", after=after))
         return Detach(undo)

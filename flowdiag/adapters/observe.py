@@ -15,6 +15,9 @@ What a forward hook also gets right, this keeps:
 A module that already has forward hooks is on the general path anyway, and its hooks may change
 its output after `forward` returns (fault injection, quantization): it gets a forward hook after
 them instead, so what is recorded is what the next layer receives.
+
+`observe_call` does the same for observers that also read the call's arguments (the accumulated
+convention's running log-det), before and after the module's own forward.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 from torch import nn
 
 Observer = Callable[[Any], None]  # called with the module's output
+Before = Callable[[tuple, dict], None]  # called with the call's (args, kwargs) before it runs
+After = Callable[[tuple, dict, Any], None]  # and with (args, kwargs, output) after
 
 
 class ObservedForward:
@@ -47,12 +52,32 @@ class ObservedForward:
         return ObservedForward(copied, self.observer)
 
 
-def observe_output(module: nn.Module, observer: Observer) -> Callable[[], None]:
-    """Call `observer` with every output of `module`; returns the function that stops it."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        handle = module.register_forward_hook(lambda _module, _args, output: observer(output))
-        return handle.remove
-    wrapper = ObservedForward(module, observer)
+class ObservedCall:
+    """The instance-level `forward` of one module: `before(args, kwargs)`, its own forward, then
+    `after(args, kwargs, output)`."""
+
+    def __init__(self, module: nn.Module, before: Before, after: After) -> None:
+        self.module = module
+        self.before, self.after = before, after
+        self.previous = module.__dict__.get("forward")
+        self.inner = self.previous or module.__class__.forward.__get__(module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.before(args, kwargs)
+        output = self.inner(*args, **kwargs)
+        self.after(args, kwargs, output)
+        return output
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ObservedCall:
+        copied = memo.get(id(self.module), self.module)
+        return ObservedCall(copied, self.before, self.after)
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+def _installed(module: nn.Module, wrapper: ObservedForward | ObservedCall) -> Callable[[], None]:
     module.forward = wrapper  # type: ignore[method-assign]
 
     def remove() -> None:
@@ -61,5 +86,47 @@ def observe_output(module: nn.Module, observer: Observer) -> Callable[[], None]:
                 del module.forward
             else:
                 module.forward = wrapper.previous  # type: ignore[method-assign]
+            return
+        # Another wrapper went on after this one: take this one out of the chain under it, or, past a
+        # wrapper not flowdiag's, leave it there observing nothing.
+        above = module.__dict__.get("forward")
+        while isinstance(above, ObservedForward | ObservedCall):
+            if above.previous is wrapper:
+                above.previous, above.inner = wrapper.previous, wrapper.inner
+                return
+            above = above.previous
+        if isinstance(wrapper, ObservedForward):
+            wrapper.observer = _ignore
+        else:
+            wrapper.before, wrapper.after = _ignore, _ignore
 
     return remove
+
+
+def observe_output(module: nn.Module, observer: Observer) -> Callable[[], None]:
+    """Call `observer` with every output of `module`; returns the function that stops it."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        handle = module.register_forward_hook(lambda _module, _args, output: observer(output))
+        return handle.remove
+    return _installed(module, ObservedForward(module, observer))
+
+
+def observe_call(module: nn.Module, before: Before, after: After) -> Callable[[], None]:
+    """Call `before(args, kwargs)` and `after(args, kwargs, output)` around every call of `module`;
+    returns the function that stops it."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        handles = [
+            module.register_forward_pre_hook(
+                lambda _module, args, kwargs: before(args, kwargs), with_kwargs=True
+            ),
+            module.register_forward_hook(
+                lambda _module, args, kwargs, output: after(args, kwargs, output), with_kwargs=True
+            ),
+        ]
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+
+        return remove
+    return _installed(module, ObservedCall(module, before, after))

@@ -46,8 +46,11 @@ class PyroAdapter(WalkedAdapter):
         for index, layer in enumerate(self._layers):
 
             def after(args: tuple, kwargs: dict, ladj: Tensor, i: int = index) -> None:
-                x = args[0]
-                capture(i, x, -_per_sample(ladj, x, self._event_dim))
+                try:
+                    x = args[0]
+                    capture(i, x, -_per_sample(ladj, x, self._event_dim))
+                except Exception as error:  # never inside the user's forward: say so once instead
+                    self.unreadable(i, error)
 
             undo.append(listen(layer.module, "log_abs_det_jacobian", after=after))
         return Detach(undo)

@@ -1,7 +1,9 @@
 """Hand-written Glows whose layers return `(out, logdet)` (rosinality/glow-pytorch style).
 
-The log-det may be a scalar, shape (B,), or None for a volume-preserving layer. Layers are found by
-class name (ActNorm, InvConv2d / 1x1 conv, ...Coupling); forward hooks see them.
+The log-det may be a scalar, shape (B,), or None for a volume-preserving layer (rosinality's additive
+coupling). Layers are found by class name (ActNorm, InvConv2d / 1x1 conv, ...Coupling, ...Split), the
+walk stopping at the first one, so what a coupling's network holds is never a flow layer of its own;
+forward hooks see them. A call that returns anything but such a tuple records nothing (said once).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ def _is_flow(module: nn.Module) -> bool:
 
 
 def _logdet(output: tuple, out: Tensor) -> Tensor | None:
-    """(out, logdet) with logdet a tensor, a number or None (rosinality's additive coupling)."""
-    return as_logdet(output[1], out) if len(output) > 1 and output[1] is not None else None
+    if len(output) < 2:
+        raise TypeError(f"returned a {len(output)}-tuple, not (output, logdet)")
+    return None if output[1] is None else as_logdet(output[1], out)
 
 
 class TupleAdapter(HandwrittenParts, WalkedAdapter):
@@ -27,13 +30,7 @@ class TupleAdapter(HandwrittenParts, WalkedAdapter):
     is_flow = staticmethod(_is_flow)
 
     def attach(self, capture: Capture) -> Detach:
-        # (out, logdet) with logdet a tensor, a number or None (rosinality's additive coupling)
-        return self.attach_output_hooks(
-            capture,
-            lambda output, out: (
-                as_logdet(output[1], out) if len(output) > 1 and output[1] is not None else None
-            ),
-        )
+        return self.attach_output_hooks(capture, _logdet)
 
 
 ADAPTER = TupleAdapter

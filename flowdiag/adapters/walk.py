@@ -14,7 +14,7 @@ Children = Callable[[nn.Module], Iterable[tuple[str, nn.Module]]]
 
 
 def kind_by_class_name(module: nn.Module) -> LayerKind | None:
-    """actnorm / invconv / coupling from the class name (libraries and hand-written Glows agree)."""
+    """actnorm / invconv / coupling / split from the class name (libraries and hand-written Glows agree)."""
     name = type(module).__name__.lower()
     if "actnorm" in name or "act_norm" in name:
         return "actnorm"
@@ -22,6 +22,8 @@ def kind_by_class_name(module: nn.Module) -> LayerKind | None:
         return "invconv"
     if "coupling" in name:
         return "coupling"
+    if "split" in name:
+        return "split"
     return None
 
 
@@ -64,10 +66,11 @@ def output_tensor(output: object) -> Tensor:
 
 
 def as_logdet(logdet: object, like: Tensor) -> Tensor:
-    """A library's log-det as a tensor: a plain number (0 for volume-preserving layers) becomes a scalar."""
+    """A library's log-det as a tensor: a plain number (0 for volume-preserving layers) becomes a scalar,
+    made on the device by a fill (`new_tensor` would copy it from the host)."""
     if isinstance(logdet, Tensor):
         return logdet
-    return like.new_tensor(float(logdet))  # type: ignore[arg-type]
+    return like.new_full((), float(logdet))  # type: ignore[arg-type]
 
 
 class WalkedAdapter(FlowAdapter):
@@ -100,14 +103,20 @@ class WalkedAdapter(FlowAdapter):
     def attach_output_hooks(
         self, capture: Capture, logdet_of: Callable[[tuple, Tensor], Tensor | None]
     ) -> Detach:
-        """Forward hooks on every layer of a library whose modules return (out, logdet, ...)."""
+        """Forward hooks on every layer of a library whose modules return (out, logdet, ...); a call
+        whose output is not such a tuple records nothing (`unreadable`)."""
         capture = self.remembering(capture)
         handles = []
         for index, layer in enumerate(self._layers):
 
             def hook(module: nn.Module, args: tuple, output: tuple, i: int = index) -> None:
-                out = output_tensor(output[0])
-                capture(i, out, logdet_of(output, out))
+                try:
+                    if not isinstance(output, tuple | list):
+                        raise TypeError(f"returned {type(output).__name__}, not (output, logdet, ...)")
+                    out = output_tensor(output[0])
+                    capture(i, out, logdet_of(output, out))
+                except Exception as error:  # never inside the user's forward: say so once instead
+                    self.unreadable(i, error)
 
             handles.append(layer.module.register_forward_hook(hook))
         return Detach([handle.remove for handle in handles])

@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 from zuko.lazy import Flow, LazyTransform
 
-from flowdiag.adapters.base import Capture, Detach
+from flowdiag.adapters.base import Capture, Detach, FlowAdapter
 from flowdiag.adapters.walk import WalkedAdapter
 
 
@@ -26,12 +26,15 @@ def _per_sample(ladj: Tensor, out: Tensor) -> Tensor:
     return ladj.sum(dim=tuple(range(-extra, 0))) if extra > 0 else ladj
 
 
-def _recording(transform: Any, capture: Capture, index: int) -> Any:
+def _recording(transform: Any, capture: Capture, index: int, adapter: FlowAdapter) -> Any:
     original = transform.call_and_ladj
 
     def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
         y, ladj = original(x)
-        capture(index, y, _per_sample(ladj, y))
+        try:
+            capture(index, y, _per_sample(ladj, y))
+        except Exception as error:  # never inside the user's forward: say so once instead
+            adapter.unreadable(index, error)
         return y, ladj
 
     transform.call_and_ladj = call_and_ladj
@@ -47,7 +50,7 @@ class ZukoAdapter(WalkedAdapter):
         for index, layer in enumerate(self._layers):
 
             def hook(module: nn.Module, args: tuple, transform: Any, i: int = index) -> Any:
-                return _recording(transform, capture, i)
+                return _recording(transform, capture, i, self)
 
             handles.append(layer.module.register_forward_hook(hook))
         return Detach([handle.remove for handle in handles])

@@ -183,5 +183,6 @@ class BenchResult:
     workers: WorkersResult | None = None
     competition: CompetitionResult | None = None
     library: LibraryOverhead | None = None
+    foreign: LibraryOverhead | None = None  # the same on a hand-written Glow (adapter="auto")
     inverse: InverseCost | None = None
     data_parallel: DataParallelResult | None = None

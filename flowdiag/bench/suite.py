@@ -10,7 +10,7 @@ from flowdiag.bench import small_grid
 from flowdiag.bench.competition import measure_competition
 from flowdiag.bench.extra_costs import data_parallel, inverse_cost
 from flowdiag.bench.init_cost import init_cost
-from flowdiag.bench.library import library_overhead
+from flowdiag.bench.library import foreign_overhead, library_overhead
 from flowdiag.bench.parts import PARTS
 from flowdiag.bench.results import BenchResult, WorkersResult
 from flowdiag.bench.steps import time_steps
@@ -93,7 +93,9 @@ def run_bench(config: RunConfig, settings: BenchSettings | None = None) -> Bench
             )
             result = replace(result, competition=competition)
         if "library" in s.parts:
-            result = replace(result, library=library_overhead(config, data, s.timed_steps, s.blocks, work))
+            library = library_overhead(config, data, s.timed_steps, s.blocks, work)
+            foreign = foreign_overhead(config, data, s.timed_steps, s.blocks, work)
+            result = replace(result, library=library, foreign=foreign)
         if "inverse" in s.parts:
             result = replace(result, inverse=inverse_cost(config, data, s.timed_steps, work))
         if "ddp" in s.parts:

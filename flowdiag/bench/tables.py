@@ -157,7 +157,9 @@ def competition_table(competition: CompetitionResult) -> Group:
     return _titled(title, table)
 
 
-def library_table(library: LibraryOverhead, steps: StepTiming | None) -> Group:
+def library_table(
+    library: LibraryOverhead, steps: StepTiming | None, foreign: LibraryOverhead | None = None
+) -> Group:
     title, table = _table(
         "Monitor overhead on a training step (median)",
         "model",
@@ -176,6 +178,14 @@ def library_table(library: LibraryOverhead, steps: StepTiming | None) -> Group:
         )
     else:
         table.add_row(library.model, "-", "-", "-", Text(library.note))  # Text: [libs] is no markup
+    if foreign is not None:
+        table.add_row(
+            foreign.model,
+            str(foreign.n_layers),
+            _ms(foreign.off_s),
+            _ms(foreign.on_s),
+            f"{foreign.overhead_percent:+.1f} %",
+        )
     if steps is not None:
         table.add_row(
             f"flowdiag Glow ({NO_HOOKS} vs {HOOKS_HDF5})",
@@ -231,7 +241,7 @@ def bench_tables(result: BenchResult) -> list[RenderableType]:
     if result.competition is not None:
         out.append(competition_table(result.competition))
     if result.library is not None:
-        out.append(library_table(result.library, result.steps))
+        out.append(library_table(result.library, result.steps, result.foreign))
     if result.inverse is not None:
         out.append(inverse_table(result.inverse))
     if result.data_parallel is not None:

@@ -15,7 +15,8 @@ import numpy as np
 
 
 class StepRecord(NamedTuple):
-    """One training step as recorded: the step's scalars and every flow layer's values (host copies)."""
+    """One training step as recorded: the step's scalars and every flow layer's values (host copies),
+    over all the training forwards since the previous step (several under gradient accumulation)."""
 
     step: int
     loss: float
@@ -23,9 +24,11 @@ class StepRecord(NamedTuple):
     penalty: float
     grad_norm: float
     lr: float
-    max_abs: np.ndarray  # (N,) max |output| per flow layer; NaN where not recorded
-    logdet: np.ndarray  # (N,) batch-mean log-det per flow layer
-    nonfinite: np.ndarray  # (N,) bool: the layer's output held inf or NaN
+    max_abs: np.ndarray  # (N,) max |output| per flow layer over the step's forwards; NaN where not run
+    logdet: np.ndarray  # (N,) mean log-det per flow layer over every sample of those forwards
+    nonfinite: np.ndarray  # (N,) bool: the layer ran and its output or log-det held inf or NaN
+    ran: np.ndarray | None = None  # (N,) bool: the layer ran in the step (None: not recorded)
+    forwards: int = 1  # training forwards the row covers
 
 
 @dataclass

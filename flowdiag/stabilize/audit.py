@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdiag.adapters import resolve_adapter
+from flowdiag.adapters.base import FlowAdapter
 from flowdiag.runtime.distributed import no_pool
 from flowdiag.stabilize.cumulative_adapters import cumulative_init_adapter
 
@@ -51,25 +52,28 @@ def audit(
     example_batch: Tensor | Sequence[Tensor],
     *,
     init_batches: int = 1,
-    adapter: str = "auto",
+    adapter: str | FlowAdapter = "auto",
 ) -> AuditResult:
     """Audit every ActNorm of `model` at the example's batch size and M = `init_batches`.
 
-    `example_batch` is one training minibatch (as the loop feeds the model) or a list of M of them.
+    `example_batch` is one training minibatch (as the loop feeds the model) or a list of M of them;
+    `adapter`: "auto", a name, or an adapter instance. The model is left as it was.
     The counts are exact for M; the variances and scales come from the minibatches given (with one
     minibatch and M > 1, from that one).
     """
     if init_batches < 1:
         raise ValueError("init_batches must be at least 1")
     batches = [example_batch] if isinstance(example_batch, Tensor) else list(example_batch)
-    flow = resolve_adapter(model, adapter, example=batches[0])
-    sampling = [norm.inits_when_sampling and not norm.is_initialized() for norm in flow.actnorms()]
-    # The copy keeps the user's model (and its "initialized" flags) as they were.
-    copied = resolve_adapter(copy.deepcopy(model), flow.name)
+    flow = resolve_adapter(model, adapter)
+    sampling = {norm.name: norm.inits_when_sampling and not norm.is_initialized() for norm in flow.actnorms()}
+    # The init runs on a copy of the adapter, and so of the model it holds (one deepcopy keeps the two
+    # together, a user's own adapter class included): the model and its "initialized" flags stay as
+    # they were.
+    copied = copy.deepcopy(flow)
     results = cumulative_init_adapter(copied, batches[:init_batches], no_pool)
     per_batch = [stats.count // len(batches[:init_batches]) for _, stats in results]
     norms = []
-    for (norm, stats), count, when_sampling in zip(results, per_batch, sampling, strict=True):
+    for (norm, stats), count in zip(results, per_batch, strict=True):
         values = count * init_batches
         scale = norm.scale_from(stats)
         norms.append(
@@ -80,7 +84,7 @@ def audit(
                 scale_min=float(scale.min()) if torch.isfinite(scale).all() else math.nan,
                 scale_max=float(scale.max()) if torch.isfinite(scale).all() else math.nan,
                 at_risk=values < 2,
-                inits_when_sampling=when_sampling,
+                inits_when_sampling=sampling[norm.name],
             )
         )
     safe = max((math.ceil(2 / count) for count in per_batch), default=1)

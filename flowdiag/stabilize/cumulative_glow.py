@@ -53,15 +53,18 @@ def cumulative_init_glow(model: Glow, minibatches: Sequence[Tensor], pool: Pool)
     """
     was_training = model.training
     model.eval()
-    frontier = list(minibatches)
-    for level in model.levels:
-        frontier = [squeeze(x) for x in frontier]
-        for step in level.steps:
-            _init_actnorm(step.actnorm, frontier, pool)
-            frontier = _advance(step.actnorm, frontier)
-            frontier = _advance(step.invconv, frontier)
-            _init_coupling_net(step.coupling.net, [step.coupling.split_input(x)[0] for x in frontier], pool)
-            frontier = _advance(step.coupling, frontier)
-        if level.split is not None:
-            frontier = [level.split(x)[0] for x in frontier]
-    model.train(was_training)
+    try:
+        frontier = list(minibatches)
+        for level in model.levels:
+            frontier = [squeeze(x) for x in frontier]
+            for step in level.steps:
+                _init_actnorm(step.actnorm, frontier, pool)
+                frontier = _advance(step.actnorm, frontier)
+                frontier = _advance(step.invconv, frontier)
+                halves = [step.coupling.split_input(x)[0] for x in frontier]
+                _init_coupling_net(step.coupling.net, halves, pool)
+                frontier = _advance(step.coupling, frontier)
+            if level.split is not None:
+                frontier = [level.split(x)[0] for x in frontier]
+    finally:
+        model.train(was_training)

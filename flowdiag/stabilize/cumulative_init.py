@@ -46,7 +46,8 @@ def cumulative_init(
     """Algorithm 1: initialize each of the model's own ActNorms from its inputs pooled over all M
     minibatches, in data -> latent order, with its library's formula; then mark it initialized.
 
-    `minibatches` are model inputs (as the training loop feeds them), on the model's device. `pool`
+    `minibatches` are model inputs (as the training loop feeds them), on the model's device; they are
+    never changed (each pass runs on a copy). `adapter`: "auto", a name, or an adapter instance. `pool`
     sums the statistics over data-parallel ranks (`flowdiag.runtime.distributed.pool`), so every
     replica gets the init of all ranks' minibatches. Returns, per ActNorm, the log-scale range it got,
     its smallest input variance and its values per channel.
@@ -54,7 +55,7 @@ def cumulative_init(
     batches = list(minibatches)
     if not batches:
         raise UserError("cumulative_init needs at least one minibatch; pass a list of M >= 1 input batches")
-    flow = resolve_adapter(model, adapter, example=batches[0]) if isinstance(adapter, str) else adapter
+    flow = resolve_adapter(model, adapter)
     if isinstance(flow, GlowAdapter):
         cumulative_init_glow(flow.glow, batches, pool)
         return glow_init_stats(flow.glow)

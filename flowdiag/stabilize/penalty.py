@@ -32,7 +32,7 @@ def _penalty_adapter(model: nn.Module, adapter: str | FlowAdapter) -> FlowAdapte
         return cached[0]
     if cached is not None:
         cached[1].remove()
-    flow = resolve_adapter(model, adapter) if isinstance(adapter, str) else adapter
+    flow = resolve_adapter(model, adapter)
     model.__dict__[_PENALTY] = (flow, flow.watch_convs())
     return flow
 
@@ -42,7 +42,8 @@ def logdet_penalty(model: nn.Module, *, adapter: str | FlowAdapter = "auto") -> 
 
     h·w is the spatial size each conv ran at in the last data -> latent forward: the first call starts
     watching the convs, so call it once before training (or train inside `flowdiag.Monitor`, or run
-    `cumulative_init` first, both of which see every conv run).
+    `cumulative_init` first, both of which see every conv run). `adapter`: "auto" (libraries by their
+    classes, hand-written flows by their modules), a name, or an adapter instance.
     """
     if isinstance(model, Glow) and adapter in ("auto", "flowdiag"):
         return (conv_logdets(model) ** 2).sum()
