@@ -428,6 +428,10 @@ from flowdiag.ablation.storage import make_storage
 
 def objective(trial):
     claim(trial)
+    # Optuna's heartbeat thread beats first as the trial starts, beside this objective: on a loaded
+    # machine the claim can come before that beat. A worker that dies with no beat at all is the case
+    # the claim record answers on its own machine; this test is about one that dies between beats.
+    time.sleep(2.0)
     print("claimed", flush=True)
     time.sleep(600)
 
