@@ -15,6 +15,7 @@ from rich.table import Table
 from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_default, with_trainer_options
+from flowdiag.cli.panels import help_panels
 from flowdiag.runtime.errors import UserError
 from flowdiag.train.progress import ProgressSink
 
@@ -226,6 +227,7 @@ def print_summary(rows: list[CellRow]) -> None:
     console.print(PEAKS_EXPLAINED)
 
 
+@help_panels(Ablation=("seeds", "workers", "storage", "study", "nproc_per_cell", "config"), Output=("out",))
 @with_trainer_options(as_lists=True, exclude=("seed",), defaults=ABLATION_DEFAULTS)
 @user_errors_exit_2
 def ablate_command(

@@ -12,6 +12,7 @@ from rich.table import Table
 from flowdiag.cli.ablate import Board, BoardSink, follow_workers
 from flowdiag.cli.common import console, fail, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
+from flowdiag.cli.panels import help_panels
 from flowdiag.settings.config import RunConfig
 from flowdiag.settings.options import apply_options, parse_scalars
 
@@ -35,6 +36,10 @@ def print_tuning(rows: list, best: Any) -> None:
     console.print(table)
 
 
+@help_panels(
+    Ablation=("lam_min", "lam_max", "n_trials", "timeout", "storage", "study", "sampler_seed", "workers")
+)
+@help_panels(Output=("out",))
 @with_trainer_options(as_lists=False, exclude=("lam",))
 @user_errors_exit_2
 def tune_lambda_command(
