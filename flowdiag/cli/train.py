@@ -16,7 +16,7 @@ from flowdiag.cli.common import console, training_progress, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
 from flowdiag.cli.panels import help_panels
 from flowdiag.runtime.errors import UserError
-from flowdiag.runtime.files import REPLAY_FILE, RUN_FILE, SAMPLES_FILE, check_run_folder
+from flowdiag.runtime.files import CHECKPOINT_FILE, REPLAY_FILE, RUN_FILE, SAMPLES_FILE, check_run_folder
 from flowdiag.settings.config import RunConfig, geometry_error
 from flowdiag.settings.options import apply_options, parse_scalars
 from flowdiag.train.data_files import check_source, image_size
@@ -34,7 +34,7 @@ def checked_config(options: dict[str, Any], out: Path, resume: bool) -> RunConfi
     data's files, the levels against a known image size, the run folder. UserError otherwise."""
     config = apply_options(RunConfig(), parse_scalars(options))  # ranges: checked as it is made
     check_run_folder(out, resume)
-    if resume:  # a resumed run keeps the settings of its checkpoint, read once torch is loaded
+    if resume and (out / CHECKPOINT_FILE).exists():  # it keeps its checkpoint's settings (read with torch)
         return config
     check_source(config.data)
     size = image_size(config.data)
