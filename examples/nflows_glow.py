@@ -1,6 +1,8 @@
 """An nflows Glow (one level) on the 8x8 digits, recorded by flowdiag.Monitor.
 
 python examples/nflows_glow.py [--batch-size 16] [--init-batches 8]
+
+Run time here (2 CPU cores): about 6 s (one thread).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from nflows.transforms.normalization import ActNorm
 from nflows.transforms.reshape import SqueezeTransform
 
 import flowdiag
+from flowdiag.glow.model import dequantize
+from flowdiag.runtime.environment import configure_threads
 from flowdiag.settings.config import DataConfig
 from flowdiag.train.data import load_dataset
-from flowdiag.glow.model import dequantize
 
 
 def build_model(steps: int = 4, hidden: int = 32) -> Flow:
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--init-batches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
+    configure_threads()  # one CPU thread unless OMP_NUM_THREADS says: more only spin on a model this small
 
     images = load_dataset(DataConfig()).train
     model = build_model()

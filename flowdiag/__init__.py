@@ -18,11 +18,13 @@ _PUBLIC = {
     "cumulative_init": "flowdiag.stabilize.cumulative_init",
     "logdet_penalty": "flowdiag.stabilize.penalty",
     "audit": "flowdiag.stabilize.audit",
+    "read_run": "flowdiag.record.store",
 }
 
 if TYPE_CHECKING:
     from flowdiag.glow.model import Glow, bits_per_dim
     from flowdiag.record.monitor import Monitor
+    from flowdiag.record.store import read_run
     from flowdiag.stabilize.audit import audit
     from flowdiag.stabilize.cumulative_init import cumulative_init
     from flowdiag.stabilize.penalty import logdet_penalty
@@ -31,4 +33,13 @@ if TYPE_CHECKING:
 __getattr__ = lazy_exports("flowdiag", _PUBLIC)
 
 
-__all__ = ["Glow", "Monitor", "__version__", "audit", "bits_per_dim", "cumulative_init", "logdet_penalty"]
+__all__ = [
+    "Glow",
+    "Monitor",
+    "__version__",
+    "audit",
+    "bits_per_dim",
+    "cumulative_init",
+    "logdet_penalty",
+    "read_run",
+]

@@ -63,14 +63,50 @@ def test_train_writes_a_run_and_says_so(tmp_path: Path) -> None:
     assert read_run(out / "run.h5").status == "completed"
 
 
-def test_diverged_run_is_a_result_exit_0(tmp_path: Path) -> None:
+def test_a_diverged_run_exits_3_says_where_and_replays(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = invoke("train", "--batch-size", "1", "--init-batches", "1", "--steps", "5", "--out", str(out))
-    assert result.exit_code == 0, result.output
-    assert "diverged at step" in result.output and "flowdiag replay" in result.output
+    assert result.exit_code == 3, result.output  # a script can tell it from a completed run
+    record = read_run(out / "run.h5")
+    assert record.status == "diverged"
+    outcome = next(line for line in result.output.splitlines() if line.startswith("diverged"))
+    assert outcome.startswith(f"diverged at step {record.nan_onset_step} in {record.nan_onset_layer},")
+    assert ", bpd " not in outcome  # the bpd of a diverged step is no result (it read 3.696e+24)
+    assert f"flowdiag replay {out}" in result.output.replace("\n", "")
     replayed = invoke("replay", str(out))
     assert replayed.exit_code == 0, replayed.output
     assert "reproduced exactly" in replayed.output
+
+
+def test_train_help_documents_the_exit_codes_and_groups_the_options_in_panels() -> None:
+    train = invoke("train", "--help").output
+    for code in ("0    completed", "2    bad input", "3    diverged", "130  interrupted"):
+        assert code in train, train
+    for command in ("train", "ablate", "tune-lambda", "bench"):
+        text = invoke(command, "--help").output
+        headings = [
+            line[:-1] for line in text.splitlines() if line and not line[0].isspace() and line.endswith(":")
+        ]
+        shown = [h for h in headings if h in ("Model", "Data", "Training", "Ablation", "Output")]
+        assert shown == sorted(shown, key=["Model", "Data", "Training", "Ablation", "Output"].index), headings
+        assert {"Model", "Data", "Training", "Output"} <= set(headings), (command, headings)
+        panel_of = _panel_of(text)
+        assert panel_of["--levels"] == "Model" and panel_of["--dataset"] == "Data"
+        assert panel_of["--flush-every"] == "Output" and panel_of["--lr"] == "Training"
+    ablate = _panel_of(invoke("ablate", "--help").output)
+    assert ablate["--seeds"] == ablate["--workers"] == ablate["--storage"] == "Ablation"
+    assert ablate["--out"] == "Output"
+
+
+def _panel_of(help_text: str) -> dict[str, str]:
+    """Each option's flag -> the panel heading it is listed under."""
+    panels, heading = {}, ""
+    for line in help_text.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            heading = line[:-1]
+        elif line.strip().startswith("--"):
+            panels[line.split()[0]] = heading
+    return panels
 
 
 @pytest.mark.parametrize(
@@ -297,7 +333,7 @@ def _poll(read, done, process: subprocess.Popen, timeout: float = 120.0):
 
 
 @pytest.mark.slow
-def test_first_rows_are_readable_within_seconds_and_survive_sigkill(tmp_path: Path) -> None:
+def test_the_flush_timer_writes_rows_that_survive_sigkill(tmp_path: Path) -> None:
     """The flush timer: at batch 1 on the digits, with a step count that would not flush for hours."""
     out, path = tmp_path / "run", tmp_path / "run" / "run.h5"
     command = [sys.executable, "-m", "flowdiag", "train", "--batch-size", "1", "--init-batches", "16"]
@@ -305,9 +341,9 @@ def test_first_rows_are_readable_within_seconds_and_survive_sigkill(tmp_path: Pa
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _poll(lambda: read_run(path).phase, lambda phase: phase == "train", process)  # step 1 began
-        first_step = time.monotonic()
+        # --flush-every 1000000: only the flush timer (--flush-seconds, default 2 s) writes rows; how
+        # soon is a timing, measured by `flowdiag bench`, not asserted here.
         rows = _poll(lambda: len(read_run(path).step), lambda n: n >= 1, process)
-        assert time.monotonic() - first_step <= 5.0
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:

@@ -1,4 +1,6 @@
-"""Data loading: shapes, dtypes, the seeded split, and one-line UserErrors for every fixable problem."""
+"""Data loading: the pixels are the source files' own, the held-out split is a seeded partition (every
+image once, on one side), resizing keeps each image where it was, and every fixable problem is a
+one-line UserError."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from PIL import Image
 
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import DataConfig
-from flowdiag.train.data import DATASETS, ImageData, load_dataset, read_idx_images, resize, split
+from flowdiag.train.data import ImageData, load_dataset, read_idx_images, resize, split
+from flowdiag.train.data_files import DATASETS
 
 N_DIGITS = 1797
 
@@ -75,16 +78,31 @@ def test_digits_split_is_seeded_and_a_partition() -> None:
     assert _rows(first.train) + _rows(first.held_out) == _rows(full.train)
 
 
-def test_digits_resize() -> None:
-    data = load_dataset(DataConfig(dataset="digits", image_size=4))
-    assert data.train.shape[1:] == (1, 4, 4) and data.image_size == 4
-    assert data.train.dtype == torch.uint8
+def test_digits_resize_keeps_each_image_in_its_place() -> None:
+    full = load_dataset(DataConfig(dataset="digits"))
+    small = load_dataset(DataConfig(dataset="digits", image_size=4))
+    assert small.train.shape == (len(full.train), 1, 4, 4) and small.image_size == 4
+    # Resizing comes after the split: image i is image i of the full-size split, made smaller.
+    assert torch.equal(small.train, resize(full.train, 4)) and torch.equal(
+        small.held_out, resize(full.held_out, 4)
+    )
+    # ... and shows the same digit: each image's mean brightness follows its full-size one (a loader
+    # that shuffled or mixed images up would lose that) within a few grey levels of edge effects.
+    before, after = full.train.float().mean((1, 2, 3)), small.train.float().mean((1, 2, 3))
+    assert torch.corrcoef(torch.stack([before, after]))[0, 1] > 0.99
+    assert (before - after).abs().max() < 8.0
+    assert not torch.equal(small.train[0], small.train[1])
 
 
-@pytest.mark.parametrize("fraction", [1.0, -0.1, 1.5])
+@pytest.mark.parametrize("fraction", [1.0, 1.5])
 def test_bad_held_out_fraction(fraction: float) -> None:
     with pytest.raises(UserError, match=r"\[0, 1\)"):
         load_dataset(DataConfig(dataset="digits", held_out=fraction))
+
+
+def test_a_negative_fraction_is_refused_when_the_setting_is_made() -> None:
+    with pytest.raises(UserError, match=r"--held-out -0\.1: must be at least 0"):
+        DataConfig(dataset="digits", held_out=-0.1)
 
 
 # --- split and resize -------------------------------------------------------------------------------
@@ -191,13 +209,30 @@ def test_mnist_download_only_when_asked(tmp_path: Path, monkeypatch: pytest.Monk
     assert (len(data.train), len(data.held_out)) == (3, 2)
 
 
-def test_real_mnist_split(shared_mnist: Path) -> None:
+def _idx_by_hand(path: Path) -> np.ndarray:
+    """The IDX3 file's images, parsed here from the format's definition (not by the loader's reader)."""
+    raw = gzip.decompress(path.read_bytes())
+    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def test_real_mnist_split_is_the_files_pixels_partitioned(shared_mnist: Path) -> None:
     data = load_dataset(DataConfig(dataset="mnist", root=str(shared_mnist), held_out=0.1))
-    assert data.train.shape == (9000, 1, 28, 28)
-    assert data.held_out.shape == (1000, 1, 28, 28)
-    assert data.train.max() == 255 and data.train.min() == 0
+    source = torch.from_numpy(_idx_by_hand(shared_mnist / "t10k-images-idx3-ubyte.gz").copy())[:, None]
+    assert data.train.shape == (9000, 1, 28, 28) and data.held_out.shape == (1000, 1, 28, 28)
+    # Every image of the file exactly once, on one side: the same pixels, none lost, none doubled.
+    assert _rows(data.train) + _rows(data.held_out) == _rows(source)
+    assert not (set(_rows(data.train)) & set(_rows(data.held_out))) - _duplicated(source)
+    again = load_dataset(DataConfig(dataset="mnist", root=str(shared_mnist), held_out=0.1))
+    other = load_dataset(DataConfig(dataset="mnist", root=str(shared_mnist), held_out=0.1, split_seed=1))
+    assert torch.equal(again.held_out, data.held_out) and not torch.equal(other.held_out, data.held_out)
     small = load_dataset(DataConfig(dataset="mnist", root=str(shared_mnist), held_out=0.1, image_size=16))
-    assert small.train.shape == (9000, 1, 16, 16) and small.image_size == 16
+    assert small.train.shape == (9000, 1, 16, 16) and torch.equal(small.train, resize(data.train, 16))
+
+
+def _duplicated(images: torch.Tensor) -> set[bytes]:
+    """Images that occur more than once in a source (they may sit on both sides of a split)."""
+    return {image for image, count in _rows(images).items() if count > 1}
 
 
 # --- npz ----------------------------------------------------------------------------------------------
@@ -225,9 +260,11 @@ def test_npz_layouts(tmp_path: Path, shape: tuple[int, ...], to_nchw) -> None:
 
 def test_npz_only_array_needs_no_key(tmp_path: Path) -> None:
     path = tmp_path / "x.npz"
-    np.savez(path, pixels=np.zeros((4, 2, 2), dtype=np.uint8))
+    pixels = _tiny_images(4, seed=8, size=(2, 2))
+    np.savez(path, pixels=pixels)
     data = load_dataset(DataConfig(dataset="npz", root=str(path), held_out=0.0))
-    assert data.train.shape == (4, 1, 2, 2)
+    assert data.train.shape == (4, 1, 2, 2) and len(data.held_out) == 0
+    assert _rows(data.train) == _rows(torch.from_numpy(pixels)[:, None])
 
 
 @pytest.mark.parametrize(
@@ -273,19 +310,27 @@ def test_folder_grayscale(tmp_path: Path) -> None:
 
 
 def test_folder_any_color_image_makes_all_rgb(tmp_path: Path) -> None:
-    _save(tmp_path / "a.png", _tiny_images(1, seed=0, size=(6, 6))[0])
-    _save(tmp_path / "b.png", _tiny_images(1, seed=1, size=(6, 6, 3))[0])
+    grey, colour = _tiny_images(1, seed=0, size=(6, 6))[0], _tiny_images(1, seed=1, size=(6, 6, 3))[0]
+    _save(tmp_path / "a.png", grey)
+    _save(tmp_path / "b.png", colour)
     data = load_dataset(DataConfig(dataset="folder", root=str(tmp_path), held_out=0.0))
     assert data.train.shape == (2, 3, 6, 6)
+    # The grey image in all three channels, the colour one as saved (PNG is lossless).
+    expected = torch.stack(
+        [torch.from_numpy(grey).expand(3, 6, 6), torch.from_numpy(colour).permute(2, 0, 1)]
+    )
+    assert _rows(data.train) == _rows(expected)
 
 
 def test_folder_mixed_sizes(tmp_path: Path) -> None:
-    _save(tmp_path / "a.png", _tiny_images(1, seed=0, size=(6, 6))[0])
-    _save(tmp_path / "b.png", _tiny_images(1, seed=1, size=(8, 8))[0])
+    a, b = _tiny_images(1, seed=0, size=(6, 6))[0], _tiny_images(1, seed=1, size=(8, 8))[0]
+    _save(tmp_path / "a.png", a)
+    _save(tmp_path / "b.png", b)
     with pytest.raises(UserError, match="--image-size"):
         load_dataset(DataConfig(dataset="folder", root=str(tmp_path)))
     data = load_dataset(DataConfig(dataset="folder", root=str(tmp_path), image_size=4))
-    assert torch.cat([data.train, data.held_out]).shape == (2, 1, 4, 4)
+    expected = [resize(torch.from_numpy(image)[None, None], 4)[0] for image in (a, b)]
+    assert _rows(torch.cat([data.train, data.held_out])) == _rows(torch.stack(expected))
 
 
 def test_folder_non_square_needs_image_size(tmp_path: Path) -> None:
@@ -347,9 +392,11 @@ def test_image_data_rejects_bad_tensors() -> None:
 
 def test_npy_file_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "images.npy"
-    np.save(path, np.zeros((4, 3, 3, 3), dtype=np.uint8))
+    images = _tiny_images(4, seed=9, size=(3, 3, 3))  # (N, H, W, C)
+    np.save(path, images)
     data = load_dataset(DataConfig(dataset="npz", root=str(path), held_out=0.25))
     assert data.train.shape == (3, 3, 3, 3) and data.held_out.shape == (1, 3, 3, 3)
+    assert _rows(data.train) + _rows(data.held_out) == _rows(torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
 def test_digits_read_from_the_bundled_file_are_scikit_learns() -> None:

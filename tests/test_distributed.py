@@ -148,6 +148,51 @@ def test_a_killed_rank_fails_the_run_within_the_timeout(tmp_path: Path) -> None:
     assert record.status == "failed" and len(record.step) >= 4
 
 
+def _failing_rank(config_json: str, out: Path, report: Path) -> None:
+    """Rank 0's own computation fails at its 3rd training forward (a bug, not a collective); rank 1
+    then waits for it in vain."""
+    ranks = distributed.from_environment()
+
+    def fail_on_rank_0(model: Glow) -> None:
+        calls = {"n": 0}
+
+        def hook(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+            calls["n"] += 1 if module.training else 0
+            if ranks.rank == 0 and calls["n"] == 3:
+                raise RuntimeError("a bug in rank 0's own forward")
+
+        model.levels[0].steps[0].actnorm.register_forward_hook(hook)
+
+    try:
+        train(RunConfig.from_json(config_json), out, instrument=fail_on_rank_0)
+    except Exception as error:  # what each rank would show: its type and first line
+        (report / f"rank{ranks.rank}.txt").write_text(f"{type(error).__name__}: {error}")
+
+
+def test_a_ranks_own_error_stays_an_error_and_only_the_waiting_rank_says_lost(tmp_path: Path) -> None:
+    config = RunConfig(
+        train=TrainConfig(batch_size=4, init_batches=2, steps=50, eval_every=0, dist_timeout=10.0)
+    )
+    distributed.launch(_failing_rank, 2, config.to_json(), tmp_path / "run", tmp_path)
+    own = (tmp_path / "rank0.txt").read_text()
+    assert own == "RuntimeError: a bug in rank 0's own forward"  # not relabelled as a lost peer
+    waiting = (tmp_path / "rank1.txt").read_text()
+    assert waiting.startswith("UserError: rank 1: another rank stopped answering") and "\n" not in waiting
+    assert read_run(tmp_path / "run" / RUN_FILE).status == "failed"
+
+
+def test_only_collective_failures_count_as_a_lost_peer() -> None:
+    gloo = "[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:5003"
+    assert distributed.lost_peer(RuntimeError(gloo))
+    assert distributed.lost_peer(
+        torch.distributed.DistBackendError("Watchdog caught collective operation timeout")
+    )
+    assert distributed.lost_peer(torch.distributed.DistNetworkError("Connection reset by peer"))
+    assert not distributed.lost_peer(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not distributed.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (timeout=3)"))
+    assert not distributed.lost_peer(torch.distributed.DistBackendError("NCCL error: unhandled cuda error"))
+
+
 def test_ablate_runs_each_cell_as_a_data_parallel_job(tmp_path: Path) -> None:
     import optuna
     from typer.testing import CliRunner

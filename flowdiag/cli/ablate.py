@@ -20,6 +20,7 @@ from flowdiag.ablation.spec import AblationSpec, check_ablation, parse_workers
 from flowdiag.ablation.storage_url import default_storage_url, display_url
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_default, with_trainer_options
+from flowdiag.cli.panels import help_panels
 from flowdiag.train.progress import ProgressSink
 
 # optuna, torch and the runner are imported only once every flag, file and setting has been checked:
@@ -273,6 +274,7 @@ def print_summary(rows: list[CellRow]) -> None:
     console.print(PEAKS_EXPLAINED)
 
 
+@help_panels(Ablation=("seeds", "workers", "storage", "study", "nproc_per_cell", "config"), Output=("out",))
 @with_trainer_options(as_lists=True, exclude=("seed",), defaults=ABLATION_DEFAULTS)
 @user_errors_exit_2
 def ablate_command(

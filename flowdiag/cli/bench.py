@@ -9,6 +9,7 @@ import typer
 from flowdiag.bench.parts import PARTS, parse_parts
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
+from flowdiag.cli.panels import help_panels
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import RunConfig
 from flowdiag.settings.options import apply_options, parse_scalars
@@ -24,6 +25,9 @@ def _positive_ints(flag: str, text: str) -> tuple[int, ...]:
     return values
 
 
+@help_panels(
+    Bench=("parts", "timed_steps", "blocks", "init_ms", "grid_steps", "startup_repeats", "nproc", "ddp_steps")
+)
 @with_trainer_options(as_lists=False)
 @user_errors_exit_2
 def bench_command(

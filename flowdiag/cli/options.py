@@ -40,7 +40,13 @@ def _typer_parameter(option: TrainerOption, *, as_lists: bool, default: Any) -> 
         if option.name == "stop_on_divergence":
             flag = "--stop-on-divergence/--keep-going"
         annotation: Any = Annotated[
-            bool | None, typer.Option(flag, help=with_default(option.help, default), show_default=False)
+            bool | None,
+            typer.Option(
+                flag,
+                help=with_default(option.help, default),
+                show_default=False,
+                rich_help_panel=option.panel,
+            ),
         ]
     else:
         listed = as_lists and option.listable
@@ -49,7 +55,11 @@ def _typer_parameter(option: TrainerOption, *, as_lists: bool, default: Any) -> 
         annotation = Annotated[
             str | None,
             typer.Option(
-                option.cli_flag, help=with_default(help_text, default), show_default=False, metavar=metavar
+                option.cli_flag,
+                help=with_default(help_text, default),
+                show_default=False,
+                metavar=metavar,
+                rich_help_panel=option.panel,
             ),
         ]
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)

@@ -14,6 +14,7 @@ from flowdiag.ablation.storage_url import default_storage_url, display_url
 from flowdiag.cli.ablate import INTERRUPTED_EXIT, Board, BoardSink, follow_workers
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
+from flowdiag.cli.panels import help_panels
 from flowdiag.settings.config import RunConfig
 from flowdiag.settings.options import apply_options, parse_scalars
 
@@ -42,6 +43,10 @@ def print_tuning(rows: list[TuneRow], best: TuneRow | None) -> None:
     console.print(table)
 
 
+@help_panels(
+    Ablation=("lam_min", "lam_max", "n_trials", "timeout", "storage", "study", "sampler_seed", "workers")
+)
+@help_panels(Output=("out",))
 @with_trainer_options(as_lists=False, exclude=("lam",))
 @user_errors_exit_2
 def tune_lambda_command(

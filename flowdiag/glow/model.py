@@ -27,7 +27,7 @@ from flowdiag.glow.layers import (
     unsqueeze,
 )
 from flowdiag.runtime.errors import UserError
-from flowdiag.settings.config import ModelConfig
+from flowdiag.settings.config import ModelConfig, geometry_error
 
 
 class FlowStep(nn.Module):
@@ -161,13 +161,11 @@ class Glow(nn.Module):
 
 
 def validate_model_config(config: ModelConfig) -> None:
-    """The geometry: ranges are `flowdiag.settings.config.validate_config`'s; this one needs the data's
-    image size."""
-    if config.image_size % (2**config.n_levels) != 0:
-        raise UserError(
-            f"image size {config.image_size} is not divisible by 2^L = {2**config.n_levels}: "
-            "use fewer --levels or pass --image-size"
-        )
+    """The geometry (flowdiag.settings.config.geometry_error): the ranges a config checks itself, but
+    this needs the data's image size."""
+    error = geometry_error(config.n_levels, config.image_size)
+    if error:
+        raise UserError(error)
 
 
 def dequantize(x: Tensor, n_bits: int = 8, noise: Tensor | None = None) -> Tensor:

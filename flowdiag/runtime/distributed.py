@@ -72,16 +72,38 @@ def start(ranks: Ranks, device: torch.device, timeout_s: float) -> None:
     )
 
 
+# What a collective says when another rank died or went silent (gloo, NCCL and the TCP store).
+_LOST_PEER = (
+    "timed out",
+    "timeout",
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "communicator was aborted",
+    "connection refused",
+)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank is gone or silent, rather
+    than an error of this rank's own (a bug, a full disk, a CUDA fault): only the first is relabelled
+    "another rank stopped answering"."""
+    if isinstance(error, dist.DistNetworkError | dist.DistStoreError):
+        return True
+    if not isinstance(error, dist.DistError) and "gloo" not in str(error).lower():
+        return False  # a RuntimeError of this rank's own computation, not of a collective
+    return any(pattern in str(error).lower() for pattern in _LOST_PEER)
+
+
+def first_line(error: BaseException, width: int = 160) -> str:
+    """An error's first line, cut to `width` characters: what fits in a one-line message."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:width] if lines else type(error).__name__
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def device_for(ranks: Ranks, device: torch.device) -> torch.device:
-    """One GPU per rank on a node: cuda:LOCAL_RANK."""
-    if ranks.enabled and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", ranks.local_rank)
-    return device
 
 
 Pool = Callable[[list[Tensor]], None]  # sums accumulators over data-parallel ranks, in place
@@ -204,5 +226,8 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> Callable[[Ten
     # The folded coupling convs give 1x1 conv weights (C, C, 1, 1) gradients whose strides differ from
     # the bucket's only along the size-1 dimensions: the same memory layout, so nothing to warn about.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    # Newer torch names `broadcast_buffers=False` deprecated in favour of `forward_sync_buffers`, which
+    # older releases lack; the buffers here never need a sync, so the old name says it on every torch.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(_LogDensity(model), device_ids=ids, broadcast_buffers=False)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from flowdiag.runtime.distributed import SINGLE, Ranks
 from flowdiag.runtime.errors import UserError
 
 
@@ -106,6 +107,16 @@ def resolve_device(name: str) -> torch.device:
         count = torch.cuda.device_count()
         raise UserError(f"--device {name}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
     return device
+
+
+def place(device: str, threads: int = 0, ranks: Ranks = SINGLE) -> torch.device:
+    """Where this process computes: torch's intra-op threads (`configure_threads`) and the device,
+    one GPU per rank on a node (cuda:LOCAL_RANK where `device` names no index)."""
+    configure_threads(threads)
+    resolved = resolve_device(device)
+    if ranks.enabled and resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", ranks.local_rank)
+    return resolved
 
 
 @contextmanager

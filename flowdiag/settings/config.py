@@ -1,10 +1,12 @@
 """Configs are data: one dataclass per concern, and each setting defined here once.
 
-A setting's type, default and choices are its field's; its flag, help, valid range and whether it
-only says where or how a run is done (placement) are the field's metadata. The command-line options
-(`flowdiag.settings.options`), the ablation grid, the TOML files and the validation all derive from these
-fields. Every HDF5 file and checkpoint carries `RunConfig.to_json()`, so a run can always be rebuilt
-from its own output.
+A setting's type, default and choices are its field's; its flag, help, valid range, help panel and
+whether it only says where or how a run is done (placement) are the field's metadata. The
+command-line options (`flowdiag.settings.options`), the ablation grid, the TOML files and the
+validation all derive from these fields. A config checks its ranges when it is made, so no code
+ever holds an invalid one, and the command line rejects a bad value before torch is imported.
+Every HDF5 file and checkpoint carries `RunConfig.to_json()`, so a run can always be rebuilt from
+its own output.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +36,12 @@ LARGEST_FINITE: dict[str, float] = {
     "fp16": 65504.0,
 }
 FORMAT_NAMES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# The panels `--help` groups options into, in the order it shows them. A setting's panel is its
+# section's unless its metadata names another.
+PANELS: tuple[str, ...] = ("Model", "Data", "Training", "Ablation", "Output")
+SECTION_PANELS: dict[str, str] = {"model": "Model", "data": "Data", "train": "Training"}
+# What `--device` accepts; whether this machine has that device is known only once torch is loaded.
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def setting(
@@ -44,6 +53,7 @@ def setting(
     above: float | None = None,
     listable: bool = True,
     placement: bool = False,
+    panel: str | None = None,
 ) -> Any:
     """A config field that is also a command-line option.
 
@@ -51,11 +61,21 @@ def setting(
     at_least / above: the valid range (inclusive / exclusive lower bound; floats must be finite);
     listable: may be a comma list, a grid axis, in `ablate`;
     placement: says where or how a run is done, not what it computes (device, data root, flush
-    interval): left out of an ablation study's identity and of what makes runs comparable.
+    interval): left out of an ablation study's identity and of what makes runs comparable;
+    panel: the `--help` panel, when not its section's (one of PANELS).
     """
     meta = {"help": help, "option": option, "at_least": at_least, "above": above}
-    meta |= {"listable": listable and not placement, "placement": placement}
+    meta |= {"listable": listable and not placement, "placement": placement, "panel": panel}
     return field(default=default, metadata=meta)
+
+
+def check_ranges(section: object) -> None:
+    """Every setting of one config section in its range; UserError names the flag and the fix."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        if "help" in f.metadata:
+            error = range_error(f, getattr(section, f.name))
+            if error:
+                raise UserError(error)
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,9 @@ class ModelConfig:
         "paper", "ActNorm init: paper 1/sqrt(var + eps), or official Glow's 1/(sqrt(var) + eps)."
     )
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -92,6 +115,9 @@ class DataConfig:
     split_seed: int = 0
     download: bool = setting(False, "Let torchvision download cifar10/celeba/mnist.", placement=True)
     image_size: int | None = setting(None, "Resize images to this many pixels a side.", at_least=1)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -121,17 +147,30 @@ class TrainConfig:
         at_least=0,
         placement=True,
     )
-    diagnostics: bool = setting(True, "Record per-layer diagnostics.", placement=True)
+    diagnostics: bool = setting(True, "Record per-layer diagnostics.", placement=True, panel="Output")
     checkpoint_every: int = setting(
-        0, "Steps between checkpoints (0: at the end).", at_least=0, placement=True
+        0,
+        "Steps between checkpoints; one is always saved before step 1 and at the end (0: only those).",
+        at_least=0,
+        placement=True,
+        panel="Output",
     )
-    flush_every: int = setting(50, "Steps between HDF5 flushes, at most.", at_least=1, placement=True)
-    flush_seconds: float = setting(2.0, "Seconds between HDF5 flushes, at most.", above=0, placement=True)
+    flush_every: int = setting(
+        50, "Steps between HDF5 flushes, at most.", at_least=1, placement=True, panel="Output"
+    )
+    flush_seconds: float = setting(
+        2.0, "Seconds between HDF5 flushes, at most.", above=0, placement=True, panel="Output"
+    )
     stop_on_divergence: bool = setting(True, "Stop at the NaN onset.", listable=False)
     # torch.compile of the model's log-density (the hooks are traced into the graph: every layer is
     # still recorded). The first step pays the compilation, a minute or more on CPU.
     compile: bool = setting(False, "torch.compile the model (first step compiles).", placement=True)
     sample_temperature: float = 0.7
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if not DEVICE_NAME.fullmatch(self.device):
+            raise UserError(f"--device {self.device!r} is not a device: use auto, cpu or cuda[:N]")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -170,6 +209,11 @@ def option_fields() -> Iterator[tuple[str, dataclasses.Field]]:
                 yield section, f
 
 
+def panel(section: str, f: dataclasses.Field) -> str:
+    """The `--help` panel a setting is shown in."""
+    return f.metadata["panel"] or SECTION_PANELS[section]
+
+
 def option_name(f: dataclasses.Field) -> str:
     return f.metadata["option"] or f.name
 
@@ -200,9 +244,19 @@ def range_error(f: dataclasses.Field, value: Any) -> str | None:
     return None
 
 
+def geometry_error(n_levels: int, image_size: int) -> str | None:
+    """Why images `image_size` pixels a side cannot pass L levels (each squeeze halves the side),
+    with the fix; None when they can."""
+    if image_size % (2**n_levels) != 0:
+        return (
+            f"image size {image_size} is not divisible by 2^L = {2**n_levels}: "
+            "use fewer --levels or pass --image-size"
+        )
+    return None
+
+
 def validate_config(config: RunConfig) -> None:
-    """Every setting in its range: the one validator the trainer, `ablate` and `tune-lambda` call."""
-    for section, f in option_fields():
-        error = range_error(f, getattr(getattr(config, section), f.name))
-        if error:
-            raise UserError(error)
+    """Every setting in its range. Each section checks itself when made; this checks again, for
+    callers that hold a config from elsewhere."""
+    for section in SECTIONS:
+        check_ranges(getattr(config, section))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flowdiag.runtime.errors import UserError
-from flowdiag.settings.config import SECTIONS, RunConfig, flag, option_fields, option_name, range_error
+from flowdiag.settings.config import SECTIONS, RunConfig, flag, option_fields, option_name, panel, range_error
 
 Kind = Literal["int", "float", "str", "bool", "choice"]
 
@@ -41,6 +41,11 @@ class TrainerOption:
     @property
     def placement(self) -> bool:
         return self.field.metadata["placement"]
+
+    @property
+    def panel(self) -> str:
+        """The `--help` panel it is shown in (flowdiag.settings.config.PANELS)."""
+        return panel(self.section, self.field)
 
     @property
     def cli_flag(self) -> str:

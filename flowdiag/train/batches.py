@@ -1,4 +1,5 @@
-"""A seeded, resumable stream of minibatch indices: a fresh permutation each epoch."""
+"""The training minibatches: a seeded, resumable stream of indices (a fresh permutation each epoch),
+and each rank's share of it on its device."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from flowdiag.runtime.distributed import SINGLE, Ranks
 
 
 class BatchStream:
@@ -51,3 +54,28 @@ class BatchStream:
         self._order = state["order"]
         self._position = state["position"]
         self.epoch = state["epoch"]
+
+
+class Batches:
+    """One rank's training minibatches, on its device: its slice of each global batch (batch size x
+    ranks) of one seeded stream, so ranks draw disjoint minibatches and one checkpointed stream
+    resumes them all."""
+
+    def __init__(
+        self, images: Tensor, batch_size: int, seed: int, device: torch.device, ranks: Ranks = SINGLE
+    ) -> None:
+        self.images = images
+        self.device = device
+        self.stream = BatchStream(len(images), batch_size * ranks.world, seed)
+        self._mine = slice(ranks.rank * batch_size, (ranks.rank + 1) * batch_size)
+
+    def next(self) -> Tensor:
+        """The next uint8 minibatch, on the device."""
+        indices = self.stream.next_indices()[self._mine]
+        return self.images[indices].to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flowdiag.runtime.atomic import write_atomically
 from flowdiag.runtime.errors import UserError
 
 
 def save_atomically(payload: dict[str, Any], path: Path) -> None:
-    """Write next to the target and rename, so a kill mid-write never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Put `payload` at `path` whole: a kill or a full disk mid-write leaves the previous file (and
+    no temporary one), and a saved checkpoint survives a power cut (flowdiag.runtime.atomic)."""
+    write_atomically(path, lambda handle: torch.save(payload, handle))
 
 
 def load_payload(path: Path, what: str) -> dict[str, Any]:

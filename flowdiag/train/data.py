@@ -2,16 +2,15 @@
 
 Pixels stay 8-bit here; reducing to `n_bits` and dequantizing belong to the objective. Every problem
 a user can fix raises `UserError` with one line that names it and the fix (CLI flags: `--dataset`,
-`--data-root`, `--download`, `--image-size`). Nothing is downloaded unless `download` is set.
-torchvision and scikit-learn are imported inside their loaders: importing this module stays cheap for
-the CLI, which only needs `DATASETS`.
+`--data-root`, `--download`, `--image-size`); what can be checked without reading the files is
+checked by `flowdiag.train.data_files`, which the CLI runs before it imports torch. Nothing is
+downloaded unless `download` is set. torchvision and scikit-learn are imported inside their loaders.
 """
 
 from __future__ import annotations
 
 import gzip
 import re
-import typing
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -25,12 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowdiag.runtime.errors import UserError
-from flowdiag.settings.config import DataConfig, Dataset
+from flowdiag.settings.config import DataConfig
+from flowdiag.train.data_files import check_source, require_root
 
 if TYPE_CHECKING:
     from PIL import Image
-
-DATASETS: tuple[str, ...] = typing.get_args(Dataset)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 MNIST_TRAIN = "train-images-idx3-ubyte"
@@ -70,17 +68,8 @@ class ImageData:
 
 def load_dataset(config: DataConfig) -> ImageData:
     """Load `config.dataset`, resize to `config.image_size` if set, and split off the held-out set."""
+    check_source(config)
     name = config.dataset
-    if name not in _LOADERS:
-        raise UserError(f"unknown data set {name!r}; pass --dataset with one of: {', '.join(DATASETS)}")
-    if not 0.0 <= config.held_out < 1.0:
-        raise UserError(
-            f"{name}: held-out fraction {config.held_out} is not in [0, 1); pass a value such as 0.1"
-        )
-    if config.image_size is not None and config.image_size < 1:
-        raise UserError(
-            f"{name}: image size {config.image_size} is not positive; pass --image-size 1 or more"
-        )
     train, held_out = _LOADERS[name](config)
     if config.image_size is not None:
         train, held_out = resize(train, config.image_size), resize(held_out, config.image_size)
@@ -139,17 +128,6 @@ def read_idx_images(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(dims)
 
 
-def _require_root(config: DataConfig, what: str) -> Path:
-    if config.root is None:
-        raise UserError(f"{config.dataset}: no data root given; pass --data-root pointing at {what}")
-    return Path(config.root).expanduser()
-
-
-def _require_existing(config: DataConfig, path: Path, hint: str) -> None:
-    if not path.exists():
-        raise UserError(f"{config.dataset}: {path} does not exist; {hint}")
-
-
 def _nchw(array: np.ndarray) -> Tensor:
     """uint8 NHWC (or NHW) numpy images as an NCHW tensor that owns its memory."""
     if array.ndim == 3:
@@ -192,9 +170,7 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 
 def _load_mnist(config: DataConfig) -> tuple[Tensor, Tensor]:
-    root = _require_root(config, "the folder that holds the MNIST IDX files")
-    if not config.download:
-        _require_existing(config, root, "pass --data-root pointing at the MNIST IDX files, or add --download")
+    root = require_root(config)
     train_path, test_path = _find_idx(root, MNIST_TRAIN), _find_idx(root, MNIST_TEST)
     if train_path is None and test_path is None and config.download:
         import torchvision
@@ -229,9 +205,7 @@ def _torchvision(config: DataConfig, expected: Path, build: Callable[[], T]) -> 
 def _load_cifar10(config: DataConfig) -> tuple[Tensor, Tensor]:
     import torchvision
 
-    root = _require_root(config, "the folder that holds cifar-10-batches-py")
-    if not config.download:
-        _require_existing(config, root, "pass --data-root pointing at the CIFAR-10 folder, or add --download")
+    root = require_root(config)
     parts = []
     for train in (True, False):
         dataset = _torchvision(
@@ -247,9 +221,7 @@ def _load_celeba(config: DataConfig) -> tuple[Tensor, Tensor]:
     import torchvision
     from torchvision.transforms.functional import center_crop
 
-    root = _require_root(config, "the folder that holds celeba/")
-    if not config.download:
-        _require_existing(config, root, "pass --data-root pointing at the CelebA folder, or add --download")
+    root = require_root(config)
     size = config.image_size or CELEBA_SIZE
     parts = []
     for which in ("train", "valid"):
@@ -284,8 +256,7 @@ def _open_image(path: Path) -> Image.Image:
 
 
 def _load_folder(config: DataConfig) -> tuple[Tensor, Tensor]:
-    root = _require_root(config, "a folder of image files")
-    _require_existing(config, root, "pass --data-root pointing at a folder of image files")
+    root = require_root(config)
     if not root.is_dir():
         raise UserError(
             f"folder: {root} is not a folder; pass --data-root pointing at a folder of image files"
@@ -313,8 +284,7 @@ def _load_folder(config: DataConfig) -> tuple[Tensor, Tensor]:
 
 
 def _load_npz(config: DataConfig) -> tuple[Tensor, Tensor]:
-    path = _require_root(config, "a .npz file with an 'images' array")
-    _require_existing(config, path, "pass --data-root pointing at a .npz file with an 'images' array")
+    path = require_root(config)
     try:
         # Our own handle: np.load leaks the file it opened when the zip turns out to be broken.
         with path.open("rb") as handle:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowdiag.runtime.atomic import write_atomically
+
 PADDING = 2
 
 
@@ -32,6 +34,8 @@ def image_grid(images: Tensor, nrow: int = 8) -> Tensor:
 
 
 def save_grid(images: Tensor, path: Path, nrow: int = 8) -> None:
+    """The grid as a PNG at `path`, put in place whole (flowdiag.runtime.atomic)."""
     from PIL import Image
 
-    Image.fromarray(image_grid(images, nrow).numpy()).save(path)
+    picture = Image.fromarray(image_grid(images, nrow).numpy())
+    write_atomically(path, lambda handle: picture.save(handle, format="PNG"))
