@@ -38,7 +38,7 @@ from flowdiag.ablation.spec import AblationSpec
 from flowdiag.ablation.storage import Reaper, default_storage_url
 from flowdiag.cli import app
 from flowdiag.record.store import read_run
-from flowdiag.runtime import environment
+from flowdiag.runtime import cores, environment
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import CELLS_FILE
 
@@ -733,12 +733,12 @@ def test_two_machines_on_one_postgres_study_cover_the_grid_once(
 
 
 def test_workers_auto_is_cells_left_capped_by_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(environment, "cpu_count", lambda: 2)
-    assert [environment.resolve_workers("auto", left) for left in (0, 1, 2, 5)] == [1, 1, 2, 2]
-    assert environment.resolve_workers("3", 1) == 3  # an explicit count is taken as given
+    monkeypatch.setattr(cores, "cpu_count", lambda: 2)
+    assert [cores.resolve_workers("auto", left) for left in (0, 1, 2, 5)] == [1, 1, 2, 2]
+    assert cores.resolve_workers("3", 1) == 3  # an explicit count is taken as given
     for bad in ("0", "-1", "two"):
         with pytest.raises(UserError, match="--workers"):
-            environment.resolve_workers(bad, 4)
+            cores.resolve_workers(bad, 4)
 
 
 def test_auto_workers_each_run_one_torch_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -746,7 +746,7 @@ def test_auto_workers_each_run_one_torch_thread(tmp_path: Path, monkeypatch: pyt
     out = tmp_path / "abl"
     result = invoke(*TINY, "--batch-size", "1", "--init-batches", "4,8", "--seeds", "0", "--out", str(out))
     assert result.exit_code == 0, result.output
-    workers = min(2, environment.cpu_count())
+    workers = min(2, cores.cpu_count())
     assert f"2 to run on {workers} worker(s)" in result.output
     trials = load(sqlite_url(out)).get_trials(states=COMPLETE)
     assert [t.user_attrs["torch_threads"] for t in trials] == [1, 1]

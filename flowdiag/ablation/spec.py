@@ -46,19 +46,6 @@ class TuneSpec:
         return json.dumps({"config": config, "lam_range": [self.lam_min, self.lam_max]}, sort_keys=True)
 
 
-def parse_workers(text: str) -> int | None:
-    """`--workers`: None for auto, else the positive count given."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        workers = int(text)
-    except ValueError:
-        workers = 0
-    if workers < 1:
-        raise UserError(f"--workers {text!r}: pass auto or a positive integer, e.g. --workers 2")
-    return workers
-
-
 def check_out(out: Path) -> None:
     """An --out that exists must be a folder (it is created only once everything else is checked)."""
     if out.exists() and not out.is_dir():

@@ -17,7 +17,8 @@ from flowdiag.bench.steps import time_steps
 from flowdiag.bench.sync_check import check_syncs
 from flowdiag.bench.workers import worker_startup
 from flowdiag.glow.model import Glow, validate_model_config
-from flowdiag.runtime.environment import configure_threads, cpu_count, resolve_device
+from flowdiag.runtime.cores import cpu_count
+from flowdiag.runtime.environment import configure_threads, resolve_device
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import RunConfig, validate_config
 from flowdiag.train.data import load_dataset

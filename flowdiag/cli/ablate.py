@@ -16,11 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from flowdiag.ablation.grid import ABLATION_DEFAULTS, CORE_AXES, build_grid, cell_key, cell_slug
-from flowdiag.ablation.spec import AblationSpec, check_ablation, parse_workers
+from flowdiag.ablation.spec import AblationSpec, check_ablation
 from flowdiag.ablation.storage_url import default_storage_url, display_url
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_default, with_trainer_options
 from flowdiag.cli.panels import help_panels
+from flowdiag.runtime.cores import parse_workers, resolve_workers
 from flowdiag.train.progress import ProgressSink
 
 # optuna, torch and the runner are imported only once every flag, file and setting has been checked:
@@ -328,7 +329,7 @@ def run_ablation(spec: AblationSpec, workers: str) -> None:
     """Queue, run and summarize; exit 1 when cells are left without a result, 130 when stopped."""
     from flowdiag.ablation.runner import prepare, publish_cells
     from flowdiag.ablation.summary import summarize
-    from flowdiag.runtime.environment import configure_launcher, resolve_workers
+    from flowdiag.runtime.environment import configure_launcher
 
     configure_launcher()  # no thread pool may exist when it forks workers
     optuna_study, report, data = prepare(spec)

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from flowdiag.ablation.spec import TuneSpec, check_tuning, parse_workers
+from flowdiag.ablation.spec import TuneSpec, check_tuning
 from flowdiag.ablation.storage_url import default_storage_url, display_url
 from flowdiag.cli.ablate import INTERRUPTED_EXIT, Board, BoardSink, follow_workers
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
 from flowdiag.cli.panels import help_panels
+from flowdiag.runtime.cores import parse_workers, resolve_workers
 from flowdiag.settings.config import RunConfig
 from flowdiag.settings.options import apply_options, parse_scalars
 
@@ -92,7 +93,7 @@ def tune_lambda_command(
 def run_tune(spec: TuneSpec, workers: str) -> None:
     """Open or resume the study, run trials on the board, print the table and the best λ."""
     from flowdiag.ablation.tune import best_lambda, open_tuning, publish_runs, tuning_rows
-    from flowdiag.runtime.environment import configure_launcher, resolve_workers
+    from flowdiag.runtime.environment import configure_launcher
 
     configure_launcher()  # no thread pool may exist when it forks workers
     optuna_study, data = open_tuning(spec)

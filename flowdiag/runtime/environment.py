@@ -27,14 +27,6 @@ from flowdiag.runtime.distributed import SINGLE, Ranks
 from flowdiag.runtime.errors import UserError
 
 
-def cpu_count() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def configure_threads(requested: int = 0) -> int:
     """Set torch's intra-op threads; returns the number in force.
 
@@ -52,19 +44,6 @@ def configure_launcher() -> None:
     says. An OpenMP thread pool that exists when a process forks leaves the child hanging at its first
     parallel region (seen: OMP_NUM_THREADS set, every forked worker stuck), so none may exist."""
     torch.set_num_threads(1)
-
-
-def resolve_workers(text: str, jobs_left: int, per_worker: int = 1) -> int:
-    """`--workers auto` (min(jobs left, cores / processes per job), at least one) or a positive integer."""
-    if text.strip().lower() == "auto":
-        return max(1, min(jobs_left, cpu_count() // per_worker))
-    try:
-        workers = int(text)
-    except ValueError:
-        workers = 0
-    if workers < 1:
-        raise UserError(f"--workers {text!r}: pass auto or a positive integer, e.g. --workers 2")
-    return workers
 
 
 def process_context() -> multiprocessing.context.BaseContext:
