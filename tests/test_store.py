@@ -41,18 +41,25 @@ def make_writer(path: Path, **kwargs: object) -> RunWriter:
     return RunWriter(path, layer_names=NAMES, layer_kinds=KINDS, **options)  # type: ignore[arg-type]
 
 
-def row(step: int) -> dict[str, object]:
-    """Every value a function of the step, so a read-back row shows which step it came from."""
+def row(step: int, flagged: bool = False) -> dict[str, object]:
+    """Every value a function of the step, so a read-back row shows which step it came from. A layer in
+    three did not run (NaN, never flagged); `flagged`: the last layer's output is inf."""
     columns = np.arange(N)
+    ran = (step + columns) % 3 != 0
+    max_abs = np.where(ran, step + columns + 0.5, np.nan)
+    nonfinite = np.zeros(N, bool)
+    if flagged:
+        max_abs[-1], nonfinite[-1], ran[-1] = np.inf, True, True
     return {
         "loss": 0.5 * step,
         "bpd": step + 0.25,
         "penalty": 1e-3 * step,
         "grad_norm": 2.0 * step,
         "lr": 1e-4 * step,
-        "max_abs": step + columns + 0.5,
-        "logdet": -(step + columns) - 0.25,
-        "nonfinite": (step + columns) % 3 == 0,
+        "max_abs": max_abs,
+        "logdet": np.where(ran, -(step + columns) - 0.25, np.nan),
+        "nonfinite": nonfinite,
+        "ran": ran,
     }
 
 
@@ -61,12 +68,12 @@ def append_steps(writer: RunWriter, steps: range) -> None:
         writer.append_step(step, **row(step))  # type: ignore[arg-type]
 
 
-def assert_rows(record: store.RunRecord, steps: np.ndarray) -> None:
+def assert_rows(record: store.RunRecord, steps: np.ndarray, flagged_from: int = 0) -> None:
     np.testing.assert_array_equal(record.step, steps)
-    expected = [row(int(s)) for s in steps]
+    expected = [row(int(s), flagged_from > 0 and s >= flagged_from) for s in steps]
     for name in ("loss", "bpd", "penalty", "grad_norm", "lr"):
         np.testing.assert_array_equal(getattr(record, name), [r[name] for r in expected])
-    for name in ("max_abs", "logdet", "nonfinite"):
+    for name in ("max_abs", "logdet", "nonfinite", "ran"):
         np.testing.assert_array_equal(
             getattr(record, name), np.array([r[name] for r in expected]).reshape(-1, N)
         )
@@ -83,7 +90,9 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
         ["a", "b.net.actnorm", "c"], [-1.0, -2.0, -3.0], [1.0, 2.0, 3.0], [0.0, 1e-3, 2.5], [256, 256, 1024]
     )
     for step in range(1, 301):
-        writer.append_step(step, **row(step))  # type: ignore[arg-type]
+        writer.append_step(step, **row(step, flagged=step >= 290))  # type: ignore[arg-type]
+        if step == 290:
+            writer.set_status("running", onset_step=290, onset_layer=NAMES[-1])
         if step % 50 == 0:
             writer.append_eval(step, 3.0 - step / 1000)
     assert writer.n_steps == 300
@@ -94,8 +103,8 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
     assert record.version == "9.9.9"
     assert record.config == config.to_dict()
     assert RunConfig.from_dict(record.config) == config
-    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == ("diverged", -1, "")
-    assert_rows(record, np.arange(1, 301))
+    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == ("diverged", 290, NAMES[-1])
+    assert_rows(record, np.arange(1, 301), flagged_from=290)
     assert record.step.dtype == np.int64
     assert {getattr(record, n).dtype for n in ("loss", "bpd", "penalty", "grad_norm", "lr")} == {
         np.dtype(np.float64)
@@ -176,11 +185,12 @@ def test_rows_are_readable_after_each_flush_before_close(tmp_path: Path) -> None
 def test_set_status_writes_buffered_rows_and_onset_at_once(tmp_path: Path) -> None:
     path = tmp_path / "run.h5"
     writer = make_writer(path, flush_every=50)
-    append_steps(writer, range(1, 4))
-    writer.set_status("running", onset_step=3, onset_layer="level0.step0.coupling")
+    append_steps(writer, range(1, 3))
+    writer.append_step(3, **row(3, flagged=True))  # type: ignore[arg-type]
+    writer.set_status("running", onset_step=3, onset_layer=NAMES[-1])
     record = read_run(path)
-    assert_rows(record, np.arange(1, 4))
-    assert (record.nan_onset_step, record.nan_onset_layer) == (3, "level0.step0.coupling")
+    assert_rows(record, np.arange(1, 4), flagged_from=3)
+    assert (record.nan_onset_step, record.nan_onset_layer) == (3, NAMES[-1])
 
 
 _READER = """
@@ -360,17 +370,14 @@ def test_a_file_from_before_the_counts_and_fixed_width_text_reads_and_resumes(tm
     assert_rows(read_run(path), np.arange(1, 6))
     assert read_run(path).init is not None
     resumed = RunWriter.open_existing(path)
-    append_steps(resumed, range(6, 8))
-    resumed.set_status("diverged", onset_step=7, onset_layer="level0.step0.coupling")
+    append_steps(resumed, range(6, 7))
+    resumed.append_step(7, **row(7, flagged=True))  # type: ignore[arg-type]
+    resumed.set_status("diverged", onset_step=7, onset_layer=NAMES[-1])
     resumed.close()
     record = read_run(path)
-    assert_rows(record, np.arange(1, 8))
+    assert_rows(record, np.arange(1, 8), flagged_from=7)
     assert record.init is not None and record.init["name"] == ["a"]
-    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == (
-        "diverged",
-        7,
-        "level0.step0.coupling",
-    )
+    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == ("diverged", 7, NAMES[-1])
 
 
 def test_text_attributes_fit_the_longest_layer_name_and_change_in_place(tmp_path: Path) -> None:
@@ -494,10 +501,10 @@ def test_truncate_after_drops_later_steps_evals_and_onset(tmp_path: Path) -> Non
     path = tmp_path / "run.h5"
     writer = make_writer(path, flush_every=8)
     for step in range(1, 101):
-        writer.append_step(step, **row(step))  # type: ignore[arg-type]
+        writer.append_step(step, **row(step, flagged=step >= 90))  # type: ignore[arg-type]
         if step % 25 == 0:
             writer.append_eval(step, step / 10)
-    writer.set_status("running", onset_step=90, onset_layer="level0.step0.invconv")
+    writer.set_status("running", onset_step=90, onset_layer=NAMES[-1])
     writer.truncate_after(60)
     assert writer.n_steps == 60
     record = read_run(path)

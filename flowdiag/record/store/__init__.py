@@ -7,11 +7,16 @@ place (fixed-width text), and closes. A run killed at any moment (SIGKILL, the O
 leaves a file that opens and holds every row up to its last complete flush, each exact: readers read no
 more than the counts say (tests/test_crash.py). The file is made under a hidden name and put in place
 whole. Other processes can read the file while the run goes on.
+
+Reading: `open_run` gives a run's head (attributes, layers, counts) and its rows a block at a time, so
+that a run of any length is read in bounded memory; `read_run` reads a whole (short) run into a
+RunRecord. Writing: `RunWriter`, one row (`append_step`) or a block of rows (`append_steps`) at a time.
 """
 
 from flowdiag.record.store.inverse_rows import InverseRecord, InverseRow
 from flowdiag.record.store.layout import FORMAT_VERSION, LAYER_KINDS, STATUSES
-from flowdiag.record.store.reader import RunRecord, bytes_per_step, is_run_file, read_run
+from flowdiag.record.store.reader import RunRecord, bytes_per_step, is_run_file, read_run, record_of
+from flowdiag.record.store.scan import RunFile, RunHead, StepBlock, open_run, read_evals, read_head
 from flowdiag.record.store.writer import NullWriter, RunWriter
 
 __all__ = [
@@ -21,9 +26,16 @@ __all__ = [
     "InverseRecord",
     "InverseRow",
     "NullWriter",
+    "RunFile",
+    "RunHead",
     "RunRecord",
     "RunWriter",
+    "StepBlock",
     "bytes_per_step",
     "is_run_file",
+    "open_run",
+    "read_evals",
+    "read_head",
     "read_run",
+    "record_of",
 ]
