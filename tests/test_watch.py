@@ -3,8 +3,8 @@ diverged ones first, piped output is plain text ending in a newline, and bad inp
 
 from __future__ import annotations
 
-import dataclasses
 import io
+import json
 import math
 import subprocess
 import sys
@@ -17,10 +17,10 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from flowdiag.ablation.grid import cell_key, cell_slug
 from flowdiag.cli.watch import watch_command
-from flowdiag.record.store import RunWriter, read_run
-from flowdiag.report.watch import read_queue, watch
+from flowdiag.record.store import RunWriter
+from flowdiag.report.study_cells import read_cells
+from flowdiag.report.watch import read_tail, watch
 from flowdiag.report.watch_data import (
     SPARK,
     bucket_means,
@@ -31,6 +31,7 @@ from flowdiag.report.watch_data import (
     watch_snapshot,
 )
 from flowdiag.report.watch_view import snapshot_lines, snapshot_view, summary_line
+from flowdiag.runtime.files import CELLS_FILE
 from flowdiag.settings.config import RunConfig, TrainConfig
 
 NAMES = [f"levels.{lv}.steps.0.{kind}" for lv in range(2) for kind in ("actnorm", "invconv", "coupling")]
@@ -89,28 +90,10 @@ def write_run(
     return run_dir / "run.h5"
 
 
-def add_study(out: Path, queued: dict[str, dict[str, object]]) -> None:
-    """An Optuna study as the ablation runner leaves it: one trial per cell, {state: cell}."""
-    import optuna  # only this fixture needs it
-    from optuna.distributions import IntDistribution
-    from optuna.trial import TrialState, create_trial
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="s")
-    for state, cell in queued.items():
-        study.add_trial(
-            create_trial(
-                state=TrialState[state],
-                params={"seed": cell["seed"]},
-                distributions={"seed": IntDistribution(int(cell["seed"]), int(cell["seed"]))},  # type: ignore[call-overload]
-                user_attrs={"cell": cell_key(cell)},
-                value=1.0 if state == "COMPLETE" else None,
-            )
-        )
-
-
-def cell(m: int, seed: int) -> dict[str, object]:
-    return {"init_batches": m, "lam": 0.0, "batch_size": 1, "seed": seed}
+def add_cells(out: Path, cells: dict[str, str], running: int = 0) -> None:
+    """The cells file an ablation runner publishes (runtime.files.CELLS_FILE), as its contract says."""
+    data = {"format": 1, "study": "s", "kind": "ablation", "updated": 1.0, "running": running, "cells": cells}
+    (out / CELLS_FILE).write_text(json.dumps(data), encoding="utf-8")
 
 
 @pytest.fixture
@@ -159,7 +142,7 @@ def test_run_name_is_the_cell_folder(tmp_path: Path) -> None:
 
 def test_folder_snapshot_puts_diverged_first_with_the_files_numbers(mixed: Path) -> None:
     files = sorted((mixed / "runs").glob("*/run.h5"))
-    records = [(f.parent.name, read_run(f)) for f in files]
+    records = [(f.parent.name, read_tail(f)) for f in files]
     snap = watch_snapshot(mixed, records, queued=[("d-queued", "waiting"), ("b-completed", "waiting")])
     assert [c.name for c in snap.cells] == ["c-diverged", "a-running", "d-queued", "b-completed"]
     diverged, running, queued, completed = snap.cells
@@ -181,31 +164,33 @@ def test_folder_snapshot_puts_diverged_first_with_the_files_numbers(mixed: Path)
 
 
 def test_run_view_has_rate_eta_trend_and_the_init_phase(tmp_path: Path) -> None:
-    record = read_run(write_run(tmp_path / "r", steps=12, status="running"))
-    record = dataclasses.replace(record, wall_time=np.arange(12) * 0.25)  # 4 steps/s
-    view = run_view(record, "r")
+    tail = read_tail(write_run(tmp_path / "r", steps=12, status="running"))
+    tail = tail._replace(rows=tail.rows._replace(wall_time=np.arange(12) * 0.25))  # 4 steps/s
+    view = run_view(tail, "r")
     assert (view.step, view.total_steps, view.bpd) == (12, STEPS, bpd_at(12))
     assert view.steps_per_s == pytest.approx(4.0) and view.eta_s == pytest.approx((STEPS - 12) / 4.0)
     assert view.bpd_history == tuple(bpd_at(s) for s in range(1, 13))
     assert [p.name for p in view.top_layers] == NAMES[::-1][:5]  # max |output| grows with the column
     expected = math.log10(max_abs_row(12)[-1]) - math.log10(max_abs_row(2)[-1])  # over the last 10 rows
     assert view.top_layers[0].trend == pytest.approx(expected, rel=1e-5)
-    ended = run_view(dataclasses.replace(record, status="completed"), "r")
+    ended = run_view(tail._replace(head=tail.head._replace(status="completed")), "r")
     assert math.isnan(ended.eta_s)  # no ETA once the run ended
-    init = read_run(write_run(tmp_path / "i", steps=0, status="running", m=256, phase="init"))
+    init = read_tail(write_run(tmp_path / "i", steps=0, status="running", m=256, phase="init"))
     snap = watch_snapshot(tmp_path / "i", [("i", init)], single=True)
     assert snap.run is not None and snap.run.phase == "init" and snap.cells[0].status == "running"
     assert "ActNorm init over M = 256 batches" in "\n".join(snapshot_lines(snap))
 
 
-def test_read_queue_reads_the_studys_waiting_and_running_cells(tmp_path: Path) -> None:
-    add_study(tmp_path, {"WAITING": cell(1, 0), "RUNNING": cell(4, 1), "COMPLETE": cell(16, 2)})
-    queued, running = read_queue(tmp_path / "study.db")  # type: ignore[misc]
-    assert sorted(queued) == [(cell_slug(cell(1, 0)), "waiting"), (cell_slug(cell(4, 1)), "starting")]
-    assert running == 1
-    assert read_queue(tmp_path / "absent.db") is None
-    (tmp_path / "junk.db").write_bytes(b"not sqlite" * 10)
-    assert read_queue(tmp_path / "junk.db") is None
+def test_the_cells_file_reads_as_its_contract_says_and_bad_ones_read_as_none(tmp_path: Path) -> None:
+    add_cells(tmp_path, {"a": "waiting", "b": "running", "c": "done", "d": "exploded"}, running=1)
+    cells = read_cells(tmp_path)
+    assert cells is not None and cells.running == 1 and cells.kind == "ablation"
+    assert cells.cells == {"a": "waiting", "b": "running", "c": "done"}  # an unknown state is left out
+    assert cells.without_file({"c"}) == [("a", "waiting"), ("b", "starting")]
+    for text in ('{"format": 2, "cells": {}}', '{"format": 1, "cells": {"a": "wait', "[]", ""):
+        (tmp_path / CELLS_FILE).write_text(text)
+        assert read_cells(tmp_path) is None, text  # another format, a partial file, not an object
+    assert read_cells(tmp_path / "absent") is None
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -228,9 +213,9 @@ def test_once_on_a_run_folder(tmp_path: Path) -> None:
 
 
 def test_once_on_an_ablation_folder_one_line_per_cell(mixed: Path) -> None:
-    add_study(mixed, {"WAITING": cell(256, 9), "COMPLETE": cell(1, 0)})
+    add_cells(mixed, {"M256-seed9": "waiting", "b-completed": "done", "c-diverged": "done"})
     lines = _assert_plain(cli(str(mixed), "--once"))
-    names = ["c-diverged", "a-running", cell_slug(cell(256, 9)), "b-completed"]
+    names = ["c-diverged", "a-running", "M256-seed9", "b-completed"]
     body = [line for line in lines if any(line.startswith(n + " ") for n in names)]
     assert [line.split()[0] for line in body] == names  # one line each, diverged first
     assert "step 7/20" in body[0] and "inf" in body[0] and ONSET_LAYER in body[0]
@@ -282,10 +267,10 @@ def test_watch_follows_a_run_until_another_process_ends_it(tmp_path: Path, termi
 def test_snapshot_view_draws_a_folder_and_a_run(mixed: Path) -> None:
     console = Console(file=io.StringIO(), width=160)
     files = sorted((mixed / "runs").glob("*/run.h5"))
-    console.print(snapshot_view(watch_snapshot(mixed, [(f.parent.name, read_run(f)) for f in files])))
-    console.print(snapshot_view(watch_snapshot(files[0], [("a", read_run(files[0]))], single=True)))
+    console.print(snapshot_view(watch_snapshot(mixed, [(f.parent.name, read_tail(f)) for f in files])))
+    console.print(snapshot_view(watch_snapshot(files[0], [("a", read_tail(files[0]))], single=True)))
     output = console.file.getvalue()  # type: ignore[attr-defined]
-    assert "c-diverged" in output and "peak max |output|" in output and "trend" in output
+    assert "c-diverged" in output and "recent peak max |output|" in output and "trend" in output
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:

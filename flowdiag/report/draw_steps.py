@@ -22,6 +22,7 @@ from flowdiag.report.canvas import (
 )
 from flowdiag.report.cells import LambdaPoint
 from flowdiag.report.curves import BpdFigureData, PenaltyCurves, use_log_scale
+from flowdiag.report.runs import given
 
 _MAX_CONV_LEGEND = 8
 
@@ -76,12 +77,13 @@ def _whole_step_ticks(axes: Axes) -> None:
 
 
 def _penalty_axes(axes: Axes, curves: PenaltyCurves) -> None:
-    axes.plot(curves.steps, curves.penalty, color="black", linewidth=1.2)
-    if use_log_scale(curves.penalty):
+    axes.plot(curves.penalty.steps, curves.penalty.values, color="black", linewidth=1.2)
+    if use_log_scale(curves.penalty.values):
         axes.set_yscale("log")
     axes.set_xlabel("training step")
     axes.set_ylabel("Σ (h·w·Σlog|u|)²  (nats²)")
-    axes.set_title(f"{curves.label}: penalty before λ (λ = {curves.lam:g})", fontsize="medium")
+    lam = given(curves.lam, "λ", "{:g}").replace("=", " = ")
+    axes.set_title(f"{curves.label}: penalty before λ ({lam})", fontsize="medium")
     axes.grid(alpha=0.3)
     _whole_step_ticks(axes)
 
@@ -89,9 +91,9 @@ def _penalty_axes(axes: Axes, curves: PenaltyCurves) -> None:
 def _conv_axes(axes: Axes, curves: PenaltyCurves) -> None:
     n = len(curves.conv_names)
     cmap = colormaps["viridis"]
-    for j, name in enumerate(curves.conv_names):
+    for j, (name, series) in enumerate(zip(curves.conv_names, curves.conv_logdet, strict=True)):
         color = cmap(j / max(n - 1, 1))
-        axes.plot(curves.steps, curves.conv_logdet[:, j], color=color, linewidth=1.0, label=name)
+        axes.plot(series.steps, series.values, color=color, linewidth=1.0, label=name)
     axes.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
     axes.set_xlabel("training step")
     axes.set_ylabel("h·w·Σlog|u| per 1x1 conv (nats)")
