@@ -16,6 +16,7 @@ from typing import NamedTuple
 from flowdiag.record.store import RunHead, open_run, read_head
 from flowdiag.report.diagnose import diagnose
 from flowdiag.report.digest import RunDigest, digest_run
+from flowdiag.report.event_file import EventFile
 from flowdiag.report.export_events import EventRows, TensorBoard, auto_stride, base_time
 from flowdiag.report.runs import NOT_GIVEN, best_eval_bpd, find_runs, is_diverged, onset_step
 from flowdiag.report.watch_data import run_name
@@ -113,13 +114,15 @@ def diagnosis_markdown(run: RunDigest) -> str:
 
 def _tensorboard() -> TensorBoard:
     try:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+        from flowdiag.report import tb_summaries as builders  # tensorboard's protos: here, not above
     except ImportError:
         raise UserError(
             f"exporting to TensorBoard needs the tensorboard package: {INSTALL_TENSORBOARD}"
         ) from None
-    return TensorBoard(SummaryWriter, Summary)
+    return TensorBoard(Event, Summary, HistogramProto, builders)
 
 
 def _event_files(folder: Path) -> list[Path]:
@@ -160,19 +163,28 @@ def _export_run(
         old.unlink()
     with open_run(file) as run:
         step = stride or auto_stride(run.head.n_rows, run.head.layer_names)
-        writer = tb.summary_writer(log_dir=str(target))
+        events = EventFile(target, tb.event)
         try:
             tell = None if progress is None else lambda done, total: progress(name, done, total)
-            rows = EventRows(tb, writer, run, step, base_time(run, file)).write(tell)
-            head = run.head
-            text_step = head.nan_onset_step if head.nan_onset_step >= 0 else head.last_step
-            writer.add_text("diagnosis", diagnosis_markdown(digest), text_step)
-            writer.add_text("onset", onset_text(head), text_step)
-            # run_name ".": the hparams go into this run's own directory, not a timestamped one below it.
-            writer.add_hparams(run_hparams(head), run_outcome(digest), run_name=".")
+            rows = EventRows(tb, events, run, step, base_time(run, file)).write(tell)
+            _summaries(tb, events, digest)
         finally:
-            writer.close()
+            events.close()
     return ExportedRun(name, file, target, rows, run.head.status, step)
+
+
+def _summaries(tb: TensorBoard, events: EventFile, digest: RunDigest) -> None:
+    """The diagnosis and the onset as text, and the hparams with the outcome (the HParams view)."""
+    head = digest.head
+    text_step = head.nan_onset_step if head.nan_onset_step >= 0 else head.last_step
+    events.add(tb.builders.text("diagnosis", diagnosis_markdown(digest)), text_step, None)
+    events.add(tb.builders.text("onset", onset_text(head)), text_step, None)
+    outcome = run_outcome(digest)
+    for part in tb.builders.hparams(run_hparams(head), outcome):  # experiment, session start, end
+        events.add(part, 0, None)
+    value = tb.summary.Value
+    for tag, number in outcome.items():  # the metrics the HParams view shows, as scalars
+        events.add(tb.summary(value=[value(tag=tag, simple_value=number)]), 0, None)
 
 
 def export_tensorboard(

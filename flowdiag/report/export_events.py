@@ -20,6 +20,7 @@ import numpy as np
 from flowdiag.record.store import RunFile, StepBlock
 from flowdiag.record.store.scan import block_rows
 from flowdiag.report.decimate import bucket_ends, pool_any, pool_extremes
+from flowdiag.report.event_file import MAX_VALUES, EventFile
 
 SCALARS = ("loss", "bpd", "penalty", "grad_norm", "lr")
 PEAK_TAG = "train/max_abs"  # the largest |output| over all layers, at every step
@@ -28,12 +29,19 @@ HISTOGRAM_TAG = "layers/log10_max_abs"  # all layers; per level: HISTOGRAM_TAG/<
 # The per-layer events' share of a run's event files. Measured: a value costs its tag and about 12
 # bytes (value, framing), so 288 layers' two series take ~29 kB a pooled step.
 LAYER_BUDGET_BYTES = 100 * 2**20
+# Histograms per tag at most: each costs a millisecond to make and a kB or two of events, and
+# TensorBoard's histogram view shows a few hundred. Short runs get one per step (or per stride).
+MAX_HISTOGRAMS = 500
 Progress = Callable[[int, int], None]  # (rows done, rows in all) after each block
 
 
 class TensorBoard(NamedTuple):
-    summary_writer: Any  # torch.utils.tensorboard.SummaryWriter
+    """What export needs of the tensorboard package (and torch's builders of its summaries)."""
+
+    event: Any  # the Event protobuf message
     summary: Any  # the Summary protobuf message
+    histogram: Any  # the HistogramProto message
+    builders: Any  # report.tb_summaries: the text and hparams summaries
 
 
 def auto_stride(n_rows: int, layer_names: list[str]) -> int:
@@ -73,14 +81,28 @@ def log10_finite(values: np.ndarray) -> np.ndarray:
     return np.log10(v[np.isfinite(v) & (v > 0)])
 
 
+HISTOGRAM_BINS = 30
+
+
+def histogram(tb: TensorBoard, values: np.ndarray) -> Any:
+    """A HistogramProto of `values` (finite): 30 equal bins between their min and max."""
+    counts, edges = np.histogram(values, bins=HISTOGRAM_BINS)
+    return tb.histogram(
+        min=float(values.min()), max=float(values.max()), num=float(values.size), sum=float(values.sum()),
+        sum_squares=float(np.square(values).sum()), bucket_limit=edges[1:].tolist(), bucket=counts.tolist(),
+    )  # fmt: skip
+
+
 class EventRows:
-    """Writes the step rows of one run through a SummaryWriter, block by block."""
+    """Writes the step rows of one run into its event file, a block at a time."""
 
     def __init__(
-        self, tb: TensorBoard, writer: Any, run: RunFile, stride: int, base_time: float | None
+        self, tb: TensorBoard, events: EventFile, run: RunFile, stride: int, base: float | None
     ) -> None:
-        self.tb, self.writer, self.run, self.stride = tb, writer, run, stride
-        self.base_time = base_time  # unix time of wall_time 0; None: TensorBoard stamps now
+        self.tb, self.events, self.run, self.stride = tb, events, run, stride
+        self.base_time = base  # unix time of wall_time 0; None: the events are stamped now
+        # A histogram every `every` pooled steps: a whole number of strides, at most MAX_HISTOGRAMS.
+        self.every = max(1, math.ceil(run.head.n_rows / stride / MAX_HISTOGRAMS))
         head = run.head
         self.layer_tags = {
             series: [f"layers/{series}/{name}" for name in head.layer_names] for series in LAYER_SERIES
@@ -94,14 +116,17 @@ class EventRows:
         head = self.run.head
         done = 0
         for block in self.run.blocks(block_rows(len(head.layer_names), multiple=self.stride)):
-            times = self._times(block)
-            self._block(block, times)
+            self._block(block, self._times(block))
+            self.events.flush()
             done += len(block.step)
             if progress is not None:
                 progress(done, head.n_rows)
+        value = self.tb.summary.Value
         for i, (step, bpd) in enumerate(zip(self.eval_step, self.eval_bpd, strict=True)):
             wall = float(self.eval_times[i]) if math.isfinite(self.eval_times[i]) else None
-            self.writer.add_scalar("eval/bpd", float(bpd), int(step), walltime=wall)
+            self.events.add(
+                self.tb.summary(value=[value(tag="eval/bpd", simple_value=float(bpd))]), step, wall
+            )
         return done
 
     def _times(self, block: StepBlock) -> np.ndarray | None:
@@ -115,36 +140,38 @@ class EventRows:
 
     def _block(self, block: StepBlock, times: np.ndarray | None) -> None:
         value, summary = self.tb.summary.Value, self.tb.summary
-        scalars = np.column_stack([*(getattr(block, name) for name in SCALARS), row_peaks(block)])
+        scalars = np.column_stack([*(getattr(block, name) for name in SCALARS), row_peaks(block)]).tolist()
         tags = [f"train/{name}" for name in SCALARS] + [PEAK_TAG]
-        pooled = {
-            "max_abs": pool_extremes(block.max_abs, block.ran, self.stride),
-            "logdet": pool_extremes(block.logdet, block.ran, self.stride, far=True),
-        }
+        walls = [None] * len(block.step) if times is None else times.tolist()
+        for step, row, wall in zip(block.step.tolist(), scalars, walls, strict=True):
+            values = [value(tag=tag, simple_value=v) for tag, v in zip(tags, row, strict=True)]
+            self.events.add(summary(value=values), step, wall)
+        pooled_max = pool_extremes(block.max_abs, block.ran, self.stride)
+        pooled_log = pool_extremes(block.logdet, block.ran, self.stride, far=True)
         ran = pool_any(block.ran, self.stride)
-        ends = {int(row): j for j, row in enumerate(bucket_ends(len(block.step), self.stride))}
-        for i, step in enumerate(block.step.tolist()):
-            values = [value(tag=tag, simple_value=float(v)) for tag, v in zip(tags, scalars[i], strict=True)]
-            j = ends.get(i)
-            if j is not None:
-                for series, tags_of in self.layer_tags.items():
-                    row = pooled[series][j]
-                    values += [
-                        value(tag=tags_of[k], simple_value=float(row[k])) for k in np.flatnonzero(ran[j])
-                    ]
-            wall = None if times is None else float(times[i])
-            self.writer.file_writer.add_summary(summary(value=values), step, wall)
-            if j is not None:
-                self._histograms(pooled["max_abs"][j], step, wall)
+        for j, row in enumerate(bucket_ends(len(block.step), self.stride).tolist()):
+            step, wall = int(block.step[row]), walls[row]
+            columns = np.flatnonzero(ran[j])
+            values = [
+                value(tag=self.layer_tags[series][k], simple_value=float(pooled[j, k]))
+                for series, pooled in (("max_abs", pooled_max), ("logdet", pooled_log))
+                for k in columns
+            ]
+            for first in range(0, len(values), MAX_VALUES):  # short records: see event_file
+                self.events.add(summary(value=values[first : first + MAX_VALUES]), step, wall)
+            if (block.start // self.stride + j) % self.every == 0:
+                self._histograms(pooled_max[j], step, wall)
 
     def _histograms(self, peaks: np.ndarray, step: int, wall: float | None) -> None:
-        logs = log10_finite(peaks)
-        if logs.size:
-            self.writer.add_histogram(HISTOGRAM_TAG, logs, step, walltime=wall)
-        for level, columns in self.levels.items():
-            logs = log10_finite(peaks[columns])
+        value, summary = self.tb.summary.Value, self.tb.summary
+        groups = {HISTOGRAM_TAG: peaks, **{f"{HISTOGRAM_TAG}/{k}": peaks[c] for k, c in self.levels.items()}}
+        histograms = []
+        for tag, group in groups.items():
+            logs = log10_finite(group)
             if logs.size:
-                self.writer.add_histogram(f"{HISTOGRAM_TAG}/{level}", logs, step, walltime=wall)
+                histograms.append(value(tag=tag, histo=histogram(self.tb, logs)))
+        if histograms:
+            self.events.add(summary(value=histograms), step, wall)
 
 
 def base_time(run: RunFile, source: Path) -> float | None:
