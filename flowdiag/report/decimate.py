@@ -78,7 +78,7 @@ class EnvelopeBuilder:
 
     def add(self, steps: np.ndarray, values: np.ndarray) -> None:
         """A block: steps (n,), values (n, C)."""
-        if not len(steps):
+        if not len(steps) or not self.columns:
             return
         values = np.asarray(values, dtype=np.float64)
         found = envelope_rows(values, self.bucket)  # every row index points at a real row of the block
@@ -88,6 +88,8 @@ class EnvelopeBuilder:
 
     def series(self) -> list[Series]:
         """One Series per column."""
+        if not self.columns:
+            return []
         if not self._steps:
             empty = Series(np.zeros(0, np.int64), np.zeros(0))
             return [empty] * self.columns

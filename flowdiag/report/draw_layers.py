@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.colors import ListedColormap, TwoSlopeNorm
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm, to_rgba_array
 from matplotlib.figure import Figure
 
 from flowdiag.report.canvas import (
@@ -27,7 +28,6 @@ from flowdiag.report.runs import NOT_GIVEN
 
 HEATMAP_BAD = "black"  # inf / NaN cells; no colormap used here contains black
 HEATMAP_GAP = "#d9d9d9"  # a layer that did not run: light grey, not a value and not a blow-up
-_BAD_ONLY = ListedColormap([HEATMAP_BAD])
 Color = tuple[float, float, float, float]
 _MAX_LAYER_TICKS = 40
 
@@ -123,25 +123,32 @@ def _layer_ticks(axes: Axes, names: list[str]) -> None:
     axes.set_yticks(ticks, [short_layer_name(names[i]) for i in ticks], fontsize="x-small")
 
 
+def _colours(values: np.ndarray, data: LayerHeatmap, palette: Colormap, norm: Normalize) -> np.ndarray:
+    """The map as RGBA bytes, drawn as they are: Agg resamples a (N, B, 4) byte image several times
+    faster than it colours a masked float array (1.0 against 0.25 s for a map of 288 × 500)."""
+    measured = np.isfinite(values) & data.ran & ~data.nonfinite
+    rgba = palette(norm(np.where(measured, values, np.nan)), bytes=True)
+    rgba[~measured] = to_rgba_array(HEATMAP_GAP)[0] * 255  # a layer that did not run
+    rgba[data.nonfinite] = to_rgba_array(HEATMAP_BAD)[0] * 255  # never mistaken for a gap
+    return rgba
+
+
 def _heatmap_panel(figure: Figure, axes: Axes, data: LayerHeatmap, values: np.ndarray, signed: bool) -> None:
-    # Gaps (a layer that ran in none of a column's steps) in the background colour; non-finite in
-    # black on top: a layer that did not run is never drawn as one that blew up.
-    shown = np.ma.masked_where(~np.isfinite(values) | ~data.ran | data.nonfinite, values)
-    palette = colormaps["coolwarm" if signed else "viridis"].with_extremes(bad=HEATMAP_GAP)
+    # Gaps (a layer that ran in none of a column's steps) in light grey, non-finite in black: a layer
+    # that did not run is never drawn as one that blew up.
+    palette = colormaps["coolwarm" if signed else "viridis"]
+    measured = values[np.isfinite(values) & data.ran & ~data.nonfinite]
+    low, high = (float(measured.min()), float(measured.max())) if measured.size else (0.0, 1.0)
+    norm: Normalize = Normalize(low, high if high > low else low + 1.0)
+    if signed:
+        reach = max(abs(low), abs(high), 1e-9)
+        norm = TwoSlopeNorm(vcenter=0.0, vmin=-reach, vmax=reach)
     extent = (
         data.first_step[0] - 0.5, data.last_step[-1] + 0.5, len(data.layer_names) - 0.5, -0.5,
     )  # fmt: skip
-    norm = None
-    if signed and shown.count():
-        reach = max(float(np.abs(shown).max()), 1e-9)
-        norm = TwoSlopeNorm(vcenter=0.0, vmin=-reach, vmax=reach)
-    image = axes.imshow(shown, aspect="auto", interpolation="nearest", cmap=palette, norm=norm, extent=extent)
-    flagged = np.ma.masked_where(~data.nonfinite, np.ones(data.nonfinite.shape))
-    axes.imshow(
-        flagged, aspect="auto", interpolation="nearest", cmap=_BAD_ONLY, extent=extent, vmin=0, vmax=1
-    )
+    axes.imshow(_colours(values, data, palette, norm), aspect="auto", interpolation="nearest", extent=extent)
     label = "sign · log10(1 + |log-det|)  (log-det in nats)" if signed else "log10 max |output|"
-    figure.colorbar(image, ax=axes, label=label)
+    figure.colorbar(ScalarMappable(norm=norm, cmap=palette), ax=axes, label=label)
     if data.onset_step >= 0:
         axes.axvline(data.onset_step, color=NONFINITE_COLOR, linestyle="--", linewidth=1.0)
     onset = f" (dashed: NaN onset, step {data.onset_step})" if data.onset_step >= 0 else ""
@@ -162,9 +169,11 @@ def draw_heatmap(data: LayerHeatmap, path: Path) -> Path:
     """Layer × step maps for one run: log10 max |output| and the signed log of each layer's log-det."""
     n = len(data.layer_names)
     figure = new_figure(13.0, min(3.0 + 0.16 * min(n, _MAX_LAYER_TICKS), 10.0))
-    left, right = figure.subplots(1, 2)
+    left, right = figure.subplots(1, 2, sharey=True)
     _heatmap_panel(figure, left, data, data.log10_max_abs, signed=False)
     _heatmap_panel(figure, right, data, data.logdet_signed_log10, signed=True)
+    # The layers' names once, on the left: laying out 40 tick labels twice was a third of the figure.
+    right.tick_params(labelleft=False)
     left.set_ylabel("layer, forward order (input at top)")
     figure.suptitle(data.label)
     return save(figure, path)
