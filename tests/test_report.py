@@ -103,11 +103,16 @@ def make_run(
     bad_init: bool = False,
     steps: int = N_STEPS,
     status: str | None = None,
+    config: str | None = None,
+    skipped: int | None = None,
+    forwards: int = 1,
 ) -> Path:
+    """A run file as the trainer writes it; `skipped`: a layer that does not run in even steps;
+    `forwards`: training forwards per row (gradient accumulation); `config`: instead of the settings."""
     path = run_dir / "run.h5"
     writer = RunWriter(
         path,
-        config_json=config_json(m, lam, batch, seed),
+        config_json=config_json(m, lam, batch, seed) if config is None else config,
         version="test",
         layer_names=NAMES,
         layer_kinds=LAYER_KINDS,
@@ -124,9 +129,12 @@ def make_run(
             k = NAMES.index(inject.onset_layer)
             max_abs[k], max_abs[k + 1 :], bpd = np.inf, np.nan, math.nan
         penalty = float(np.sum(logdet[CONVS].astype(np.float64) ** 2))
+        ran = np.ones(len(NAMES), bool)
+        if skipped is not None and step % 2 == 0:  # did not run: no measurement, and no flag
+            ran[skipped], max_abs[skipped], logdet[skipped] = False, np.nan, np.nan
         writer.append_step(
-            step, loss=bpd, bpd=bpd, penalty=penalty, grad_norm=1.0, lr=1e-3,
-            max_abs=max_abs, logdet=logdet, nonfinite=~np.isfinite(max_abs),
+            step, loss=bpd, bpd=bpd, penalty=penalty, grad_norm=1.0, lr=1e-3, max_abs=max_abs,
+            logdet=logdet, nonfinite=ran & ~np.isfinite(max_abs), ran=ran, forwards=forwards,
         )  # fmt: skip
         if step % 5 == 0:
             writer.append_eval(step, 5.5 - 0.05 * step + 0.01 * seed)
@@ -494,3 +502,57 @@ def test_runs_that_differ_only_in_placement_form_one_sweep(tmp_path: Path) -> No
         config["model"]["n_steps"] = 3
         f.attrs["config"] = json.dumps(config)
     assert not is_lambda_sweep([runs[0], read_run(runs[1].path)])
+
+
+# --- issue 18: layers that did not run, runs without a config, gradient accumulation ---------------
+
+
+@pytest.mark.parametrize("file_format", [3, 2])
+def test_a_layer_that_did_not_run_is_a_gap_never_a_divergence(tmp_path: Path, file_format: int) -> None:
+    skipped = COUPLINGS[1]
+    path = make_run(tmp_path / "r", skipped=skipped)
+    if file_format == 2:  # no layers/ran: the reader derives it from the measurements and flags
+        with h5py.File(path, "r+") as f:
+            del f["layers/ran"], f["steps/forwards"]
+            f.attrs["format_version"] = 2
+    run = digest_run(path)
+    assert diagnose(run) is None and run.crossing is None
+    heat = layer_heatmap(run, "r")
+    assert not heat.nonfinite.any()
+    np.testing.assert_array_equal(heat.ran[skipped], np.arange(1, N_STEPS + 1) % 2 == 1)
+    line = coupling_peaks([run], ["r"]).lines[0]  # step 2: the coupling did not run
+    assert not line.ran[1] and not line.nonfinite.any()
+    summary = build_report([run], tmp_path / "report", title="gaps")
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "0 diverged" in md and "No run diverged" in md
+    # The Fig. 5 table: no coupling counted inf/NaN, the one that did not run included.
+    assert re.search(r"\| M=1 λ=0 b=1 seed=0 \| [0-9.]+ \| 4 \(levels\.1\.steps\.1\.coupling\) \| 0 \|", md)
+
+
+def test_a_run_without_a_config_says_not_given_and_invents_nothing(tmp_path: Path) -> None:
+    make_run(tmp_path / "runs" / "a", config="{}", inject=DIVERGE, bad_init=True)
+    make_run(tmp_path / "runs" / "b", config='{"train": {"lam": 0.001}}')
+    runs = digests(tmp_path / "runs")
+    assert labels_of(runs) == ["settings not given", "M not given λ=0.001 b not given seed not given"]
+    d = diagnose(runs[0])
+    assert d is not None and d.rule == "actnorm_init"
+    assert "(M not given · batch size not given · 2x2)" in d.cause and "M=1" not in d.cause
+    assert d.facts.ceiling[1] == "" and "1/sqrt(eps)" not in d.cause  # the eps is not given either
+    summary = build_report(runs, tmp_path / "report", title="no config")
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "settings not given" in md and "M=1" not in md and "b=16" not in md and "seed=0" not in md
+    assert "| not given | 0.001 | not given |" in md  # the grid names what it does not know
+    console = Console(file=io.StringIO(), width=200)
+    render_summary(summary, console)
+    assert "not given" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_the_run_table_shows_forwards_per_row_only_where_a_run_accumulated(tmp_path: Path) -> None:
+    plain = build_report([make_run(tmp_path / "plain")], tmp_path / "r1", title="t")
+    assert "forwards" not in plain.markdown.read_text(encoding="utf-8")
+    make_run(tmp_path / "runs" / "a")
+    make_run(tmp_path / "runs" / "b", seed=1, forwards=4)
+    summary = build_report(find_runs(tmp_path / "runs"), tmp_path / "r2", title="t")
+    assert [r.forwards for r in summary.runs] == [1, 4]
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "| forwards per row (most) |" in md and re.search(r"\| 4 \| \S+run\.h5 \|", md)

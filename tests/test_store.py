@@ -19,6 +19,7 @@ import pytest
 from flowdiag.record import store
 from flowdiag.record.store import LAYER_KINDS, RunWriter, is_run_file, read_run
 from flowdiag.record.store import layout as store_layout
+from flowdiag.record.store import writer as store_writer
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import RunConfig
 
@@ -603,16 +604,20 @@ def test_rejects_rows_and_names_of_the_wrong_shape(tmp_path: Path) -> None:
         writer.set_phase("warming up")
 
 
-def test_flush_timer_makes_rows_readable_before_the_count(tmp_path: Path) -> None:
+def test_flush_timer_makes_rows_readable_before_the_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]  # the writer's clock, moved by hand: no sleep
+    monkeypatch.setattr(store_writer, "_monotonic", lambda: now[0])
     path = tmp_path / "run.h5"
-    writer = make_writer(path, flush_every=1000, flush_seconds=0.05)
+    writer = make_writer(path, flush_every=1000, flush_seconds=0.2)
     append_steps(writer, range(1, 3))
     assert len(read_run(path).step) == 0  # the first rows came within the timer
-    time.sleep(0.1)
+    now[0] += 0.25
     append_steps(writer, range(3, 4))  # the timer has run out: this row flushes all three
     record = read_run(path)
     assert_rows(record, np.arange(1, 4))
-    assert np.all(np.diff(record.wall_time) >= 0) and record.wall_time[-1] >= 0.1
+    np.testing.assert_array_equal(record.wall_time, [0.0, 0.0, 0.25])
 
 
 def test_phase_total_steps_and_geometry_read_back(tmp_path: Path) -> None:
@@ -671,3 +676,106 @@ def test_a_huge_flush_every_reserves_a_small_buffer_and_grows_it(tmp_path: Path)
     assert len(writer._rows.step) == 4096 and writer.n_steps == 3000
     writer.close()
     assert_rows(read_run(path), np.arange(1, 3001))
+
+
+# --- the public writer: blocks, the caller's clock, the onset check ------------------------------
+
+
+def block_of(steps: range, flagged_from: int = 0) -> dict[str, np.ndarray]:
+    """row() for many steps, as the arrays append_steps takes."""
+    rows = [row(s, flagged_from > 0 and s >= flagged_from) for s in steps]
+    return {name: np.array([r[name] for r in rows]) for name in rows[0]}
+
+
+def test_a_block_append_writes_what_one_row_at_a_time_does(tmp_path: Path) -> None:
+    by_row, by_block = tmp_path / "rows.h5", tmp_path / "block.h5"
+    with make_writer(by_row, flush_every=7) as writer:
+        append_steps(writer, range(1, 41))
+    with make_writer(by_block) as writer:
+        append_steps(writer, range(1, 4))  # buffered rows go first
+        writer.append_steps(range(4, 41), **block_of(range(4, 41)))  # type: ignore[arg-type]
+        assert writer.n_steps == 40
+    a, b = read_run(by_row), read_run(by_block)
+    assert_rows(b, np.arange(1, 41))
+    for name in (
+        "step",
+        "loss",
+        "bpd",
+        "penalty",
+        "grad_norm",
+        "lr",
+        "max_abs",
+        "logdet",
+        "nonfinite",
+        "ran",
+    ):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert b.forwards.tolist() == [1] * 40
+    with pytest.raises(ValueError, match=r"max_abs has shape \(2, 4\); expected \(3, 4\)"):
+        make_writer(tmp_path / "bad.h5").append_steps(
+            [1, 2, 3],
+            **(block_of(range(1, 4)) | {"max_abs": np.zeros((2, N))}),  # type: ignore[arg-type]
+        )
+
+
+def test_an_imported_run_keeps_its_own_clock_and_start(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    hours = np.arange(1, 11) * 7200.0  # a 20-hour run, imported in a moment
+    with make_writer(path, start_time=1.6e9) as writer:
+        writer.append_steps(range(1, 11), **block_of(range(1, 11)), wall_time=hours, forwards=np.full(10, 4))  # type: ignore[arg-type]
+        writer.append_step(11, **row(11), wall_time=80_000.0)  # type: ignore[arg-type]
+    record = read_run(path)
+    np.testing.assert_array_equal(record.wall_time, [*hours, 80_000.0])
+    assert record.start_time == 1.6e9 and record.forwards.tolist() == [4] * 10 + [1]
+    before = time.time()
+    made = make_writer(tmp_path / "now.h5")  # by default, the run starts when its file is made
+    assert before <= read_run(made.path).start_time <= time.time()
+
+
+@pytest.mark.parametrize(
+    ("onset", "message"),
+    [
+        ((-1, ""), "flagged non-finite at step 5, but the onset says none"),
+        ((7, NAMES[-1]), "flagged non-finite at step 5, but the onset says step 7"),
+        ((5, NAMES[0]), f"names layer {NAMES[0]} at step 5, but that step's row does not flag it"),
+        ((3, NAMES[-1]), f"names layer {NAMES[-1]} at step 3, but that step's row does not flag it"),
+    ],
+    ids=["flags-without-onset", "onset-after-the-first-flag", "wrong-layer", "unflagged-step"],
+)
+def test_an_onset_that_disagrees_with_the_flags_is_refused(
+    tmp_path: Path, onset: tuple[int, str], message: str
+) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path)
+    writer.append_steps(range(1, 9), **block_of(range(1, 9), flagged_from=5))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message) as raised:
+        writer.set_status("diverged", onset_step=onset[0], onset_layer=onset[1])
+        writer.close()
+    assert "\n" not in str(raised.value)
+    assert read_run(path).status == "running"  # nothing written with the refused onset
+    writer.set_status("diverged", onset_step=5, onset_layer=NAMES[-1])  # the first flag: accepted
+    writer.close()
+    assert (read_run(path).nan_onset_step, read_run(path).nan_onset_layer) == (5, NAMES[-1])
+
+
+def test_an_onset_in_the_loss_needs_no_flag_and_a_dropped_row_is_not_checked(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path / "run.h5")
+    append_steps(writer, range(1, 4))
+    writer.set_status("running", onset_step=3, onset_layer="loss")  # every layer finite: fine
+    writer.set_status("diverged", onset_step=3, onset_layer="loss")
+    writer.close()
+    other = make_writer(tmp_path / "other.h5")
+    append_steps(other, range(1, 4))
+    other.set_status("diverged", onset_step=9, onset_layer=NAMES[-1])  # its row was never written
+    other.close()
+
+
+def test_the_null_writer_has_the_writers_methods_and_no_others() -> None:
+    public = {name for name in dir(RunWriter) if not name.startswith("_") and name != "open_existing"}
+    assert public <= set(dir(store.NullWriter))
+    null = store.NullWriter()
+    null.append_step(1, loss=1.0)
+    null.set_status("diverged", onset_step=1, onset_layer="x")
+    assert null.n_steps == 0
+    with pytest.raises(AttributeError):
+        null.apend_step(1)  # type: ignore[attr-defined]  # misspelled: fails, as on the real writer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -291,3 +292,65 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
     result = cli(str(tmp_path), "--interval", "0")
     assert result.exit_code == 2 and "--interval" in result.output and "\n" not in result.output.strip()
+
+
+# --- start-up: what loads, and a folder that is not there yet -----------------------------------
+
+_IMPORTS = """
+import json, sys
+from typer.testing import CliRunner
+from flowdiag.cli import app
+codes = [CliRunner().invoke(app, json.loads(case)).exit_code for case in sys.argv[1:]]
+heavy = ("torch", "h5py", "matplotlib", "optuna", "sqlite3")
+print(json.dumps([codes, sorted(m for m in heavy if m in sys.modules)]))
+"""
+
+
+def loaded_after(*cases: list[str]) -> tuple[list[int], list[str]]:
+    """Exit codes of `flowdiag CASE...` in one fresh interpreter, and the heavy modules it loaded."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS, *(json.dumps(c) for c in cases)],
+        capture_output=True, text=True, check=True, env={**os.environ, **ENV},
+    )  # fmt: skip
+    codes, modules = json.loads(done.stdout.strip().splitlines()[-1])
+    return codes, modules
+
+
+def test_bad_arguments_fail_before_torch_h5py_or_matplotlib_load(tmp_path: Path) -> None:
+    nowhere = str(tmp_path / "nowhere")
+    codes, modules = loaded_after(
+        ["watch", str(tmp_path), "--interval", "0"],
+        ["watch", nowhere, "--once"],
+        ["watch", str(tmp_path), "--timeout", "-1"],
+        ["report", nowhere],
+        ["report", str(tmp_path), "--threshold", "-1"],
+        ["report", str(tmp_path), "--fig5-step", "0"],
+        ["export", str(tmp_path)],
+        ["export", nowhere, "--tensorboard", str(tmp_path / "tb")],
+        ["export", str(tmp_path), "--tensorboard", str(tmp_path / "tb"), "--stride", "0"],
+    )
+    assert codes == [2] * 9 and modules == []
+
+
+def test_watch_reads_a_study_without_optuna_or_sqlite(mixed: Path) -> None:
+    add_cells(mixed, {"M256-seed9": "waiting"}, running=1)
+    codes, modules = loaded_after(["watch", str(mixed), "--once"])
+    assert codes == [0] and "h5py" in modules
+    assert "optuna" not in modules and "sqlite3" not in modules
+
+
+def test_watch_waits_for_a_folder_that_does_not_exist_yet(tmp_path: Path) -> None:
+    folder = tmp_path / "later"
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "flowdiag", "watch", str(folder), "--interval", "0.05", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().startswith(f"waiting for {folder}")  # it says so, and waits
+        write_run(folder, steps=5, status="completed")
+        output, errors = watcher.communicate(timeout=120)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, errors
+    assert output.splitlines()[-1].startswith("later: completed at step 5/20")

@@ -329,11 +329,22 @@ class RunWriter:
             with _open_for_append(self.path) as f:
                 yield f
         except (OSError, RuntimeError) as error:
-            held = f"steps 1-{self._last_disk_step}" if self._last_disk_step else "no step yet"
+            last = self._steps_on_disk()
+            held = f"the steps up to {last}" if last else "no step yet"
             raise UserError(
                 f"cannot write {self.path} ({_reason(error)}; the file holds {held}, each exact): "
                 "free space on its disk and resume the run, or choose another --out"
             ) from None
+
+    def _steps_on_disk(self) -> int:
+        """The last step the file counts as written, read back (a flush that failed after raising the
+        counts still wrote its rows); what this writer last wrote when the file cannot be read."""
+        try:
+            with h5py.File(self.path, "r", locking=False) as f:
+                n = _complete_rows(f, _step_datasets(f), STEPS)
+                return int(f["steps/step"][n - 1]) if n else 0
+        except (OSError, RuntimeError, KeyError, ValueError):
+            return self._last_disk_step
 
     def _room(self, n_rows: int) -> int:
         """Bytes a flush may add to the file: its rows and whatever new chunks they start, at most."""
