@@ -59,6 +59,7 @@ def write_run(
     m: int = 1,
     seed: int = 0,
     phase: str = "train",
+    forwards: int = 1,
 ) -> Path:
     """A run file as the trainer leaves it; status "running" leaves it open, flushed."""
     train = TrainConfig(steps=STEPS, init_batches=m, seed=seed, batch_size=1)
@@ -78,7 +79,7 @@ def write_run(
             max_abs[NAMES.index(ONSET_LAYER)], bpd = np.inf, math.nan
         writer.append_step(
             step, loss=bpd, bpd=bpd, penalty=0.0, grad_norm=1.0, lr=1e-3, max_abs=max_abs,
-            logdet=np.zeros(len(NAMES), np.float32), nonfinite=~np.isfinite(max_abs),
+            logdet=np.zeros(len(NAMES), np.float32), nonfinite=~np.isfinite(max_abs), forwards=forwards,
         )  # fmt: skip
         if step % 5 == 0:
             writer.append_eval(step, 5.5 - 0.05 * step)
@@ -354,3 +355,21 @@ def test_watch_waits_for_a_folder_that_does_not_exist_yet(tmp_path: Path) -> Non
         watcher.kill()
     assert watcher.returncode == 0, errors
     assert output.splitlines()[-1].startswith("later: completed at step 5/20")
+
+
+def test_the_detail_view_says_when_a_step_covers_several_forwards(tmp_path: Path) -> None:
+    accumulated = read_tail(write_run(tmp_path / "a", steps=6, status="running", forwards=4))
+    plain = read_tail(write_run(tmp_path / "p", steps=6, status="running"))
+    assert (
+        "· 4 forwards/step ·"
+        in snapshot_lines(watch_snapshot(tmp_path, [("a", accumulated)], single=True))[0]
+    )
+    assert "forwards" not in snapshot_lines(watch_snapshot(tmp_path, [("p", plain)], single=True))[0]
+
+
+def test_a_study_stays_active_while_its_cells_file_says_so(mixed: Path) -> None:
+    done = [("b", read_tail(mixed / "runs" / "b-completed" / "run.h5"))]
+    assert not watch_snapshot(mixed, done).active
+    assert watch_snapshot(mixed, done, queued=[("later", "waiting")]).active  # queued, no file yet
+    assert watch_snapshot(mixed, done, study_running=1).active  # claimed, its file not made yet
+    assert not watch_snapshot(mixed, done, queued=[("x", "failed")]).active
