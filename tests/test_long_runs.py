@@ -76,7 +76,7 @@ def test_a_one_step_spike_and_a_late_nan_survive_decimation_and_reach_the_report
     assert digest.crossing is not None and (digest.crossing.step, digest.crossing.layer) == (
         SPIKE_STEP, SPIKE_LAYER,
     )  # fmt: skip
-    summary = build_report([digest], tmp_path / "report", title="long", max_layer_maps=1)
+    summary = build_report([digest], tmp_path / "report", title="long", max_layer_maps=0)
     md = summary.markdown.read_text(encoding="utf-8")
     assert f"NaN onset: step {ONSET_STEP}, layer {ONSET_LAYER}" in md
     assert f"| {ONSET_STEP} | {ONSET_LAYER} |" in md  # the runs table
