@@ -758,6 +758,20 @@ def test_an_onset_that_disagrees_with_the_flags_is_refused(
     assert (read_run(path).nan_onset_step, read_run(path).nan_onset_layer) == (5, NAMES[-1])
 
 
+def test_a_resumed_run_keeps_the_onset_its_file_holds(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path)
+    writer.append_steps(range(1, 9), **block_of(range(1, 9), flagged_from=5))  # type: ignore[arg-type]
+    writer.set_status("interrupted", onset_step=5, onset_layer=NAMES[-1])
+    writer.close()
+    resumed = RunWriter.open_existing(path)  # its rows before the resume are not this writer's to check
+    append_steps(resumed, range(9, 12))
+    resumed.set_status("diverged", onset_step=5, onset_layer=NAMES[-1])
+    resumed.close()
+    record = read_run(path)
+    assert (record.status, record.nan_onset_step, len(record.step)) == ("diverged", 5, 11)
+
+
 def test_an_onset_in_the_loss_needs_no_flag_and_a_dropped_row_is_not_checked(tmp_path: Path) -> None:
     writer = make_writer(tmp_path / "run.h5")
     append_steps(writer, range(1, 4))

@@ -39,7 +39,12 @@ class FlagWatch:
             self.first = None
 
     def check(self, onset_step: int, onset_layer: str, has_row: Callable[[int], bool]) -> None:
-        """Raise ValueError (one line, with the fix) when the onset disagrees with the rows seen."""
+        """Raise ValueError (one line, with the fix) when a new onset disagrees with the rows seen."""
+        self.check_first(onset_step)
+        self.check_row(onset_step, onset_layer, has_row)
+
+    def check_first(self, onset_step: int) -> None:
+        """No row flags a layer before the onset, nor without one (what a run's end checks)."""
         first = self.first
         if first is not None and (onset_step < 0 or first[0] < onset_step):
             layer = self.names[int(np.flatnonzero(first[1])[0])]
@@ -48,10 +53,14 @@ class FlagWatch:
                 f"{'none' if onset_step < 0 else f'step {onset_step}'}: the onset is the first non-finite "
                 f"step, so pass onset_step={first[0]} (and that step's first flagged layer)"
             )
+
+    def check_row(self, onset_step: int, onset_layer: str, has_row: Callable[[int], bool]) -> None:
+        """A layer the onset names is flagged in the onset step's row, where that row was written."""
+        first = self.first
         column = self.columns.get(onset_layer)
         if onset_step < 0 or column is None:
             return  # no onset, or the loss / the backward pass: no layer flag to agree with
-        # No row before it flags anything (above): the onset's row is the first flagged one, or flags nothing.
+        # No row before it flags anything (check_first): its row is the first flagged one, or flags nothing.
         at_onset = first is not None and first[0] == onset_step
         flagged = at_onset and bool(first[1][column])  # type: ignore[index]
         if not flagged and (at_onset or has_row(onset_step)):

@@ -448,9 +448,10 @@ class RunWriter:
         """Flush what is left, optionally setting the final status first. Safe to call twice.
 
         Rows that flag a layer non-finite need an onset (`set_status(..., onset_step=...)`) first:
-        ValueError otherwise, with the rows still buffered.
+        ValueError otherwise, with the rows still buffered. (The onset itself was checked when set; a
+        resumed run's, read from its file, is taken as it is.)
         """
-        self._flags.check(self._onset_step, self._onset_layer, self._has_row)
+        self._flags.check_first(self._onset_step)
         self._close(status)
 
     def _close(self, status: str | None) -> None:
