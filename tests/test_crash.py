@@ -1,7 +1,8 @@
 """A run killed with SIGKILL at any moment, flushes included, leaves a file that reads back exactly.
 
 The writer below flushes without pause, so most kills land inside a flush: the worst case for a run
-file, which a training run meets far less often. Every fourth flush also changes the onset attributes.
+file, which a training run meets far less often. Every fourth flush also adds an inverse check that
+changes the inverse's onset attributes (a number and a text, rewritten together).
 The last test kills a loop that makes run files: the kill lands while one is being made.
 """
 
@@ -24,24 +25,30 @@ WRITER = f"""
 import sys
 from pathlib import Path
 import numpy as np
+from flowdiag.record.store import InverseRow
 from flowdiag.record.store.writer import RunWriter
 
 n = {N_LAYERS}
 names = [f"l{{i}}" for i in range(n)]
+every = int(sys.argv[2])
 writer = RunWriter(Path(sys.argv[1]), config_json="{{}}", version="t", layer_names=names,
-                   layer_kinds=["actnorm"] * n, flush_every=int(sys.argv[2]), flush_seconds=3600.0)
+                   layer_kinds=["actnorm"] * n, flush_every=every, flush_seconds=3600.0)
 writer.write_init(names, np.zeros(n), np.ones(n), np.ones(n), np.ones(n, np.int64))
 print("ready", flush=True)
 step = 0
 while True:
     step += 1
     values = np.arange(n) / 100 + step
+    flags = ((values % 3 < 1) & (step > every)) | ((step == every) & (np.arange(n) == 0))
     writer.append_step(step, loss=step, bpd=step + 0.5, penalty=0.25, grad_norm=2.0 * step, lr=1e-3,
-                       max_abs=values.astype(np.float32), logdet=-values, nonfinite=values % 3 < 1)
+                       max_abs=values.astype(np.float32), logdet=-values, nonfinite=flags)
+    if step == every:  # the first flagged row (the whole first flush): the run's onset
+        writer.set_status("running", onset_step=step, onset_layer="l0")
     if step % 10 == 0:
         writer.append_eval(step, 2.0 * step)
-    if step % (4 * writer.flush_every) == 0:
-        writer.set_status("running", onset_step=step, onset_layer=f"layer {{step}}")
+    if step % (4 * every) == 0:
+        row = InverseRow(step, np.zeros(n, np.float32), np.zeros(n, bool), 0.0, 0.0, np.zeros(0), np.zeros(0))
+        writer.append_inverse(row, (step, f"layer {{step}}"))
 """
 
 
@@ -75,13 +82,20 @@ def test_a_run_killed_mid_flush_reads_back_exactly(flush_every: int, tmp_path: P
         values = np.arange(N_LAYERS) / 100 + steps[:, None]
         np.testing.assert_array_equal(record.max_abs, values.astype(np.float32))
         np.testing.assert_array_equal(record.logdet, (-values).astype(np.float32))
-        np.testing.assert_array_equal(record.nonfinite, values % 3 < 1)
+        after, at = steps[:, None] > flush_every, steps[:, None] == flush_every
+        np.testing.assert_array_equal(
+            record.nonfinite, ((values % 3 < 1) & after) | (at & (np.arange(N_LAYERS) == 0))
+        )
         np.testing.assert_array_equal(record.eval_step, np.arange(1, len(record.eval_step) + 1) * 10)
         np.testing.assert_array_equal(record.eval_bpd, 2.0 * record.eval_step)
         assert record.init is not None and record.status == "running"
-        if record.nan_onset_step != -1:
-            assert record.nan_onset_layer == f"layer {record.nan_onset_step}"
-            assert record.nan_onset_step <= len(steps) and record.nan_onset_step % (4 * flush_every) == 0
+        if len(steps):  # the onset: the first flush's last row, written with it
+            assert (record.nan_onset_step, record.nan_onset_layer) == (flush_every, "l0")
+        inverse = record.inverse
+        np.testing.assert_array_equal(inverse.step, np.arange(1, len(inverse.step) + 1) * 4 * flush_every)
+        if inverse.onset_step != -1:
+            assert inverse.onset_layer == f"layer {inverse.onset_step}"
+            assert inverse.onset_step <= len(steps) and inverse.onset_step % (4 * flush_every) == 0
 
 
 CREATOR = """

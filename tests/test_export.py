@@ -3,7 +3,6 @@ values (NaN and inf kept), the histograms, the diagnosis and the hparams; nothin
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -175,7 +174,8 @@ def test_missing_tensorboard_names_the_install_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_run(tmp_path / "run")
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # None: the import fails
+    for name in ("tensorboard", "tensorboard.compat.proto.event_pb2"):
+        monkeypatch.setitem(sys.modules, name, None)  # None: the import fails, as without the package
     with pytest.raises(UserError, match=INSTALL_TENSORBOARD.replace("[", r"\[").replace("]", r"\]")):
         export_tensorboard(tmp_path / "run", tmp_path / "tb")
     result = cli(str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb"))
@@ -205,9 +205,89 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_hparams_give_every_run_the_same_columns(tmp_path: Path) -> None:
-    # TensorBoard takes the HParams columns from one run: an older file's config must not drop any.
-    record = read_run(write_run(tmp_path / "run"))
-    older = dataclasses.replace(record, config={"train": {"init_batches": 4}})
-    assert run_hparams(older).keys() == run_hparams(record).keys()
-    assert run_hparams(older)["M"] == 4 and run_hparams(older)["coupling"] == "additive"
-    assert run_hparams(record)["epochs"] == 0  # None: the run was set by steps
+    # TensorBoard takes the HParams columns from one run: a partial config must not drop any, nor
+    # have a default invented for what it does not hold.
+    head = read_run(write_run(tmp_path / "run")).head
+    partial = head._replace(config={"train": {"init_batches": 4}})
+    assert run_hparams(partial).keys() == run_hparams(head).keys()
+    assert run_hparams(partial)["M"] == 4 and run_hparams(partial)["coupling"] == "not given"
+    assert run_hparams(head._replace(config={}))["lam"] == "not given"
+    assert run_hparams(head)["epochs"] == 0  # None: the run was set by steps
+
+
+# --- long runs: global scalars at every step, per-layer series pooled over a stride ----------------
+
+
+def long_run(path: Path, steps: int, spike: int, onset: int) -> Path:
+    """Three layers over two levels, calm but for a one-step spike (layer 2) and a NaN onset (layer 1)."""
+    writer = RunWriter(
+        path, config_json=RunConfig().to_json(), version="test", layer_names=NAMES[:3], layer_kinds=KINDS[:3],
+        layer_pixels=[16, 16, 4], start_time=1.6e9,
+    )  # fmt: skip
+    step = np.arange(1, steps + 1)
+    max_abs = np.ones((steps, 3), np.float32) + np.arange(3, dtype=np.float32)
+    max_abs[spike - 1, 2], max_abs[onset - 1, 1] = 1e6, np.nan
+    nonfinite = ~np.isfinite(max_abs)
+    flat, ones = np.full(steps, 2.0), np.ones(steps)
+    writer.append_steps(
+        step, loss=flat, bpd=flat, penalty=0 * ones, grad_norm=ones, lr=1e-3 * ones, max_abs=max_abs,
+        logdet=np.zeros((steps, 3)), nonfinite=nonfinite, wall_time=step * 2.0,
+    )  # fmt: skip
+    writer.set_status("diverged", onset_step=onset, onset_layer=NAMES[1])
+    writer.close()
+    return path
+
+
+def test_a_long_run_exports_every_step_and_pools_the_layers_without_losing_an_event(tmp_path: Path) -> None:
+    steps, stride, spike, onset = 6_000, 50, 3_333, 5_432
+    long_run(tmp_path / "run" / "run.h5", steps, spike, onset)
+    told: list[tuple[str, int, int]] = []
+    [run] = export_tensorboard(
+        tmp_path / "run", tmp_path / "tb", stride=stride, progress=lambda *args: told.append(args)
+    )
+    assert run.stride == stride and run.steps == steps
+    assert told[-1] == ("run", steps, steps) and [t[1] for t in told] == sorted(t[1] for t in told)
+    events = load_events(run.event_dir)
+    steps_seen, peaks = scalars(events, "train/max_abs")  # the largest |output| over all layers
+    assert steps_seen == list(range(1, steps + 1))
+    assert peaks[spike - 1] == 1e6 and math.isnan(peaks[onset - 1]) and peaks[0] == 3.0
+    assert events.Scalars("train/bpd")[-1].wall_time == pytest.approx(1.6e9 + 2.0 * steps)
+    pooled_steps, spiked = scalars(events, f"layers/max_abs/{NAMES[2]}")
+    assert pooled_steps == list(range(stride, steps + 1, stride))  # each window at its last step
+    window = (spike - 1) // stride
+    assert spiked[window] == 1e6 and (np.delete(spiked, window) == 3.0).all()
+    _, flagged = scalars(events, f"layers/max_abs/{NAMES[1]}")
+    assert (
+        math.isnan(flagged[(onset - 1) // stride])
+        and np.isfinite(np.delete(flagged, (onset - 1) // stride)).all()
+    )
+    tags = events.Tags()["histograms"]
+    # All layers, and per level (h·w 16 and 4: 4x4 and 2x2).
+    assert sorted(tags) == ["layers/log10_max_abs", "layers/log10_max_abs/2x2", "layers/log10_max_abs/4x4"]
+    assert 0 < len(events.Histograms("layers/log10_max_abs")) <= 500
+
+
+def test_the_automatic_stride_keeps_a_paper_length_run_small_and_a_short_one_whole() -> None:
+    from flowdiag.bench.scale import layer_layout
+    from flowdiag.report.export_events import LAYER_BUDGET_BYTES, auto_stride
+
+    names = layer_layout(288)[0]
+    stride = auto_stride(300_000, names)
+    per_row = sum(2 * (len(f"layers/max_abs/{n}") + 12) for n in names)
+    assert (
+        math.ceil(300_000 / stride) * per_row
+        <= LAYER_BUDGET_BYTES
+        < math.ceil(300_000 / (stride - 1)) * per_row
+    )
+    assert auto_stride(2_000, layer_layout(36)[0]) == 1
+
+
+def test_the_event_files_crc_is_tensorboards_crc32c() -> None:
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from flowdiag.report.event_file import crc32c, masked
+
+    assert int(crc32c([b"123456789"])[0]) == 0xE3069283  # CRC-32C's check value
+    rng = np.random.default_rng(0)
+    records = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in rng.integers(0, 700, 60)]
+    assert [int(m) for m in masked(crc32c(records))] == [masked_crc32c(r) for r in records]

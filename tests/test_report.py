@@ -17,7 +17,8 @@ from matplotlib.image import imread
 from rich.console import Console
 
 from flowdiag.record.store import RunWriter, read_run
-from flowdiag.report import build_report, collect_runs, diagnose, render_summary
+from flowdiag.report import build_report, collect_runs, diagnose, digest_run, find_runs, render_summary
+from flowdiag.report.build import _runs_table, run_rows
 from flowdiag.report.cells import grid_cells, is_lambda_sweep, lambda_points
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import (
@@ -31,6 +32,7 @@ from flowdiag.report.diagnose import (
     rule_generic,
     rule_logdet_drift,
 )
+from flowdiag.report.digest import RunDigest
 from flowdiag.report.draw_layers import draw_coupling_peaks
 from flowdiag.report.draw_steps import draw_bpd
 from flowdiag.report.per_layer import coupling_peaks, layer_heatmap, select_heatmap_runs
@@ -102,11 +104,16 @@ def make_run(
     bad_init: bool = False,
     steps: int = N_STEPS,
     status: str | None = None,
+    config: str | None = None,
+    skipped: int | None = None,
+    forwards: int = 1,
 ) -> Path:
+    """A run file as the trainer writes it; `skipped`: a layer that does not run in even steps;
+    `forwards`: training forwards per row (gradient accumulation); `config`: instead of the settings."""
     path = run_dir / "run.h5"
     writer = RunWriter(
         path,
-        config_json=config_json(m, lam, batch, seed),
+        config_json=config_json(m, lam, batch, seed) if config is None else config,
         version="test",
         layer_names=NAMES,
         layer_kinds=LAYER_KINDS,
@@ -123,9 +130,12 @@ def make_run(
             k = NAMES.index(inject.onset_layer)
             max_abs[k], max_abs[k + 1 :], bpd = np.inf, np.nan, math.nan
         penalty = float(np.sum(logdet[CONVS].astype(np.float64) ** 2))
+        ran = np.ones(len(NAMES), bool)
+        if skipped is not None and step % 2 == 0:  # did not run: no measurement, and no flag
+            ran[skipped], max_abs[skipped], logdet[skipped] = False, np.nan, np.nan
         writer.append_step(
-            step, loss=bpd, bpd=bpd, penalty=penalty, grad_norm=1.0, lr=1e-3,
-            max_abs=max_abs, logdet=logdet, nonfinite=~np.isfinite(max_abs),
+            step, loss=bpd, bpd=bpd, penalty=penalty, grad_norm=1.0, lr=1e-3, max_abs=max_abs,
+            logdet=logdet, nonfinite=ran & ~np.isfinite(max_abs), ran=ran, forwards=forwards,
         )  # fmt: skip
         if step % 5 == 0:
             writer.append_eval(step, 5.5 - 0.05 * step + 0.01 * seed)
@@ -152,6 +162,15 @@ def ablation(tmp_path: Path) -> Path:
     return out
 
 
+def digests(path: Path, fig5_step: int = 2) -> list[RunDigest]:
+    """The report's view of the runs under `path`: each read a block at a time."""
+    return [digest_run(f, fig5_step=fig5_step) for f in find_runs(path)]
+
+
+def labels_of(runs: list[RunDigest]) -> list[str]:
+    return run_labels([r.head for r in runs])
+
+
 # --- finding runs -------------------------------------------------------------------------------
 
 
@@ -173,7 +192,8 @@ def test_run_labels_are_unique(tmp_path: Path) -> None:
     runs = [read_run(make_run(tmp_path / name)) for name in ("a", "b")] + [
         read_run(make_run(tmp_path / "c", m=4))
     ]
-    assert run_labels(runs) == ["M=1 λ=0 b=1 seed=0 (a)", "M=1 λ=0 b=1 seed=0 (b)", "M=4 λ=0 b=1 seed=0"]
+    labels = ["M=1 λ=0 b=1 seed=0 (a)", "M=1 λ=0 b=1 seed=0 (b)", "M=4 λ=0 b=1 seed=0"]
+    assert run_labels([r.head for r in runs]) == labels
 
 
 def test_truncated_or_corrupt_file_is_a_user_error(tmp_path: Path) -> None:
@@ -193,11 +213,11 @@ def test_truncated_or_corrupt_file_is_a_user_error(tmp_path: Path) -> None:
 
 
 def test_bpd_curves_are_the_files_values_with_onset(ablation: Path) -> None:
-    runs = collect_runs(ablation)
-    data = bpd_curves(runs, run_labels(runs))
+    runs = digests(ablation)
+    data = bpd_curves(runs, labels_of(runs))
     diverged, completed = data.curves[0], data.curves[1]
     np.testing.assert_array_equal(diverged.steps, np.arange(1, DIVERGE.onset_step + 1))
-    np.testing.assert_array_equal(completed.bpd, runs[1].bpd)
+    np.testing.assert_array_equal(completed.bpd, collect_runs(ablation)[1].bpd)  # short: every row kept
     assert diverged.diverged and diverged.onset_step == DIVERGE.onset_step
     assert diverged.onset_bpd == pytest.approx(train_bpd(DIVERGE.onset_step - 1, 0))  # last finite bpd
     assert not completed.diverged and completed.onset_step == -1
@@ -207,12 +227,13 @@ def test_bpd_curves_are_the_files_values_with_onset(ablation: Path) -> None:
 def test_coupling_peaks_at_step_2_are_log10_of_max_abs_with_inf_kept(tmp_path: Path) -> None:
     at2 = Injected(2, NAMES[COUPLINGS[1]], 1, NAMES[0])
     at1 = Injected(1, NAMES[COUPLINGS[0]], 99, NAMES[0])
-    runs = [
-        read_run(make_run(tmp_path / "ok")),
-        read_run(make_run(tmp_path / "inf2", inject=at2)),
-        read_run(make_run(tmp_path / "dead1", inject=at1)),
+    paths = [
+        make_run(tmp_path / "ok"),
+        make_run(tmp_path / "inf2", inject=at2),
+        make_run(tmp_path / "dead1", inject=at1),
     ]
-    peaks = coupling_peaks(runs, run_labels(runs), step=2)
+    runs = [read_run(p) for p in paths]
+    peaks = coupling_peaks([digest_run(p, fig5_step=2) for p in paths], run_labels([r.head for r in runs]))
     ok, inf2, dead1 = peaks.lines
     expected = np.log10(runs[0].max_abs[1, COUPLINGS].astype(np.float64))
     np.testing.assert_array_equal(ok.log10_max_abs, expected)
@@ -226,36 +247,46 @@ def test_coupling_peaks_at_step_2_are_log10_of_max_abs_with_inf_kept(tmp_path: P
 
 
 def test_layer_heatmap_and_selection(ablation: Path) -> None:
-    runs = collect_runs(ablation)
-    heat = layer_heatmap(runs[0], "r")
+    runs, records = digests(ablation), collect_runs(ablation)
+    heat = layer_heatmap(runs[0], "r")  # 7 steps: a column per step
     assert heat.log10_max_abs.shape == (len(NAMES), DIVERGE.onset_step)
-    np.testing.assert_array_equal(heat.log10_max_abs, np.log10(runs[0].max_abs.astype(np.float64)).T)
-    np.testing.assert_array_equal(heat.nonfinite, runs[0].nonfinite.T)
-    ld = runs[0].logdet.astype(np.float64)
+    max_abs = records[0].max_abs.astype(np.float64)
+    # A column holds the finite values; the onset's inf is in `nonfinite`, drawn black.
+    np.testing.assert_array_equal(
+        heat.log10_max_abs, np.log10(np.where(np.isfinite(max_abs), max_abs, np.nan)).T
+    )
+    np.testing.assert_array_equal(heat.nonfinite, records[0].nonfinite.T)
+    np.testing.assert_array_equal(heat.first_step, records[0].step)
+    ld = records[0].logdet.astype(np.float64)
     np.testing.assert_allclose(heat.logdet_signed_log10, (np.sign(ld) * np.log10(1 + np.abs(ld))).T)
     order = select_heatmap_runs(runs[::-1], cap=3)
     assert order[0] == 3 and len(order) == 3  # the diverged run first, wherever it is
 
 
 def test_penalty_curves_are_the_conv_columns(ablation: Path) -> None:
-    runs = collect_runs(ablation)
+    runs, record = digests(ablation), collect_runs(ablation)[1]
     curves = penalty_curves(runs[1], "r")
     assert curves.conv_names == [NAMES[i] for i in CONVS]
-    np.testing.assert_array_equal(curves.conv_logdet, runs[1].logdet[:, CONVS])
-    np.testing.assert_array_equal(curves.penalty, runs[1].penalty)
+    for series, column in zip(curves.conv_logdet, CONVS, strict=True):
+        np.testing.assert_array_equal(series.steps, record.step)
+        np.testing.assert_array_equal(series.values, record.logdet[:, column])
+    np.testing.assert_array_equal(curves.penalty.values, record.penalty)
     assert select_penalty_runs(runs) == ([0, 1, 2, 3], [])  # every run: by λ, then M, then seed
 
 
 def test_grid_cells_and_lambda_sweep(ablation: Path, tmp_path: Path) -> None:
-    runs = collect_runs(ablation)
+    runs = digests(ablation)
+    best = [best_eval_bpd(r.eval_bpd) for r in runs]
     cells = grid_cells(runs)
     assert [(c.key.init_batches, c.n_runs, c.n_diverged) for c in cells] == [(1, 2, 1), (256, 2, 0)]
-    assert cells[0].best_bpd == best_eval_bpd(runs[1])  # the diverged run does not count
-    assert cells[1].best_bpd == min(best_eval_bpd(runs[2]), best_eval_bpd(runs[3]))
-    assert cells[1].mean_best_bpd == pytest.approx((best_eval_bpd(runs[2]) + best_eval_bpd(runs[3])) / 2)
-    assert not is_lambda_sweep(runs) and lambda_points(runs, run_labels(runs)) == []
-    sweep = [read_run(make_run(tmp_path / f"l{i}", lam=lam)) for i, lam in enumerate((1e-3, 0.0, 1e-5))]
-    points = lambda_points(sweep, run_labels(sweep))
+    assert cells[0].best_bpd == best[1]  # the diverged run does not count
+    assert cells[1].best_bpd == min(best[2], best[3])
+    assert cells[1].mean_best_bpd == pytest.approx((best[2] + best[3]) / 2)
+    assert not is_lambda_sweep(runs) and lambda_points(runs, labels_of(runs)) == []
+    for i, lam in enumerate((1e-3, 0.0, 1e-5)):
+        make_run(tmp_path / "sweep" / f"l{i}", lam=lam)
+    sweep = digests(tmp_path / "sweep")
+    points = lambda_points(sweep, labels_of(sweep))
     assert [p.lam for p in points] == [0.0, 1e-5, 1e-3]
     assert points[0].best_bpd == float(sweep[1].eval_bpd.min())
 
@@ -444,12 +475,12 @@ def test_header_counts_every_run_past_the_threshold(ablation: Path, tmp_path: Pa
 
 def test_bpd_axis_keeps_to_the_finite_runs(tmp_path: Path) -> None:
     blowup = Injected(onset_step=6, onset_layer=NAMES[3], cross_step=99, cross_layer=NAMES[0])
-    runs = [read_run(make_run(tmp_path / "ok")), read_run(make_run(tmp_path / "bad", inject=blowup))]
-    with h5py.File(runs[1].path, "r+") as f:  # the diverging run's loss climbs to 1e25 before NaN
+    paths = [make_run(tmp_path / "ok"), make_run(tmp_path / "bad", inject=blowup)]
+    with h5py.File(paths[1], "r+") as f:  # the diverging run's loss climbs to 1e25 before NaN
         f["steps/bpd"][4] = 1e25
-    runs[1] = read_run(runs[1].path)
-    data = bpd_curves(runs, run_labels(runs))
-    ok = runs[0].bpd
+    runs = [digest_run(p) for p in paths]
+    data = bpd_curves(runs, labels_of(runs))
+    ok = read_run(paths[0]).bpd
     assert data.y_range is not None and data.y_range[1] < 10 and data.y_range[0] < ok.min() <= ok.max() < 10
     assert not data.log_y
     draw_bpd(data, tmp_path / "bpd.png")
@@ -472,3 +503,59 @@ def test_runs_that_differ_only_in_placement_form_one_sweep(tmp_path: Path) -> No
         config["model"]["n_steps"] = 3
         f.attrs["config"] = json.dumps(config)
     assert not is_lambda_sweep([runs[0], read_run(runs[1].path)])
+
+
+# --- issue 18: layers that did not run, runs without a config, gradient accumulation ---------------
+
+
+@pytest.mark.parametrize("file_format", [3, 2])
+def test_a_layer_that_did_not_run_is_a_gap_never_a_divergence(tmp_path: Path, file_format: int) -> None:
+    skipped = COUPLINGS[1]
+    path = make_run(tmp_path / "r", skipped=skipped)
+    if file_format == 2:  # no layers/ran: the reader derives it from the measurements and flags
+        with h5py.File(path, "r+") as f:
+            del f["layers/ran"], f["steps/forwards"]
+            f.attrs["format_version"] = 2
+    run = digest_run(path)
+    assert diagnose(run) is None and run.crossing is None
+    heat = layer_heatmap(run, "r")
+    assert not heat.nonfinite.any()
+    np.testing.assert_array_equal(heat.ran[skipped], np.arange(1, N_STEPS + 1) % 2 == 1)
+    line = coupling_peaks([run], ["r"]).lines[0]  # step 2: the coupling did not run
+    assert not line.ran[1] and not line.nonfinite.any()
+    summary = build_report([run], tmp_path / "report", title="gaps")
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "0 diverged" in md and "No run diverged" in md
+    # The Fig. 5 table: no coupling counted inf/NaN, the one that did not run included.
+    assert re.search(r"\| M=1 λ=0 b=1 seed=0 \| [0-9.]+ \| 4 \(levels\.1\.steps\.1\.coupling\) \| 0 \|", md)
+
+
+def test_a_run_without_a_config_says_not_given_and_invents_nothing(tmp_path: Path) -> None:
+    make_run(tmp_path / "runs" / "a", config="{}", inject=DIVERGE, bad_init=True)
+    make_run(tmp_path / "runs" / "b", config='{"train": {"lam": 0.001}}')
+    runs = digests(tmp_path / "runs")
+    assert labels_of(runs) == ["settings not given", "M not given λ=0.001 b not given seed not given"]
+    d = diagnose(runs[0])
+    assert d is not None and d.rule == "actnorm_init"
+    assert "(M not given · batch size not given · 2x2)" in d.cause and "M=1" not in d.cause
+    assert d.facts.ceiling[1] == "" and "1/sqrt(eps)" not in d.cause  # the eps is not given either
+    summary = build_report(runs, tmp_path / "report", title="no config", max_layer_maps=0)
+    md = summary.markdown.read_text(encoding="utf-8")
+    assert "settings not given" in md and "M=1" not in md and "b=16" not in md and "seed=0" not in md
+    assert "| not given | 0.001 | not given |" in md  # the grid names what it does not know
+    console = Console(file=io.StringIO(), width=200)
+    render_summary(summary, console)
+    assert "not given" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_the_run_table_shows_forwards_per_row_only_where_a_run_accumulated(tmp_path: Path) -> None:
+    make_run(tmp_path / "runs" / "a")
+    make_run(tmp_path / "runs" / "b", seed=1, forwards=4)
+    runs = digests(tmp_path / "runs")
+    plain = _runs_table(run_rows(runs[:1], ["a"]))
+    assert not any("forwards" in column for column in plain.header)
+    rows = run_rows(runs, labels_of(runs))
+    assert [r.forwards for r in rows] == [1, 4]
+    table = _runs_table(rows)
+    column = table.header.index("forwards per row (most)")
+    assert [row[column] for row in table.rows] == ["1", "4"]

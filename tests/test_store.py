@@ -19,6 +19,7 @@ import pytest
 from flowdiag.record import store
 from flowdiag.record.store import LAYER_KINDS, RunWriter, is_run_file, read_run
 from flowdiag.record.store import layout as store_layout
+from flowdiag.record.store import writer as store_writer
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import RunConfig
 
@@ -41,18 +42,25 @@ def make_writer(path: Path, **kwargs: object) -> RunWriter:
     return RunWriter(path, layer_names=NAMES, layer_kinds=KINDS, **options)  # type: ignore[arg-type]
 
 
-def row(step: int) -> dict[str, object]:
-    """Every value a function of the step, so a read-back row shows which step it came from."""
+def row(step: int, flagged: bool = False) -> dict[str, object]:
+    """Every value a function of the step, so a read-back row shows which step it came from. A layer in
+    three did not run (NaN, never flagged); `flagged`: the last layer's output is inf."""
     columns = np.arange(N)
+    ran = (step + columns) % 3 != 0
+    max_abs = np.where(ran, step + columns + 0.5, np.nan)
+    nonfinite = np.zeros(N, bool)
+    if flagged:
+        max_abs[-1], nonfinite[-1], ran[-1] = np.inf, True, True
     return {
         "loss": 0.5 * step,
         "bpd": step + 0.25,
         "penalty": 1e-3 * step,
         "grad_norm": 2.0 * step,
         "lr": 1e-4 * step,
-        "max_abs": step + columns + 0.5,
-        "logdet": -(step + columns) - 0.25,
-        "nonfinite": (step + columns) % 3 == 0,
+        "max_abs": max_abs,
+        "logdet": np.where(ran, -(step + columns) - 0.25, np.nan),
+        "nonfinite": nonfinite,
+        "ran": ran,
     }
 
 
@@ -61,12 +69,12 @@ def append_steps(writer: RunWriter, steps: range) -> None:
         writer.append_step(step, **row(step))  # type: ignore[arg-type]
 
 
-def assert_rows(record: store.RunRecord, steps: np.ndarray) -> None:
+def assert_rows(record: store.RunRecord, steps: np.ndarray, flagged_from: int = 0) -> None:
     np.testing.assert_array_equal(record.step, steps)
-    expected = [row(int(s)) for s in steps]
+    expected = [row(int(s), flagged_from > 0 and s >= flagged_from) for s in steps]
     for name in ("loss", "bpd", "penalty", "grad_norm", "lr"):
         np.testing.assert_array_equal(getattr(record, name), [r[name] for r in expected])
-    for name in ("max_abs", "logdet", "nonfinite"):
+    for name in ("max_abs", "logdet", "nonfinite", "ran"):
         np.testing.assert_array_equal(
             getattr(record, name), np.array([r[name] for r in expected]).reshape(-1, N)
         )
@@ -83,7 +91,9 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
         ["a", "b.net.actnorm", "c"], [-1.0, -2.0, -3.0], [1.0, 2.0, 3.0], [0.0, 1e-3, 2.5], [256, 256, 1024]
     )
     for step in range(1, 301):
-        writer.append_step(step, **row(step))  # type: ignore[arg-type]
+        writer.append_step(step, **row(step, flagged=step >= 290))  # type: ignore[arg-type]
+        if step == 290:
+            writer.set_status("running", onset_step=290, onset_layer=NAMES[-1])
         if step % 50 == 0:
             writer.append_eval(step, 3.0 - step / 1000)
     assert writer.n_steps == 300
@@ -94,8 +104,8 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
     assert record.version == "9.9.9"
     assert record.config == config.to_dict()
     assert RunConfig.from_dict(record.config) == config
-    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == ("diverged", -1, "")
-    assert_rows(record, np.arange(1, 301))
+    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == ("diverged", 290, NAMES[-1])
+    assert_rows(record, np.arange(1, 301), flagged_from=290)
     assert record.step.dtype == np.int64
     assert {getattr(record, n).dtype for n in ("loss", "bpd", "penalty", "grad_norm", "lr")} == {
         np.dtype(np.float64)
@@ -176,11 +186,12 @@ def test_rows_are_readable_after_each_flush_before_close(tmp_path: Path) -> None
 def test_set_status_writes_buffered_rows_and_onset_at_once(tmp_path: Path) -> None:
     path = tmp_path / "run.h5"
     writer = make_writer(path, flush_every=50)
-    append_steps(writer, range(1, 4))
-    writer.set_status("running", onset_step=3, onset_layer="level0.step0.coupling")
+    append_steps(writer, range(1, 3))
+    writer.append_step(3, **row(3, flagged=True))  # type: ignore[arg-type]
+    writer.set_status("running", onset_step=3, onset_layer=NAMES[-1])
     record = read_run(path)
-    assert_rows(record, np.arange(1, 4))
-    assert (record.nan_onset_step, record.nan_onset_layer) == (3, "level0.step0.coupling")
+    assert_rows(record, np.arange(1, 4), flagged_from=3)
+    assert (record.nan_onset_step, record.nan_onset_layer) == (3, NAMES[-1])
 
 
 _READER = """
@@ -360,17 +371,14 @@ def test_a_file_from_before_the_counts_and_fixed_width_text_reads_and_resumes(tm
     assert_rows(read_run(path), np.arange(1, 6))
     assert read_run(path).init is not None
     resumed = RunWriter.open_existing(path)
-    append_steps(resumed, range(6, 8))
-    resumed.set_status("diverged", onset_step=7, onset_layer="level0.step0.coupling")
+    append_steps(resumed, range(6, 7))
+    resumed.append_step(7, **row(7, flagged=True))  # type: ignore[arg-type]
+    resumed.set_status("diverged", onset_step=7, onset_layer=NAMES[-1])
     resumed.close()
     record = read_run(path)
-    assert_rows(record, np.arange(1, 8))
+    assert_rows(record, np.arange(1, 8), flagged_from=7)
     assert record.init is not None and record.init["name"] == ["a"]
-    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == (
-        "diverged",
-        7,
-        "level0.step0.coupling",
-    )
+    assert (record.status, record.nan_onset_step, record.nan_onset_layer) == ("diverged", 7, NAMES[-1])
 
 
 def test_text_attributes_fit_the_longest_layer_name_and_change_in_place(tmp_path: Path) -> None:
@@ -494,10 +502,10 @@ def test_truncate_after_drops_later_steps_evals_and_onset(tmp_path: Path) -> Non
     path = tmp_path / "run.h5"
     writer = make_writer(path, flush_every=8)
     for step in range(1, 101):
-        writer.append_step(step, **row(step))  # type: ignore[arg-type]
+        writer.append_step(step, **row(step, flagged=step >= 90))  # type: ignore[arg-type]
         if step % 25 == 0:
             writer.append_eval(step, step / 10)
-    writer.set_status("running", onset_step=90, onset_layer="level0.step0.invconv")
+    writer.set_status("running", onset_step=90, onset_layer=NAMES[-1])
     writer.truncate_after(60)
     assert writer.n_steps == 60
     record = read_run(path)
@@ -596,16 +604,20 @@ def test_rejects_rows_and_names_of_the_wrong_shape(tmp_path: Path) -> None:
         writer.set_phase("warming up")
 
 
-def test_flush_timer_makes_rows_readable_before_the_count(tmp_path: Path) -> None:
+def test_flush_timer_makes_rows_readable_before_the_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]  # the writer's clock, moved by hand: no sleep
+    monkeypatch.setattr(store_writer, "_monotonic", lambda: now[0])
     path = tmp_path / "run.h5"
-    writer = make_writer(path, flush_every=1000, flush_seconds=0.05)
+    writer = make_writer(path, flush_every=1000, flush_seconds=0.2)
     append_steps(writer, range(1, 3))
     assert len(read_run(path).step) == 0  # the first rows came within the timer
-    time.sleep(0.1)
+    now[0] += 0.25
     append_steps(writer, range(3, 4))  # the timer has run out: this row flushes all three
     record = read_run(path)
     assert_rows(record, np.arange(1, 4))
-    assert np.all(np.diff(record.wall_time) >= 0) and record.wall_time[-1] >= 0.1
+    np.testing.assert_array_equal(record.wall_time, [0.0, 0.0, 0.25])
 
 
 def test_phase_total_steps_and_geometry_read_back(tmp_path: Path) -> None:
@@ -664,3 +676,120 @@ def test_a_huge_flush_every_reserves_a_small_buffer_and_grows_it(tmp_path: Path)
     assert len(writer._rows.step) == 4096 and writer.n_steps == 3000
     writer.close()
     assert_rows(read_run(path), np.arange(1, 3001))
+
+
+# --- the public writer: blocks, the caller's clock, the onset check ------------------------------
+
+
+def block_of(steps: range, flagged_from: int = 0) -> dict[str, np.ndarray]:
+    """row() for many steps, as the arrays append_steps takes."""
+    rows = [row(s, flagged_from > 0 and s >= flagged_from) for s in steps]
+    return {name: np.array([r[name] for r in rows]) for name in rows[0]}
+
+
+def test_a_block_append_writes_what_one_row_at_a_time_does(tmp_path: Path) -> None:
+    by_row, by_block = tmp_path / "rows.h5", tmp_path / "block.h5"
+    with make_writer(by_row, flush_every=7) as writer:
+        append_steps(writer, range(1, 41))
+    with make_writer(by_block) as writer:
+        append_steps(writer, range(1, 4))  # buffered rows go first
+        writer.append_steps(range(4, 41), **block_of(range(4, 41)))  # type: ignore[arg-type]
+        assert writer.n_steps == 40
+    a, b = read_run(by_row), read_run(by_block)
+    assert_rows(b, np.arange(1, 41))
+    for name in (
+        "step",
+        "loss",
+        "bpd",
+        "penalty",
+        "grad_norm",
+        "lr",
+        "max_abs",
+        "logdet",
+        "nonfinite",
+        "ran",
+    ):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert b.forwards.tolist() == [1] * 40
+    with pytest.raises(ValueError, match=r"max_abs has shape \(2, 4\); expected \(3, 4\)"):
+        make_writer(tmp_path / "bad.h5").append_steps(
+            [1, 2, 3],
+            **(block_of(range(1, 4)) | {"max_abs": np.zeros((2, N))}),  # type: ignore[arg-type]
+        )
+
+
+def test_an_imported_run_keeps_its_own_clock_and_start(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    hours = np.arange(1, 11) * 7200.0  # a 20-hour run, imported in a moment
+    with make_writer(path, start_time=1.6e9) as writer:
+        writer.append_steps(range(1, 11), **block_of(range(1, 11)), wall_time=hours, forwards=np.full(10, 4))  # type: ignore[arg-type]
+        writer.append_step(11, **row(11), wall_time=80_000.0)  # type: ignore[arg-type]
+    record = read_run(path)
+    np.testing.assert_array_equal(record.wall_time, [*hours, 80_000.0])
+    assert record.start_time == 1.6e9 and record.forwards.tolist() == [4] * 10 + [1]
+    before = time.time()
+    made = make_writer(tmp_path / "now.h5")  # by default, the run starts when its file is made
+    assert before <= read_run(made.path).start_time <= time.time()
+
+
+@pytest.mark.parametrize(
+    ("onset", "message"),
+    [
+        ((-1, ""), "flagged non-finite at step 5, but the onset says none"),
+        ((7, NAMES[-1]), "flagged non-finite at step 5, but the onset says step 7"),
+        ((5, NAMES[0]), f"names layer {NAMES[0]} at step 5, but that step's row does not flag it"),
+        ((3, NAMES[-1]), f"names layer {NAMES[-1]} at step 3, but that step's row does not flag it"),
+    ],
+    ids=["flags-without-onset", "onset-after-the-first-flag", "wrong-layer", "unflagged-step"],
+)
+def test_an_onset_that_disagrees_with_the_flags_is_refused(
+    tmp_path: Path, onset: tuple[int, str], message: str
+) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path)
+    writer.append_steps(range(1, 9), **block_of(range(1, 9), flagged_from=5))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message) as raised:
+        writer.set_status("diverged", onset_step=onset[0], onset_layer=onset[1])
+        writer.close()
+    assert "\n" not in str(raised.value)
+    assert read_run(path).status == "running"  # nothing written with the refused onset
+    writer.set_status("diverged", onset_step=5, onset_layer=NAMES[-1])  # the first flag: accepted
+    writer.close()
+    assert (read_run(path).nan_onset_step, read_run(path).nan_onset_layer) == (5, NAMES[-1])
+
+
+def test_a_resumed_run_keeps_the_onset_its_file_holds(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    writer = make_writer(path)
+    writer.append_steps(range(1, 9), **block_of(range(1, 9), flagged_from=5))  # type: ignore[arg-type]
+    writer.set_status("interrupted", onset_step=5, onset_layer=NAMES[-1])
+    writer.close()
+    resumed = RunWriter.open_existing(path)  # its rows before the resume are not this writer's to check
+    append_steps(resumed, range(9, 12))
+    resumed.set_status("diverged", onset_step=5, onset_layer=NAMES[-1])
+    resumed.close()
+    record = read_run(path)
+    assert (record.status, record.nan_onset_step, len(record.step)) == ("diverged", 5, 11)
+
+
+def test_an_onset_in_the_loss_needs_no_flag_and_a_dropped_row_is_not_checked(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path / "run.h5")
+    append_steps(writer, range(1, 4))
+    writer.set_status("running", onset_step=3, onset_layer="loss")  # every layer finite: fine
+    writer.set_status("diverged", onset_step=3, onset_layer="loss")
+    writer.close()
+    other = make_writer(tmp_path / "other.h5")
+    append_steps(other, range(1, 4))
+    other.set_status("diverged", onset_step=9, onset_layer=NAMES[-1])  # its row was never written
+    other.close()
+
+
+def test_the_null_writer_has_the_writers_methods_and_no_others() -> None:
+    public = {name for name in dir(RunWriter) if not name.startswith("_") and name != "open_existing"}
+    assert public <= set(dir(store.NullWriter))
+    null = store.NullWriter()
+    null.append_step(1, loss=1.0)
+    null.set_status("diverged", onset_step=1, onset_layer="x")
+    assert null.n_steps == 0
+    with pytest.raises(AttributeError):
+        null.apend_step(1)  # type: ignore[attr-defined]  # misspelled: fails, as on the real writer

@@ -3,9 +3,10 @@ diverged ones first, piped output is plain text ending in a newline, and bad inp
 
 from __future__ import annotations
 
-import dataclasses
 import io
+import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -17,10 +18,10 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from flowdiag.ablation.grid import cell_key, cell_slug
 from flowdiag.cli.watch import watch_command
-from flowdiag.record.store import RunWriter, read_run
-from flowdiag.report.watch import read_queue, watch
+from flowdiag.record.store import RunWriter
+from flowdiag.report.study_cells import read_cells
+from flowdiag.report.watch import read_tail, watch
 from flowdiag.report.watch_data import (
     SPARK,
     bucket_means,
@@ -31,6 +32,7 @@ from flowdiag.report.watch_data import (
     watch_snapshot,
 )
 from flowdiag.report.watch_view import snapshot_lines, snapshot_view, summary_line
+from flowdiag.runtime.files import CELLS_FILE
 from flowdiag.settings.config import RunConfig, TrainConfig
 
 NAMES = [f"levels.{lv}.steps.0.{kind}" for lv in range(2) for kind in ("actnorm", "invconv", "coupling")]
@@ -57,6 +59,7 @@ def write_run(
     m: int = 1,
     seed: int = 0,
     phase: str = "train",
+    forwards: int = 1,
 ) -> Path:
     """A run file as the trainer leaves it; status "running" leaves it open, flushed."""
     train = TrainConfig(steps=STEPS, init_batches=m, seed=seed, batch_size=1)
@@ -76,7 +79,7 @@ def write_run(
             max_abs[NAMES.index(ONSET_LAYER)], bpd = np.inf, math.nan
         writer.append_step(
             step, loss=bpd, bpd=bpd, penalty=0.0, grad_norm=1.0, lr=1e-3, max_abs=max_abs,
-            logdet=np.zeros(len(NAMES), np.float32), nonfinite=~np.isfinite(max_abs),
+            logdet=np.zeros(len(NAMES), np.float32), nonfinite=~np.isfinite(max_abs), forwards=forwards,
         )  # fmt: skip
         if step % 5 == 0:
             writer.append_eval(step, 5.5 - 0.05 * step)
@@ -89,28 +92,10 @@ def write_run(
     return run_dir / "run.h5"
 
 
-def add_study(out: Path, queued: dict[str, dict[str, object]]) -> None:
-    """An Optuna study as the ablation runner leaves it: one trial per cell, {state: cell}."""
-    import optuna  # only this fixture needs it
-    from optuna.distributions import IntDistribution
-    from optuna.trial import TrialState, create_trial
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="s")
-    for state, cell in queued.items():
-        study.add_trial(
-            create_trial(
-                state=TrialState[state],
-                params={"seed": cell["seed"]},
-                distributions={"seed": IntDistribution(int(cell["seed"]), int(cell["seed"]))},  # type: ignore[call-overload]
-                user_attrs={"cell": cell_key(cell)},
-                value=1.0 if state == "COMPLETE" else None,
-            )
-        )
-
-
-def cell(m: int, seed: int) -> dict[str, object]:
-    return {"init_batches": m, "lam": 0.0, "batch_size": 1, "seed": seed}
+def add_cells(out: Path, cells: dict[str, str], running: int = 0) -> None:
+    """The cells file an ablation runner publishes (runtime.files.CELLS_FILE), as its contract says."""
+    data = {"format": 1, "study": "s", "kind": "ablation", "updated": 1.0, "running": running, "cells": cells}
+    (out / CELLS_FILE).write_text(json.dumps(data), encoding="utf-8")
 
 
 @pytest.fixture
@@ -159,7 +144,7 @@ def test_run_name_is_the_cell_folder(tmp_path: Path) -> None:
 
 def test_folder_snapshot_puts_diverged_first_with_the_files_numbers(mixed: Path) -> None:
     files = sorted((mixed / "runs").glob("*/run.h5"))
-    records = [(f.parent.name, read_run(f)) for f in files]
+    records = [(f.parent.name, read_tail(f)) for f in files]
     snap = watch_snapshot(mixed, records, queued=[("d-queued", "waiting"), ("b-completed", "waiting")])
     assert [c.name for c in snap.cells] == ["c-diverged", "a-running", "d-queued", "b-completed"]
     diverged, running, queued, completed = snap.cells
@@ -181,31 +166,33 @@ def test_folder_snapshot_puts_diverged_first_with_the_files_numbers(mixed: Path)
 
 
 def test_run_view_has_rate_eta_trend_and_the_init_phase(tmp_path: Path) -> None:
-    record = read_run(write_run(tmp_path / "r", steps=12, status="running"))
-    record = dataclasses.replace(record, wall_time=np.arange(12) * 0.25)  # 4 steps/s
-    view = run_view(record, "r")
+    tail = read_tail(write_run(tmp_path / "r", steps=12, status="running"))
+    tail = tail._replace(rows=tail.rows._replace(wall_time=np.arange(12) * 0.25))  # 4 steps/s
+    view = run_view(tail, "r")
     assert (view.step, view.total_steps, view.bpd) == (12, STEPS, bpd_at(12))
     assert view.steps_per_s == pytest.approx(4.0) and view.eta_s == pytest.approx((STEPS - 12) / 4.0)
     assert view.bpd_history == tuple(bpd_at(s) for s in range(1, 13))
     assert [p.name for p in view.top_layers] == NAMES[::-1][:5]  # max |output| grows with the column
     expected = math.log10(max_abs_row(12)[-1]) - math.log10(max_abs_row(2)[-1])  # over the last 10 rows
     assert view.top_layers[0].trend == pytest.approx(expected, rel=1e-5)
-    ended = run_view(dataclasses.replace(record, status="completed"), "r")
+    ended = run_view(tail._replace(head=tail.head._replace(status="completed")), "r")
     assert math.isnan(ended.eta_s)  # no ETA once the run ended
-    init = read_run(write_run(tmp_path / "i", steps=0, status="running", m=256, phase="init"))
+    init = read_tail(write_run(tmp_path / "i", steps=0, status="running", m=256, phase="init"))
     snap = watch_snapshot(tmp_path / "i", [("i", init)], single=True)
     assert snap.run is not None and snap.run.phase == "init" and snap.cells[0].status == "running"
     assert "ActNorm init over M = 256 batches" in "\n".join(snapshot_lines(snap))
 
 
-def test_read_queue_reads_the_studys_waiting_and_running_cells(tmp_path: Path) -> None:
-    add_study(tmp_path, {"WAITING": cell(1, 0), "RUNNING": cell(4, 1), "COMPLETE": cell(16, 2)})
-    queued, running = read_queue(tmp_path / "study.db")  # type: ignore[misc]
-    assert sorted(queued) == [(cell_slug(cell(1, 0)), "waiting"), (cell_slug(cell(4, 1)), "starting")]
-    assert running == 1
-    assert read_queue(tmp_path / "absent.db") is None
-    (tmp_path / "junk.db").write_bytes(b"not sqlite" * 10)
-    assert read_queue(tmp_path / "junk.db") is None
+def test_the_cells_file_reads_as_its_contract_says_and_bad_ones_read_as_none(tmp_path: Path) -> None:
+    add_cells(tmp_path, {"a": "waiting", "b": "running", "c": "done", "d": "exploded"}, running=1)
+    cells = read_cells(tmp_path)
+    assert cells is not None and cells.running == 1 and cells.kind == "ablation"
+    assert cells.cells == {"a": "waiting", "b": "running", "c": "done"}  # an unknown state is left out
+    assert cells.without_file({"c"}) == [("a", "waiting"), ("b", "starting")]
+    for text in ('{"format": 2, "cells": {}}', '{"format": 1, "cells": {"a": "wait', "[]", ""):
+        (tmp_path / CELLS_FILE).write_text(text)
+        assert read_cells(tmp_path) is None, text  # another format, a partial file, not an object
+    assert read_cells(tmp_path / "absent") is None
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -228,9 +215,9 @@ def test_once_on_a_run_folder(tmp_path: Path) -> None:
 
 
 def test_once_on_an_ablation_folder_one_line_per_cell(mixed: Path) -> None:
-    add_study(mixed, {"WAITING": cell(256, 9), "COMPLETE": cell(1, 0)})
+    add_cells(mixed, {"M256-seed9": "waiting", "b-completed": "done", "c-diverged": "done"})
     lines = _assert_plain(cli(str(mixed), "--once"))
-    names = ["c-diverged", "a-running", cell_slug(cell(256, 9)), "b-completed"]
+    names = ["c-diverged", "a-running", "M256-seed9", "b-completed"]
     body = [line for line in lines if any(line.startswith(n + " ") for n in names)]
     assert [line.split()[0] for line in body] == names  # one line each, diverged first
     assert "step 7/20" in body[0] and "inf" in body[0] and ONSET_LAYER in body[0]
@@ -282,10 +269,10 @@ def test_watch_follows_a_run_until_another_process_ends_it(tmp_path: Path, termi
 def test_snapshot_view_draws_a_folder_and_a_run(mixed: Path) -> None:
     console = Console(file=io.StringIO(), width=160)
     files = sorted((mixed / "runs").glob("*/run.h5"))
-    console.print(snapshot_view(watch_snapshot(mixed, [(f.parent.name, read_run(f)) for f in files])))
-    console.print(snapshot_view(watch_snapshot(files[0], [("a", read_run(files[0]))], single=True)))
+    console.print(snapshot_view(watch_snapshot(mixed, [(f.parent.name, read_tail(f)) for f in files])))
+    console.print(snapshot_view(watch_snapshot(files[0], [("a", read_tail(files[0]))], single=True)))
     output = console.file.getvalue()  # type: ignore[attr-defined]
-    assert "c-diverged" in output and "peak max |output|" in output and "trend" in output
+    assert "c-diverged" in output and "recent peak max |output|" in output and "trend" in output
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -306,3 +293,83 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
     result = cli(str(tmp_path), "--interval", "0")
     assert result.exit_code == 2 and "--interval" in result.output and "\n" not in result.output.strip()
+
+
+# --- start-up: what loads, and a folder that is not there yet -----------------------------------
+
+_IMPORTS = """
+import json, sys
+from typer.testing import CliRunner
+from flowdiag.cli import app
+codes = [CliRunner().invoke(app, json.loads(case)).exit_code for case in sys.argv[1:]]
+heavy = ("torch", "h5py", "matplotlib", "optuna", "sqlite3")
+print(json.dumps([codes, sorted(m for m in heavy if m in sys.modules)]))
+"""
+
+
+def loaded_after(*cases: list[str]) -> tuple[list[int], list[str]]:
+    """Exit codes of `flowdiag CASE...` in one fresh interpreter, and the heavy modules it loaded."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS, *(json.dumps(c) for c in cases)],
+        capture_output=True, text=True, check=True, env={**os.environ, **ENV},
+    )  # fmt: skip
+    codes, modules = json.loads(done.stdout.strip().splitlines()[-1])
+    return codes, modules
+
+
+def test_bad_arguments_fail_before_torch_h5py_or_matplotlib_load(tmp_path: Path) -> None:
+    nowhere = str(tmp_path / "nowhere")
+    codes, modules = loaded_after(
+        ["watch", str(tmp_path), "--interval", "0"],
+        ["watch", nowhere, "--once"],
+        ["watch", str(tmp_path), "--timeout", "-1"],
+        ["report", nowhere],
+        ["report", str(tmp_path), "--threshold", "-1"],
+        ["report", str(tmp_path), "--fig5-step", "0"],
+        ["export", str(tmp_path)],
+        ["export", nowhere, "--tensorboard", str(tmp_path / "tb")],
+        ["export", str(tmp_path), "--tensorboard", str(tmp_path / "tb"), "--stride", "0"],
+    )
+    assert codes == [2] * 9 and modules == []
+
+
+def test_watch_reads_a_study_without_optuna_or_sqlite(mixed: Path) -> None:
+    add_cells(mixed, {"M256-seed9": "waiting"}, running=1)
+    codes, modules = loaded_after(["watch", str(mixed), "--once"])
+    assert codes == [0] and "h5py" in modules
+    assert "optuna" not in modules and "sqlite3" not in modules
+
+
+def test_watch_waits_for_a_folder_that_does_not_exist_yet(tmp_path: Path) -> None:
+    folder = tmp_path / "later"
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "flowdiag", "watch", str(folder), "--interval", "0.05", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().startswith(f"waiting for {folder}")  # it says so, and waits
+        write_run(folder, steps=5, status="completed")
+        output, errors = watcher.communicate(timeout=120)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, errors
+    assert output.splitlines()[-1].startswith("later: completed at step 5/20")
+
+
+def test_the_detail_view_says_when_a_step_covers_several_forwards(tmp_path: Path) -> None:
+    accumulated = read_tail(write_run(tmp_path / "a", steps=6, status="running", forwards=4))
+    plain = read_tail(write_run(tmp_path / "p", steps=6, status="running"))
+    assert (
+        "· 4 forwards/step ·"
+        in snapshot_lines(watch_snapshot(tmp_path, [("a", accumulated)], single=True))[0]
+    )
+    assert "forwards" not in snapshot_lines(watch_snapshot(tmp_path, [("p", plain)], single=True))[0]
+
+
+def test_a_study_stays_active_while_its_cells_file_says_so(mixed: Path) -> None:
+    done = [("b", read_tail(mixed / "runs" / "b-completed" / "run.h5"))]
+    assert not watch_snapshot(mixed, done).active
+    assert watch_snapshot(mixed, done, queued=[("later", "waiting")]).active  # queued, no file yet
+    assert watch_snapshot(mixed, done, study_running=1).active  # claimed, its file not made yet
+    assert not watch_snapshot(mixed, done, queued=[("x", "failed")]).active

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from flowdiag.runtime.errors import UserError
 
-PARTS: tuple[str, ...] = ("steps", "init", "workers", "competition", "library", "inverse", "ddp")
+PARTS: tuple[str, ...] = ("steps", "init", "workers", "competition", "library", "inverse", "ddp", "scale")
+# The parts that measure a model (and load torch, the data set and the model first); `scale` writes
+# synthetic run files and times the reading commands.
+MODEL_PARTS: tuple[str, ...] = PARTS[:-1]
 
 
 def parse_parts(text: str) -> tuple[str, ...]:

@@ -171,6 +171,47 @@ class DataParallelResult:
 
 
 @dataclass(frozen=True)
+class WriteCost:
+    """A synthetic run written through RunWriter (`flowdiag.bench.scale`)."""
+
+    steps: int
+    layers: int
+    file_bytes: int
+    block_s: float  # the whole run through append_steps, a block of rows a call
+    row_s: float  # one row through append_step (a flush every 50 rows), per row
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.file_bytes / self.steps if self.steps else math.nan
+
+
+@dataclass(frozen=True)
+class CommandCost:
+    """One `flowdiag` command in a child process."""
+
+    command: str
+    wall_s: float
+    cpu_s: float  # user + system: what a busy machine does not inflate
+    peak_rss_bytes: int
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """report, watch --once and export on a long run; report on a folder of shorter runs and on one."""
+
+    written: WriteCost
+    startup: CommandCost  # `flowdiag --help`: what every command pays before it starts
+    report: CommandCost
+    watch: CommandCost
+    export: CommandCost
+    export_bytes: int  # the event files written
+    folder_runs: int
+    folder_steps: int
+    folder_report: CommandCost
+    short_report: CommandCost  # one run of the folder
+
+
+@dataclass(frozen=True)
 class BenchResult:
     device: str
     n_parameters: int
@@ -186,3 +227,4 @@ class BenchResult:
     foreign: LibraryOverhead | None = None  # the same on a hand-written Glow (adapter="auto")
     inverse: InverseCost | None = None
     data_parallel: DataParallelResult | None = None
+    scale: ScaleResult | None = None

@@ -11,8 +11,9 @@ from flowdiag.bench.competition import measure_competition
 from flowdiag.bench.extra_costs import data_parallel, inverse_cost
 from flowdiag.bench.init_cost import init_cost
 from flowdiag.bench.library import foreign_overhead, library_overhead
-from flowdiag.bench.parts import PARTS
+from flowdiag.bench.parts import MODEL_PARTS, PARTS
 from flowdiag.bench.results import BenchResult, WorkersResult
+from flowdiag.bench.scale import measure_scale
 from flowdiag.bench.steps import time_steps
 from flowdiag.bench.sync_check import check_syncs
 from flowdiag.bench.workers import worker_startup
@@ -34,6 +35,10 @@ class BenchSettings:
     startup_repeats: int = 2
     nproc: int = 2  # ranks of the data-parallel part
     ddp_steps: int = 40
+    scale_steps: int = 300_000  # the synthetic run of the scale part: the paper's length ...
+    scale_layers: int = 288  # ... and Glow's recorded layers at K = 32, L = 3
+    scale_folder_runs: int = 4  # then `report` on a folder of this many runs ...
+    scale_folder_steps: int = 20_000  # ... of this many steps
 
     def check(self) -> None:
         if self.timed_steps < 1 or self.blocks < 1 or self.startup_repeats < 1:
@@ -44,6 +49,12 @@ class BenchSettings:
             raise UserError("--nproc must be 2 or more and --ddp-steps a positive integer")
         if self.grid_steps < 0:
             raise UserError("--grid-steps must be 0 (no grid) or a positive integer")
+        scale = (self.scale_steps, self.scale_layers, self.scale_folder_runs, self.scale_folder_steps)
+        if min(scale) < 1 or self.scale_layers < 3:
+            raise UserError(
+                "--scale-steps, --scale-folder-runs and --scale-folder-steps must be positive, and "
+                "--scale-layers at least 3 (a level of actnorm, invconv, coupling)"
+            )
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise UserError(f"--parts: unknown part {sorted(unknown)[0]!r}; choose from {','.join(PARTS)}")
@@ -54,10 +65,27 @@ def run_bench(config: RunConfig, settings: BenchSettings | None = None) -> Bench
 
     This process never touches CUDA: every measurement on the device runs in a child, so children
     fork (`process_context`) and the worker start-up it reports is the one `flowdiag ablate` gets.
+    The scale part needs no model: alone, it loads neither the data nor the model.
     """
     s = settings or BenchSettings()
     s.check()
     validate_config(config)
+    with tempfile.TemporaryDirectory(prefix="flowdiag-bench-") as tmp:
+        work = Path(tmp)
+        if set(s.parts) & set(MODEL_PARTS):
+            result = _model_parts(config, s, work)
+        else:
+            result = BenchResult("-", 0, 0, configure_threads(config.train.threads), s.parts)
+        if "scale" in s.parts:
+            (work / "scale").mkdir()
+            scale = measure_scale(
+                s.scale_steps, s.scale_layers, s.scale_folder_runs, s.scale_folder_steps, work / "scale"
+            )
+            result = replace(result, scale=scale)
+    return result
+
+
+def _model_parts(config: RunConfig, s: BenchSettings, work: Path) -> BenchResult:
     device = resolve_device(config.train.device)
     # As `ablate`'s launcher: one thread pool setting before any fork (children inherit it).
     threads = configure_threads(config.train.threads)
@@ -71,34 +99,32 @@ def run_bench(config: RunConfig, settings: BenchSettings | None = None) -> Bench
     job = small_grid.main_job(s.grid_steps) if s.grid_steps > 0 else None
     counts = small_grid.worker_counts(cpu_count())
     extra = small_grid.passthrough_args(config)
-    with tempfile.TemporaryDirectory(prefix="flowdiag-bench-") as tmp:
-        work = Path(tmp)
-        if "steps" in s.parts:
-            steps = time_steps(config, data, s.timed_steps, s.blocks, work)
-            result = replace(result, steps=steps, sync=check_syncs(config, data, work))
-        if "init" in s.parts:
-            result = replace(result, init=tuple(init_cost(config, data, m) for m in s.init_ms))
-        if "workers" in s.parts:
-            startup = worker_startup(config, data, s.startup_repeats, work)
-            grid = small_grid.time_grid(job, counts, work, "idle", extra) if job is not None else None
-            result = replace(result, workers=WorkersResult(startup, grid))
-        if "competition" in s.parts:
-            competition = measure_competition(
-                config,
-                data,
-                s.timed_steps,
-                s.blocks,
-                work,
-                grid=(job, counts, extra) if job is not None else None,
-                grid_idle=result.workers.grid if result.workers is not None else None,
-            )
-            result = replace(result, competition=competition)
-        if "library" in s.parts:
-            library = library_overhead(config, data, s.timed_steps, s.blocks, work)
-            foreign = foreign_overhead(config, data, s.timed_steps, s.blocks, work)
-            result = replace(result, library=library, foreign=foreign)
-        if "inverse" in s.parts:
-            result = replace(result, inverse=inverse_cost(config, data, s.timed_steps, work))
-        if "ddp" in s.parts:
-            result = replace(result, data_parallel=data_parallel(config, data, s.nproc, s.ddp_steps, work))
+    if "steps" in s.parts:
+        steps = time_steps(config, data, s.timed_steps, s.blocks, work)
+        result = replace(result, steps=steps, sync=check_syncs(config, data, work))
+    if "init" in s.parts:
+        result = replace(result, init=tuple(init_cost(config, data, m) for m in s.init_ms))
+    if "workers" in s.parts:
+        startup = worker_startup(config, data, s.startup_repeats, work)
+        grid = small_grid.time_grid(job, counts, work, "idle", extra) if job is not None else None
+        result = replace(result, workers=WorkersResult(startup, grid))
+    if "competition" in s.parts:
+        competition = measure_competition(
+            config,
+            data,
+            s.timed_steps,
+            s.blocks,
+            work,
+            grid=(job, counts, extra) if job is not None else None,
+            grid_idle=result.workers.grid if result.workers is not None else None,
+        )
+        result = replace(result, competition=competition)
+    if "library" in s.parts:
+        library = library_overhead(config, data, s.timed_steps, s.blocks, work)
+        foreign = foreign_overhead(config, data, s.timed_steps, s.blocks, work)
+        result = replace(result, library=library, foreign=foreign)
+    if "inverse" in s.parts:
+        result = replace(result, inverse=inverse_cost(config, data, s.timed_steps, work))
+    if "ddp" in s.parts:
+        result = replace(result, data_parallel=data_parallel(config, data, s.nproc, s.ddp_steps, work))
     return result

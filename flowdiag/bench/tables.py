@@ -13,12 +13,14 @@ from flowdiag.bench.results import (
     MODES,
     NO_HOOKS,
     BenchResult,
+    CommandCost,
     CompetitionResult,
     DataParallelResult,
     GridTiming,
     InitCost,
     InverseCost,
     LibraryOverhead,
+    ScaleResult,
     StepTiming,
     SyncCheck,
     WorkersResult,
@@ -51,6 +53,8 @@ def _titled(title: str, table: Table) -> Group:
 
 
 def header(result: BenchResult) -> str:
+    if not result.n_parameters:  # the scale part alone: no model was built
+        return "synthetic run files only (no model). Timings on a shared machine are noisy."
     thread = "thread" if result.threads == 1 else "threads"
     return (
         f"device {result.device}, {result.n_parameters:,} parameters, batch {result.batch_size}, "
@@ -225,6 +229,51 @@ def data_parallel_table(ddp: DataParallelResult) -> Group:
     return _titled(title, table)
 
 
+# Issue 19's goals, for a run of 300,000 steps × 288 layers and a folder of 4 runs of 20,000 steps.
+SCALE_GOALS = {
+    "report": "≤ 10 s, ≤ 1 GB",
+    "watch --once": "≤ 0.5 s over --help, ≤ 300 MB",
+    "export": "≤ 60 s, ≤ 200 MB of events",
+    "folder": "≤ 15 s, ≤ 400 MB",
+    "short": "≤ 3 s",
+}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+def _cost_row(table: Table, cost: CommandCost, goal: str, note: str = "") -> None:
+    table.add_row(cost.command, _s(cost.wall_s), _s(cost.cpu_s), _mb(cost.peak_rss_bytes), note, goal)
+
+
+def scale_table(scale: ScaleResult) -> Group:
+    w = scale.written
+    title, table = _table(
+        f"a synthetic run of {w.steps:,} steps × {w.layers} layers ({_mb(w.file_bytes)}, "
+        f"{w.bytes_per_step:,.0f} bytes/step); each command a child process",
+        "command",
+        "wall time",
+        "CPU time",
+        "peak RSS",
+        "note",
+        "goal at 300,000 × 288",
+    )
+    _cost_row(table, scale.startup, "", "start-up of every command")
+    _cost_row(table, scale.report, SCALE_GOALS["report"])
+    over = scale.watch.wall_s - scale.startup.wall_s
+    _cost_row(table, scale.watch, SCALE_GOALS["watch --once"], f"{over:+.2f} s over --help")
+    _cost_row(table, scale.export, SCALE_GOALS["export"], f"{_mb(scale.export_bytes)} of events")
+    folder = f"{scale.folder_runs} runs of {scale.folder_steps:,} steps"
+    _cost_row(table, scale.folder_report, SCALE_GOALS["folder"], folder)
+    _cost_row(table, scale.short_report, SCALE_GOALS["short"], f"one run of {scale.folder_steps:,} steps")
+    writes = (
+        f"writing it: {w.block_s / w.steps * 1e6:.1f} µs a step through append_steps (blocks of rows), "
+        f"{w.row_s * 1e6:.1f} µs through append_step (a row a call, a flush every 50)"
+    )
+    return Group(_titled(title, table), Text(writes))
+
+
 def bench_tables(result: BenchResult) -> list[RenderableType]:
     """What `flowdiag bench` prints after its header line, in part order: each table after its title."""
     out: list[RenderableType] = []
@@ -246,4 +295,6 @@ def bench_tables(result: BenchResult) -> list[RenderableType]:
         out.append(inverse_table(result.inverse))
     if result.data_parallel is not None:
         out.append(data_parallel_table(result.data_parallel))
+    if result.scale is not None:
+        out.append(scale_table(result.scale))
     return out

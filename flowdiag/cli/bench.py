@@ -52,11 +52,26 @@ def bench_command(
         int, typer.Option("--nproc", help="Ranks of the data-parallel part, against one process.")
     ] = 2,
     ddp_steps: Annotated[int, typer.Option("--ddp-steps", help="Steps of the data-parallel part.")] = 40,
+    scale_steps: Annotated[
+        int,
+        typer.Option("--scale-steps", help="Steps of the scale part's synthetic run (880 MB at 288 layers)."),
+    ] = 300_000,
+    scale_layers: Annotated[
+        int,
+        typer.Option("--scale-layers", help="Recorded layers of the synthetic runs (Glow K=32, L=3: 288)."),
+    ] = 288,
+    scale_folder_runs: Annotated[
+        int, typer.Option("--scale-folder-runs", help="Runs in the folder the scale part reports on.")
+    ] = 4,
+    scale_folder_steps: Annotated[
+        int, typer.Option("--scale-folder-steps", help="Steps of each run of that folder.")
+    ] = 20_000,
     **options: Any,
 ) -> None:
     """Step time without hooks, with hooks, with hooks + HDF5; init cost; worker start-up and 1 vs N
     workers; the same with a competing process; the Monitor on a normflows Glow; the inverse check's
-    share of a run; N data-parallel ranks against one process at the same global batch."""
+    share of a run; N data-parallel ranks against one process at the same global batch; report, watch
+    and export on a long synthetic run (scale: wall time and peak memory of each command)."""
     chosen = parse_parts(parts)
     ms = _positive_ints("--init-ms", init_ms)
     config = apply_options(RunConfig(), parse_scalars(options))
@@ -64,7 +79,10 @@ def bench_command(
     from flowdiag.bench.suite import BenchSettings, run_bench
     from flowdiag.bench.tables import bench_tables, header
 
-    settings = BenchSettings(chosen, timed_steps, blocks, ms, grid_steps, startup_repeats, nproc, ddp_steps)
+    scale = (scale_steps, scale_layers, scale_folder_runs, scale_folder_steps)
+    settings = BenchSettings(
+        chosen, timed_steps, blocks, ms, grid_steps, startup_repeats, nproc, ddp_steps, *scale
+    )
     settings.check()
     result = run_bench(config, settings)
     console.print(header(result), highlight=False)

@@ -37,14 +37,22 @@ def report_command(
         int, typer.Option("--max-layer-maps", help="Runs that get layer x step heatmaps (diverged first).")
     ] = 6,
 ) -> None:
-    """Write report.md, a self-contained report.html and PNGs; print a summary and a diagnosis per run."""
-    from flowdiag.report import build_report, collect_runs, render_summary  # matplotlib, when it runs
-
+    """Write report.md, a self-contained report.html and PNGs; print a summary and a diagnosis per run.
+    Runs are read one at a time, a block of steps at a time: a run of any length fits in memory."""
+    # Checked before h5py and matplotlib load: a typo costs no start-up.
     if fig5_step < 1:
         raise UserError(f"--fig5-step must be a positive step number, got {fig5_step}")
     if not threshold > 0:
         raise UserError(f"--threshold must be positive, got {threshold}")
-    runs = collect_runs(path)
+    if max_layer_maps < 0:
+        raise UserError(f"--max-layer-maps must be 0 or more, got {max_layer_maps}")
+    if not path.exists():
+        raise UserError(
+            f"{path} does not exist: give a run folder, a run.h5 file or an ablation output folder"
+        )
+    from flowdiag.report import build_report, find_runs, render_summary  # h5py, matplotlib
+
+    runs = find_runs(path)
     target = out or default_out(path)
     command = "flowdiag " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
     summary = build_report(

@@ -24,14 +24,19 @@ def watch_command(
     ] = None,
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit (for scripts).")] = False,
 ) -> None:
-    """Live view of runs while they are written: per cell status, step, bpd, peak max |output|, onset;
-    for one run a bpd sparkline, steps/s, ETA and the top layers with their trend. Ends with the runs."""
-    from flowdiag.report.watch import watch
-    from flowdiag.report.watch_view import summary_line  # numpy and h5py: when the command runs
-
+    """Live view of runs while they are written: per cell status, step, bpd, recent peak max |output|,
+    onset; for one run a bpd sparkline, steps/s, ETA and the top layers with their trend. Ends with the
+    runs. A PATH that does not exist yet is waited for (not with --once). Reads each run's last rows
+    only, and an ablation's cells.json, never its database."""
+    # Checked before numpy and h5py load: a typo costs no start-up.
     if not interval > 0:
         raise UserError(f"--interval must be positive, got {interval}")
     if timeout is not None and not timeout >= 0:
         raise UserError(f"--timeout must be zero or more seconds, got {timeout}")
+    if once and not path.exists():
+        raise UserError(f"{path} does not exist: give a run folder, its run.h5 or an ablation output folder")
+    from flowdiag.report.watch import watch
+    from flowdiag.report.watch_view import summary_line
+
     snapshot = watch(path, console, interval=interval, timeout=timeout, once=once)
     console.print(Text(summary_line(snapshot)), soft_wrap=True)

@@ -1,9 +1,11 @@
 """Stability reports: what the run files say about when, where and why a flow diverged.
 
-Data extraction (pure, tested) lives in `runs`, `curves`, `per_layer`, `cells`, `inverse_curves` and
-`diagnose`; drawing in `draw_steps`, `draw_layers` and `draw_inverse`; the document in `document` and
-`build`; the terminal in `console` and `watch`; other tools' formats in `export`. The names below load on
-first use, so importing one submodule (the watch) never pulls in matplotlib.
+Each run is read once, a block at a time, into a digest (`digest`, with `decimate`'s envelopes: every
+spike and first non-finite value kept); data extraction (pure, tested) lives in `runs`, `curves`,
+`per_layer`, `cells`, `inverse_curves` and `diagnose`; drawing in `draw_steps`, `draw_layers` and
+`draw_inverse`; the document in `document` and `build`; the terminal in `console` and `watch`; other
+tools' formats in `export`. The names below load on first use, so importing one submodule (the watch)
+never pulls in matplotlib.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 # Eager, and light (no matplotlib): `diagnose` is also a submodule's name, so the function must be
 # bound here before anything imports the submodule.
 from flowdiag.report.diagnose import Diagnosis, diagnose
-from flowdiag.report.runs import collect_runs
+from flowdiag.report.digest import RunDigest, digest_run
+from flowdiag.report.runs import collect_runs, find_runs
 from flowdiag.runtime.lazy import lazy_exports
 
 _PUBLIC = {
@@ -25,4 +28,4 @@ _PUBLIC = {
 __getattr__ = lazy_exports("flowdiag.report", _PUBLIC)
 
 
-__all__ = ["Diagnosis", "collect_runs", "diagnose", *sorted(_PUBLIC)]
+__all__ = ["Diagnosis", "RunDigest", "collect_runs", "diagnose", "digest_run", "find_runs", *sorted(_PUBLIC)]

@@ -1,8 +1,13 @@
-"""`build_report`: extract, draw, and write report.md, report.html and the PNGs into one folder."""
+"""`build_report`: digest each run, draw, and write report.md, report.html and the PNGs into one folder.
+
+Runs are read one at a time into digests (`digest`): memory holds one run's block and the digests,
+whose layer maps are kept only for the runs that get one, however many runs a folder has.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +17,7 @@ from flowdiag.record.store import RunRecord
 from flowdiag.report.cells import GridCell, LambdaPoint, grid_cells, is_grid, lambda_points
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import DEFAULT_THRESHOLD, Diagnosis, diagnose
+from flowdiag.report.digest import RunDigest, digest_of
 from flowdiag.report.document import (
     Bullets,
     Code,
@@ -27,10 +33,16 @@ from flowdiag.report.draw_inverse import draw_failure_rates, draw_inverse_layers
 from flowdiag.report.draw_layers import draw_coupling_peaks, draw_grid, draw_heatmap
 from flowdiag.report.draw_steps import draw_bpd, draw_lambda, draw_penalty
 from flowdiag.report.inverse_curves import failure_rates, has_inverse_records, inverse_curves
-from flowdiag.report.per_layer import CouplingPeaks, coupling_peaks, layer_heatmap, select_heatmap_runs
+from flowdiag.report.per_layer import (
+    CouplingPeaks,
+    coupling_peaks,
+    heatmap_rank,
+    layer_heatmap,
+    select_heatmap_runs,
+)
 from flowdiag.report.runs import (
+    NOT_GIVEN,
     best_eval_bpd,
-    final_bpd,
     is_diverged,
     onset_step,
     recon_threshold,
@@ -54,6 +66,7 @@ class RunRow:
     best_bpd: float  # best held-out bpd, NaN if never evaluated
     onset_step: int  # -1: none
     onset_layer: str
+    forwards: int  # the most training forwards one row covers (gradient accumulation: more than 1)
 
 
 @dataclass(frozen=True)
@@ -76,33 +89,28 @@ class ReportSummary:
         return sum(d.severity == "diverged" for _, d in self.diagnoses)
 
 
-def run_rows(runs: list[RunRecord], labels: list[str]) -> list[RunRow]:
+def run_rows(runs: list[RunDigest], labels: list[str]) -> list[RunRow]:
     return [
         RunRow(
             label=label,
-            path=run.path,
-            status=run.status,
-            steps=int(run.step[-1]) if len(run.step) else 0,
-            final_bpd=final_bpd(run),
-            best_bpd=best_eval_bpd(run),
-            onset_step=onset_step(run) if is_diverged(run) else -1,
-            onset_layer=run.nan_onset_layer,
+            path=run.head.path,
+            status=run.head.status,
+            steps=run.head.last_step,
+            final_bpd=run.final_bpd,
+            best_bpd=best_eval_bpd(run.eval_bpd),
+            onset_step=onset_step(run.head) if is_diverged(run.head) else -1,
+            onset_layer=run.head.nan_onset_layer,
+            forwards=run.most_forwards,
         )
         for run, label in zip(runs, labels, strict=True)
     ]
 
 
 def _runs_table(rows: list[RunRow]) -> Table:
-    header = [
-        "run",
-        "status",
-        "steps",
-        "final bpd",
-        "best held-out bpd",
-        "NaN onset step",
-        "onset",
-        "file",
-    ]
+    # Gradient accumulation: a row covers several training forwards; said only where it happened.
+    accumulated = any(r.forwards > 1 for r in rows)
+    header = ["run", "status", "steps", "final bpd", "best held-out bpd", "NaN onset step", "onset"]
+    header += ["forwards per row (most)"] * accumulated + ["file"]
     body = [
         [
             r.label,
@@ -112,6 +120,7 @@ def _runs_table(rows: list[RunRow]) -> Table:
             fmt_bpd(r.best_bpd),
             fmt_step(r.onset_step),
             r.onset_layer or "-",
+            *[str(r.forwards)] * accumulated,
             str(r.path),
         ]
         for r in rows
@@ -126,8 +135,8 @@ def _peaks_table(peaks: CouplingPeaks) -> Table:
         if not line.shown_step or not line.recorded:
             body.append([line.label, "-", "-", "no row" if line.recorded else "diagnostics off"])
             continue
-        bad = int((~np.isfinite(values) & (values != -np.inf)).sum())
-        finite = np.where(np.isfinite(values), values, -np.inf)
+        bad = int((line.nonfinite & line.ran).sum())  # flagged: a coupling that did not run is no blow-up
+        finite = np.where(np.isfinite(values) & line.ran, values, -np.inf)
         top = int(np.argmax(finite)) if len(values) else -1
         peak = fmt(float(values[top])) if top >= 0 and np.isfinite(values[top]) else "-"
         where = f"{top + 1} ({line.layer_names[top]})" if top >= 0 else "-"
@@ -142,13 +151,17 @@ def _peaks_table(peaks: CouplingPeaks) -> Table:
     return Table(header, body)
 
 
+def _setting_text(value: float | None, spell: str = "{}") -> str:
+    return NOT_GIVEN if value is None else spell.format(value)
+
+
 def _grid_table(cells: list[GridCell]) -> Table:
     header = ["M", "λ", "batch", "runs", "diverged", "divergence rate", "best held-out bpd", "mean best bpd"]
     body = [
         [
-            str(c.key.init_batches),
-            f"{c.key.lam:g}",
-            str(c.key.batch_size),
+            _setting_text(c.key.init_batches),
+            _setting_text(c.key.lam, "{:g}"),
+            _setting_text(c.key.batch_size),
             str(c.n_runs),
             str(c.n_diverged),
             fmt_rate(c.n_diverged, c.n_runs),
@@ -181,16 +194,18 @@ def headline_counts(diagnoses: list[tuple[str, Diagnosis]], n_runs: int, thresho
 def _inverse_section(
     doc: Document,
     figures: list[Path],
-    runs: list[RunRecord],
+    runs: list[RunDigest],
     labels: list[str],
-    indices: list[int],
     heatmap_runs: list[int],
     out_dir: Path,
 ) -> None:
     """Sampling, reconstruction and conditioning at every evaluation: where a drifting conv shows first."""
+    indices = [i for i, run in enumerate(runs) if has_inverse_records(run)]
+    if not indices:
+        return
     doc.add(Heading("The inverse: sampling, reconstruction, conditioning"))
     curves = [inverse_curves(runs[i], labels[i]) for i in indices]
-    threshold = recon_threshold(runs[indices[0]])
+    threshold = recon_threshold(runs[indices[0]].head)
     figures.append(draw_invertibility(curves, threshold, out_dir / "invertibility.png"))
     doc.add(
         Image(
@@ -230,70 +245,75 @@ def _write(path: Path, text: str) -> None:
         raise UserError(f"cannot write {path} ({error.strerror}): choose another --out") from None
 
 
-def build_report(
-    runs: list[RunRecord],
-    out_dir: Path,
-    *,
-    title: str,
-    command: str | None = None,
-    fig5_step: int = 2,
-    threshold: float = DEFAULT_THRESHOLD,
-    max_layer_maps: int = MAX_HEATMAP_RUNS,
-) -> ReportSummary:
-    """Write report.md, report.html (PNGs embedded) and the PNGs into `out_dir`; return the summary."""
-    if not runs:
-        raise UserError(
-            "no runs to report: point at a run folder, a run.h5 file or an ablation output folder"
-        )
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create {out_dir} ({error.strerror}): choose another --out") from None
-    labels = run_labels(runs)
-    rows = run_rows(runs, labels)
-    diagnoses = [
-        (label, d) for run, label in zip(runs, labels, strict=True) if (d := diagnose(run, threshold))
-    ]
-    cells = grid_cells(runs)
-    points = lambda_points(runs, labels)
-    figures: list[Path] = []
-    doc = Document(title)
+def digest_runs(
+    sources: Sequence[Path | RunRecord | RunDigest], threshold: float, fig5_step: int, max_layer_maps: int
+) -> list[RunDigest]:
+    """Every run's digest, read one at a time; only the `max_layer_maps` runs that will get a layer map
+    (`heatmap_rank`) keep theirs, so memory never holds more than those and one run's block."""
+    digests: list[RunDigest] = []
+    holding: list[tuple[tuple[int, int, int], int]] = []  # (rank, index) of the maps kept, best first
+    for index, source in enumerate(sources):
+        digest = digest_of(source, threshold, fig5_step)
+        digests.append(digest)
+        rank = heatmap_rank(digest, index)
+        if rank is None:
+            digests[index] = digest._replace(layers=None)
+            continue
+        holding = sorted([*holding, (rank, index)])
+        for _, dropped in holding[max_layer_maps:]:
+            digests[dropped] = digests[dropped]._replace(layers=None)
+        holding = holding[:max_layer_maps]
+    return digests
 
+
+def _summary_section(
+    doc: Document,
+    diagnoses: list[tuple[str, Diagnosis]],
+    rows: list[RunRow],
+    threshold: float,
+    command: str | None,
+) -> None:
     doc.add(
-        Paragraph(f"{headline_counts(diagnoses, len(runs), threshold)} Written by flowdiag {__version__}.")
+        Paragraph(f"{headline_counts(diagnoses, len(rows), threshold)} Written by flowdiag {__version__}.")
     )
     if command:
         doc.add(Code(command))
     doc.add(Heading("Runs"), _runs_table(rows))
-
     doc.add(Heading("Diagnoses"))
     if not diagnoses:
         doc.add(Paragraph(f"No run diverged and no layer's max |output| passed {threshold:g}."))
     for label, diagnosis in diagnoses:
         doc.add(Heading(f"{label}: {headline(diagnosis)}", 3), Bullets(diagnosis_lines(diagnosis)))
 
+
+def _steps_sections(
+    doc: Document, figures: list[Path], runs: list[RunDigest], labels: list[str], out_dir: Path
+) -> None:
+    """Fig. 4 (bpd) and Fig. 5 (coupling outputs at one step)."""
     doc.add(Heading("Training bpd (paper Fig. 4)"))
     figures.append(draw_bpd(bpd_curves(runs, labels), out_dir / "bpd.png"))
     doc.add(Image("bpd.png", "Training bpd per run; X marks the NaN onset of a diverged run."))
-
-    doc.add(Heading(f"Coupling outputs at step {fig5_step} (paper Fig. 5)"))
-    peaks = coupling_peaks(runs, labels, fig5_step)
-    name = f"coupling_step{fig5_step}.png"
+    peaks = coupling_peaks(runs, labels)
+    step = peaks.step
+    doc.add(Heading(f"Coupling outputs at step {step} (paper Fig. 5)"))
+    name = f"coupling_step{step}.png"
     figures.append(draw_coupling_peaks(peaks, out_dir / name))
     doc.add(
-        Image(
-            name, f"log10 max |output| of each coupling layer at step {fig5_step}; inf/NaN on the top edge."
-        ),
+        Image(name, f"log10 max |output| of each coupling layer at step {step}; inf/NaN on the top edge."),
         _peaks_table(peaks),
     )
 
+
+def _layer_maps_section(
+    doc: Document, figures: list[Path], runs: list[RunDigest], labels: list[str], cap: int, out_dir: Path
+) -> list[int]:
     doc.add(Heading("Layer × step maps"))
-    chosen = select_heatmap_runs(runs, max_layer_maps)
+    chosen = [i for i in select_heatmap_runs(runs, cap) if runs[i].layers is not None]
     doc.add(
         Paragraph(
-            f"{len(chosen)} of {len(runs)} run(s), diverged ones first (at most {max_layer_maps}); "
-            "runs trained without diagnostics have no per-layer records and are left out."
+            f"{len(chosen)} of {len(runs)} run(s), diverged ones first (at most {cap}); runs trained "
+            "without diagnostics have no per-layer records and are left out. A column pools consecutive "
+            "steps: its largest max |output|, and black where any of them was non-finite."
         )
     )
     for n, index in enumerate(chosen, start=1):
@@ -302,7 +322,12 @@ def build_report(
         doc.add(
             Image(name, f"{labels[index]}: per-layer log10 max |output| and signed-log log-det over steps.")
         )
+    return chosen
 
+
+def _penalty_section(
+    doc: Document, figures: list[Path], runs: list[RunDigest], labels: list[str], out_dir: Path
+) -> None:
     doc.add(Heading("Log-det penalty and 1x1 convs (what λ acts on)"))
     drawn, one_step = select_penalty_runs(runs)
     if drawn:
@@ -318,10 +343,10 @@ def build_report(
         names = ", ".join(labels[i] for i in one_step)
         doc.add(Paragraph(f"Ended at step 1, before any update, so no penalty curve to draw: {names}."))
 
-    inverse_runs = [i for i, run in enumerate(runs) if has_inverse_records(run)]
-    if inverse_runs:
-        _inverse_section(doc, figures, runs, labels, inverse_runs, chosen, out_dir)
 
+def _ablation_sections(
+    doc: Document, figures: list[Path], cells: list[GridCell], points: list[LambdaPoint], out_dir: Path
+) -> None:
     if is_grid(cells):
         doc.add(Heading("Ablation grid (M × λ × batch size)"), _grid_table(cells))
         figures.append(draw_grid(cells, out_dir / "grid.png"))
@@ -331,6 +356,44 @@ def build_report(
         figures.append(draw_lambda(points, out_dir / "lambda.png"))
         doc.add(Image("lambda.png", "λ against best held-out bpd; red X: diverged trials."))
 
+
+def build_report(
+    runs: Sequence[Path | RunRecord | RunDigest],
+    out_dir: Path,
+    *,
+    title: str,
+    command: str | None = None,
+    fig5_step: int = 2,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_layer_maps: int = MAX_HEATMAP_RUNS,
+) -> ReportSummary:
+    """Write report.md, report.html (PNGs embedded) and the PNGs into `out_dir`; return the summary.
+
+    `runs`: run files (read one at a time, a block at a time), RunRecords or digests. Every run is read
+    before anything is written, so a bad file leaves `out_dir` as it was.
+    """
+    if not runs:
+        raise UserError(
+            "no runs to report: point at a run folder, a run.h5 file or an ablation output folder"
+        )
+    digests = digest_runs(runs, threshold, fig5_step, max_layer_maps)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {out_dir} ({error.strerror}): choose another --out") from None
+    labels = run_labels([d.head for d in digests])
+    rows = run_rows(digests, labels)
+    diagnoses = [(label, d) for run, label in zip(digests, labels, strict=True) if (d := diagnose(run))]
+    cells, points = grid_cells(digests), lambda_points(digests, labels)
+    figures: list[Path] = []
+    doc = Document(title)
+    _summary_section(doc, diagnoses, rows, threshold, command)
+    _steps_sections(doc, figures, digests, labels, out_dir)
+    chosen = _layer_maps_section(doc, figures, digests, labels, max_layer_maps, out_dir)
+    _penalty_section(doc, figures, digests, labels, out_dir)
+    _inverse_section(doc, figures, digests, labels, chosen, out_dir)
+    _ablation_sections(doc, figures, cells, points, out_dir)
     markdown, html = out_dir / MARKDOWN_NAME, out_dir / HTML_NAME
     _write(markdown, to_markdown(doc))
     _write(html, to_html(doc, out_dir))

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flowdiag.record.store import RunRecord
+from flowdiag.report.digest import RunDigest
 from flowdiag.report.runs import CellKey, best_eval_bpd, is_diverged, run_settings
 from flowdiag.settings.config import placement_fields
 
@@ -29,15 +29,18 @@ class GridCell(NamedTuple):
     mean_best_bpd: float  # mean over those runs of their best held-out bpd; NaN likewise
 
 
-def grid_cells(runs: list[RunRecord]) -> list[GridCell]:
-    """One entry per distinct (M, λ, batch size), sorted by batch size, then M, then λ."""
-    members: dict[CellKey, list[RunRecord]] = {}
+def grid_cells(runs: list[RunDigest]) -> list[GridCell]:
+    """One entry per distinct (M, λ, batch size), sorted by batch size, then M, then λ (settings not
+    given last, as a cell of their own)."""
+    members: dict[CellKey, list[RunDigest]] = {}
     for run in runs:
-        members.setdefault(run_settings(run).cell, []).append(run)
+        members.setdefault(run_settings(run.head).cell, []).append(run)
     cells = []
     for key, group in members.items():
-        n_diverged = sum(is_diverged(r) for r in group)
-        bests = np.array([best_eval_bpd(r) for r in group if not is_diverged(r)], dtype=np.float64)
+        n_diverged = sum(is_diverged(r.head) for r in group)
+        bests = np.array(
+            [best_eval_bpd(r.eval_bpd) for r in group if not is_diverged(r.head)], dtype=np.float64
+        )
         bests = bests[np.isfinite(bests)]
         cells.append(
             GridCell(
@@ -49,7 +52,7 @@ def grid_cells(runs: list[RunRecord]) -> list[GridCell]:
                 mean_best_bpd=float(bests.mean()) if bests.size else math.nan,
             )
         )
-    return sorted(cells, key=lambda c: (c.key.batch_size, c.key.init_batches, c.key.lam))
+    return sorted(cells, key=lambda c: c.key.order())
 
 
 def is_grid(cells: list[GridCell]) -> bool:
@@ -57,7 +60,7 @@ def is_grid(cells: list[GridCell]) -> bool:
 
 
 class LambdaPoint(NamedTuple):
-    lam: float
+    lam: float  # a sweep has λ given in every run
     best_bpd: float  # min of eval/bpd; NaN if none
     diverged: bool
     label: str
@@ -70,18 +73,20 @@ def _experiment(config: dict[str, Any]) -> str:
     return json.dumps(stripped, sort_keys=True)
 
 
-def is_lambda_sweep(runs: list[RunRecord]) -> bool:
-    """True when the runs share everything but λ (and seed), with at least two distinct λ."""
-    lams = {run_settings(r).lam for r in runs}
-    return len(lams) > 1 and len({_experiment(r.config) for r in runs}) == 1
+def is_lambda_sweep(runs: list[RunDigest]) -> bool:
+    """True when the runs share everything but λ (and seed), with at least two distinct λ, each given."""
+    lams = {run_settings(r.head).lam for r in runs}
+    return len(lams) > 1 and None not in lams and len({_experiment(r.head.config) for r in runs}) == 1
 
 
-def lambda_points(runs: list[RunRecord], labels: list[str]) -> list[LambdaPoint]:
+def lambda_points(runs: list[RunDigest], labels: list[str]) -> list[LambdaPoint]:
     """λ against best held-out bpd, λ ascending; empty unless the runs form a λ sweep."""
     if not is_lambda_sweep(runs):
         return []
     points = [
-        LambdaPoint(run_settings(r).lam, best_eval_bpd(r), is_diverged(r), label)
+        LambdaPoint(
+            float(run_settings(r.head).lam or 0.0), best_eval_bpd(r.eval_bpd), is_diverged(r.head), label
+        )
         for r, label in zip(runs, labels, strict=True)
     ]
     return sorted(points, key=lambda p: p.lam)

@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from flowdiag.report.build import ReportSummary, headline_counts
+from flowdiag.report.runs import NOT_GIVEN
 from flowdiag.report.wording import diagnosis_lines, fmt_bpd, fmt_rate, fmt_step, headline
 
 _STATUS_STYLE = {"completed": "green", "diverged": "bold red", "running": "cyan", "failed": "red"}
@@ -19,6 +20,9 @@ def runs_table(summary: ReportSummary) -> Table:
     for column in ("steps", "final bpd", "best held-out bpd", "onset step"):
         table.add_column(column, justify="right")
     table.add_column("onset")
+    accumulated = any(row.forwards > 1 for row in summary.runs)  # gradient accumulation somewhere
+    if accumulated:
+        table.add_column("forwards/row", justify="right")
     for row in summary.runs:
         table.add_row(
             row.label,
@@ -28,6 +32,7 @@ def runs_table(summary: ReportSummary) -> Table:
             fmt_bpd(row.best_bpd),
             fmt_step(row.onset_step),
             row.onset_layer or "-",
+            *[str(row.forwards)] * accumulated,
         )
     return table
 
@@ -39,7 +44,8 @@ def grid_table(summary: ReportSummary) -> Table:
     for cell in summary.cells:
         k = cell.key
         rate = fmt_rate(cell.n_diverged, cell.n_runs)
-        table.add_row(str(k.init_batches), f"{k.lam:g}", str(k.batch_size), rate, fmt_bpd(cell.best_bpd))
+        m, lam, batch = (NOT_GIVEN if v is None else f"{v:g}" for v in (k.init_batches, k.lam, k.batch_size))
+        table.add_row(m, lam, batch, rate, fmt_bpd(cell.best_bpd))
     return table
 
 

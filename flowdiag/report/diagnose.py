@@ -1,8 +1,9 @@
 """Why did a run diverge? The figures from its file, and one sentence of likely cause.
 
 `diagnose` gathers the facts (onset, first threshold crossing, the extreme ActNorm inits, each 1x1
-conv's log-det drift); the cause is the first of a short ordered list of rules that applies, each a
-pure function of those facts so that each can be tested alone.
+conv's log-det drift) from the run's digest, which read every row; the cause is the first of a short
+ordered list of rules that applies, each a pure function of those facts so that each can be tested alone.
+A setting the run's config does not give is None here, and the sentences say so rather than guess.
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from flowdiag.record.store import RunRecord
+from flowdiag.record.store.inverse_rows import InverseRecord
+from flowdiag.report.digest import DEFAULT_THRESHOLD, Crossing, RunDigest, digest_of
 from flowdiag.report.runs import (
+    NOT_GIVEN,
     RunSettings,
     actnorm_ceiling,
-    config_section,
     is_diverged,
     layer_pixels,
     onset_step,
+    precision,
     recon_threshold,
     run_settings,
 )
-from flowdiag.settings.config import FORMAT_NAMES, LARGEST_FINITE, TrainConfig
+from flowdiag.settings.config import FORMAT_NAMES, LARGEST_FINITE
 
-DEFAULT_THRESHOLD = 1e4
+__all__ = ["DEFAULT_THRESHOLD", "Crossing", "Diagnosis", "diagnose"]
 # An ActNorm scale of 100 multiplies a unit-variance input a hundredfold; a few such layers in a row
 # reach the paper's 1e8 within one forward pass.
 LARGE_INIT_SCALE = 100.0
@@ -36,14 +40,6 @@ LARGE_INIT_SCALE = 100.0
 # position, which is what the penalty exists to stop.
 LARGE_DRIFT_PER_POSITION = 1.0
 RECOMMENDED_INIT_BATCHES = 256  # the paper's M
-
-
-class Crossing(NamedTuple):
-    """First step at which some layer's max |output| exceeded the threshold or was not finite."""
-
-    step: int
-    layer: str  # the first such layer in forward order: the one nearest the input
-    max_abs: float  # its value (inf / NaN kept)
 
 
 class ActNormInit(NamedTuple):
@@ -94,9 +90,9 @@ class CauseFacts(NamedTuple):
     smallest_var: ActNormInit | None
     conv_drifts: tuple[ConvDrift, ...]
     updates: int  # optimizer updates the run made: its last recorded step - 1 (0: it never updated)
-    precision: str  # fp32 | bf16 | fp16
+    precision: str | None  # fp32 | bf16 | fp16; None: not given
     peak_before_onset: float  # the largest finite max |output| over the rows before the onset; NaN: none
-    recon_threshold: float  # a quarter of a quantization bin: 0.25 / 2^n_bits
+    recon_threshold: float  # a quarter of a quantization bin: 0.25 / 2^n_bits; NaN: n_bits not given
     inverse_failure: InverseFailure | None
 
 
@@ -126,59 +122,54 @@ class Diagnosis:
 # --- the facts ----------------------------------------------------------------------------------
 
 
-def first_crossing(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> Crossing | None:
-    # Non-finite by the writer's flag, not by isnan: a run without diagnostics holds NaN it never measured.
-    with np.errstate(invalid="ignore"):
-        crossed = np.asarray(run.nonfinite, dtype=bool) | (run.max_abs > threshold)
-    rows = np.flatnonzero(crossed.any(axis=1))
-    if not rows.size:
-        return None
-    row = int(rows[0])
-    column = int(np.flatnonzero(crossed[row])[0])
-    return Crossing(int(run.step[row]), run.layer_names[column], float(run.max_abs[row, column]))
-
-
-def _actnorm_init(run: RunRecord, index: int) -> ActNormInit:
-    assert run.init is not None
-    log_scale_max = float(run.init["log_scale_max"][index])
+def _actnorm_init(init: dict[str, np.ndarray | list[str]], index: int) -> ActNormInit:
+    log_scale_max = float(init["log_scale_max"][index])
     return ActNormInit(
-        name=str(run.init["name"][index]),
+        name=str(init["name"][index]),
         log_scale_max=log_scale_max,
         scale=math.exp(log_scale_max) if log_scale_max < 700 else math.inf,
-        min_input_var=float(run.init["min_input_var"][index]),
-        n_values=int(run.init["n_values"][index]),
-        pixels=int(run.init["pixels"][index]),
+        min_input_var=float(init["min_input_var"][index]),
+        n_values=int(init["n_values"][index]),
+        pixels=int(init["pixels"][index]),
     )
 
 
-def extreme_actnorms(run: RunRecord) -> tuple[ActNormInit | None, ActNormInit | None]:
+def extreme_actnorms(
+    init: dict[str, np.ndarray | list[str]] | None,
+) -> tuple[ActNormInit | None, ActNormInit | None]:
     """(largest initial scale, smallest initial input variance) over every ActNorm; Nones without init."""
-    if run.init is None or not len(run.init["name"]):
+    if init is None or not len(init["name"]):
         return None, None
-    log_scale = np.asarray(run.init["log_scale_max"], dtype=np.float64)
-    variance = np.asarray(run.init["min_input_var"], dtype=np.float64)
+    log_scale = np.asarray(init["log_scale_max"], dtype=np.float64)
+    variance = np.asarray(init["min_input_var"], dtype=np.float64)
     largest = int(np.nanargmax(log_scale)) if np.isfinite(log_scale).any() else 0
     smallest = int(np.nanargmin(variance)) if np.isfinite(variance).any() else 0
-    return _actnorm_init(run, largest), _actnorm_init(run, smallest)
+    return _actnorm_init(init, largest), _actnorm_init(init, smallest)
 
 
-def conv_drifts(run: RunRecord) -> tuple[ConvDrift, ...]:
-    drifts = []
-    for column in run.layer_index("invconv"):
-        values = np.asarray(run.logdet[:, column], dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        first, last = (float(finite[0]), float(finite[-1])) if finite.size else (math.nan, math.nan)
-        name = run.layer_names[column]
-        drifts.append(ConvDrift(name, first, last, last - first, layer_pixels(run, int(column))))
-    return tuple(drifts)
-
-
-def inverse_failure(run: RunRecord, recon_threshold: float) -> InverseFailure | None:
-    inv = run.inverse
-    with np.errstate(invalid="ignore"):
-        failed = (
-            ~(inv.recon_error <= recon_threshold) | (inv.nonfinite_samples > 0) | inv.nonfinite.any(axis=1)
+def conv_drifts(digest: RunDigest) -> tuple[ConvDrift, ...]:
+    """Each 1x1 conv's log-det, last finite minus first finite, over every row of the run."""
+    head = digest.head
+    return tuple(
+        ConvDrift(
+            head.layer_names[column],
+            float(first),
+            float(last),
+            float(last - first),
+            layer_pixels(head, int(column)),
         )
+        for column, first, last in zip(
+            head.layer_index("invconv"), digest.conv_first, digest.conv_last, strict=True
+        )
+    )
+
+
+def inverse_failure(inv: InverseRecord, recon_threshold: float) -> InverseFailure | None:
+    """The first evaluation whose inverse failed: non-finite samples or layers, or a reconstruction
+    error past `recon_threshold` (NaN: only a non-finite error counts)."""
+    with np.errstate(invalid="ignore"):
+        recon_failed = ~np.isfinite(inv.recon_error) | (inv.recon_error > recon_threshold)
+        failed = recon_failed | (inv.nonfinite_samples > 0) | inv.nonfinite.any(axis=1)
     rows = np.flatnonzero(failed)
     if not rows.size:
         return None
@@ -196,32 +187,26 @@ def inverse_failure(run: RunRecord, recon_threshold: float) -> InverseFailure | 
     )  # fmt: skip
 
 
-def _peak_before(run: RunRecord, step: int) -> float:
-    with np.errstate(invalid="ignore"):
-        before = np.asarray(run.max_abs[run.step < step], dtype=np.float64) if step > 0 else np.zeros((0,))
-    finite = before[np.isfinite(before)]
-    return float(finite.max()) if finite.size else math.nan
-
-
-def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseFacts:
-    largest, smallest = extreme_actnorms(run)
-    threshold_recon = recon_threshold(run)
+def gather_facts(digest: RunDigest) -> CauseFacts:
+    head = digest.head
+    largest, smallest = extreme_actnorms(digest.init)
+    threshold_recon = recon_threshold(head)
     return CauseFacts(
-        settings=run_settings(run),
-        ceiling=actnorm_ceiling(run),
-        threshold=threshold,
-        onset_step=onset_step(run),
-        onset_layer=run.nan_onset_layer,
-        onset_kind=dict(zip(run.layer_names, run.layer_kinds, strict=True)).get(run.nan_onset_layer, ""),
-        crossing=first_crossing(run, threshold),
+        settings=run_settings(head),
+        ceiling=actnorm_ceiling(head),
+        threshold=digest.threshold,
+        onset_step=onset_step(head),
+        onset_layer=head.nan_onset_layer,
+        onset_kind=dict(zip(head.layer_names, head.layer_kinds, strict=True)).get(head.nan_onset_layer, ""),
+        crossing=digest.crossing,
         largest_scale=largest,
         smallest_var=smallest,
-        conv_drifts=conv_drifts(run),
-        updates=max(int(run.step[-1]) - 1, 0) if len(run.step) else 0,
-        precision=str(config_section(run, "train").get("precision", TrainConfig.precision)),
-        peak_before_onset=_peak_before(run, onset_step(run)),
+        conv_drifts=conv_drifts(digest),
+        updates=max(head.last_step - 1, 0) if head.n_rows else 0,
+        precision=precision(head),
+        peak_before_onset=digest.peak_before_onset,
         recon_threshold=threshold_recon,
-        inverse_failure=inverse_failure(run, threshold_recon),
+        inverse_failure=inverse_failure(digest.inverse, threshold_recon),
     )
 
 
@@ -231,6 +216,10 @@ def gather_facts(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> CauseF
 def _spatial(pixels: int) -> str:
     side = math.isqrt(pixels) if pixels > 0 else 0
     return f"{side}x{side}" if side * side == pixels > 0 else f"{pixels} positions" if pixels > 0 else "h·w"
+
+
+def _batch(s: RunSettings) -> str:
+    return f"batch {s.batch_size}" if s.batch_size is not None else f"batch size {NOT_GIVEN}"
 
 
 def rule_actnorm_init(facts: CauseFacts) -> str | None:
@@ -249,13 +238,14 @@ def rule_actnorm_init(facts: CauseFacts) -> str | None:
         growth = "the first forward pass overflowed, before any update"
     else:
         growth = "outputs compounded layer after layer and step after step"
-    if s.init_batches < RECOMMENDED_INIT_BATCHES:
+    if s.init_batches is None or s.init_batches < RECOMMENDED_INIT_BATCHES:
         fix = f"initialize from more minibatches (--init-batches {RECOMMENDED_INIT_BATCHES})"
     else:
         fix = "even M minibatches leave that channel near-constant: raise --actnorm-eps or --batch-size"
+    m = f"M={s.init_batches}" if s.init_batches is not None else f"M {NOT_GIVEN}"
     return (
         f"ActNorm {norm.name} was initialized from {norm.n_values} {plural} per channel "
-        f"(M={s.init_batches} · batch {s.batch_size} · {_spatial(norm.pixels)}), so its scale was "
+        f"({m} · {_batch(s)} · {_spatial(norm.pixels)}), so its scale was "
         f"{how_big} and {growth}: {fix}"
     )
 
@@ -267,7 +257,7 @@ def rule_actnorm_self_init(facts: CauseFacts) -> str | None:
     when = "in the first forward pass" if facts.onset_step == 1 else "right after the first update"
     return (
         f"ActNorm {facts.onset_layer} went non-finite {when} (step {facts.onset_step}): a data-dependent "
-        f"ActNorm initializes itself from its first minibatch, and at batch {facts.settings.batch_size} a "
+        f"ActNorm initializes itself from its first minibatch, and at {_batch(facts.settings)} a "
         "deep level sees too few values per channel (the std of one value is NaN, or the scale becomes "
         "1/sqrt(eps)): initialize every ActNorm from many minibatches before training with "
         "flowdiag.cumulative_init(model, minibatches) over 256 of them (flowdiag audit shows which "
@@ -277,7 +267,7 @@ def rule_actnorm_self_init(facts: CauseFacts) -> str | None:
 
 def rule_format_overflow(facts: CauseFacts) -> str | None:
     """A layer's output passed the reduced-precision format's largest finite value."""
-    if facts.precision == "fp32" or facts.onset_step < 0:
+    if facts.precision in (None, "fp32") or facts.onset_step < 0:
         return None
     largest, name = LARGEST_FINITE[facts.precision], FORMAT_NAMES[facts.precision]
     where = (
@@ -325,7 +315,10 @@ def rule_inverse_failure(facts: CauseFacts) -> str | None:
         if f.worst_conv
         else ""
     )
-    fix = "add the log-det penalty (--lam 1e-4)" if facts.settings.lam == 0 else "raise --lam"
+    lam = facts.settings.lam
+    fix = {0.0: "add the log-det penalty (--lam 1e-4)", None: "add or raise the log-det penalty (--lam)"}.get(
+        lam, "raise --lam"
+    )
     return (
         f"the inverse failed at the evaluation of step {f.step} while every forward pass stayed finite: "
         f"{what}{conv}: {fix}, or lower --lr"
@@ -396,11 +389,14 @@ def likely_cause(facts: CauseFacts) -> tuple[str, str]:
     raise AssertionError("rule_generic always applies")
 
 
-def diagnose(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> Diagnosis | None:
+def diagnose(run: RunDigest | RunRecord | Path, threshold: float | None = None) -> Diagnosis | None:
     """A diagnosis for a diverged run; for a completed one whose inverse failed (invertibility) or that
-    crossed `threshold` (warning); else None."""
-    facts = gather_facts(run, threshold)
-    if is_diverged(run):
+    crossed `threshold` (warning); else None. A digest was measured against its own threshold."""
+    digest = digest_of(run, DEFAULT_THRESHOLD if threshold is None else threshold)
+    if threshold is not None and threshold != digest.threshold:
+        raise ValueError(f"the digest was made with threshold {digest.threshold:g}, not {threshold:g}")
+    facts = gather_facts(digest)
+    if is_diverged(digest.head):
         severity = "diverged"
     elif facts.inverse_failure is not None:
         severity = "invertibility"
@@ -412,4 +408,4 @@ def diagnose(run: RunRecord, threshold: float = DEFAULT_THRESHOLD) -> Diagnosis 
         rule, cause = "inverse_failure", rule_inverse_failure(facts) or ""
     else:
         rule, cause = likely_cause(facts)
-    return Diagnosis(run.path, severity, facts, rule, cause)
+    return Diagnosis(digest.head.path, severity, facts, rule, cause)

@@ -1,4 +1,4 @@
-"""Drawing the inverse views; the data come from `report.inverse`, already extracted."""
+"""Drawing the inverse views; the data come from `inverse_curves`, already extracted."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from matplotlib.ticker import MaxNLocator
 
 from flowdiag.report.canvas import DIVERGED_MARKER, NONFINITE_COLOR, new_figure, save
 from flowdiag.report.inverse_curves import FailureRate, InverseCurves
+from flowdiag.report.runs import given
 
 HEATMAP_BAD = "black"
 
 
-def _lam_colors(curves: list[InverseCurves]) -> dict[float, tuple[float, float, float, float]]:
-    lams = sorted({c.lam for c in curves})
+def _lam_colors(curves: list[InverseCurves]) -> dict[float | None, tuple[float, float, float, float]]:
+    lams = sorted({c.lam for c in curves}, key=lambda lam: (lam is None, lam or 0.0))
     cmap = colormaps["viridis"]
     return {lam: cmap(i / max(len(lams) - 1, 1)) for i, lam in enumerate(lams)}
 
@@ -29,7 +30,12 @@ def draw_invertibility(curves: list[InverseCurves], threshold: float, path: Path
         color = colors[c.lam]
         shown = np.where(np.isfinite(c.recon_error), c.recon_error, np.nan)
         recon_axes.plot(
-            c.steps, np.maximum(shown, 1e-12), "o-", color=color, markersize=3, label=f"λ={c.lam:g}"
+            c.steps,
+            np.maximum(shown, 1e-12),
+            "o-",
+            color=color,
+            markersize=3,
+            label=given(c.lam, "λ", "{:g}"),
         )
         bad = ~np.isfinite(c.recon_error)
         if bad.any():
@@ -37,8 +43,9 @@ def draw_invertibility(curves: list[InverseCurves], threshold: float, path: Path
         if c.conv_cond.size:
             cond_axes.plot(c.steps, c.conv_cond, color=color, linewidth=0.5, alpha=0.35)
             worst = np.nanmax(np.where(np.isfinite(c.conv_cond), c.conv_cond, np.nan), axis=1)
-            cond_axes.plot(c.steps, worst, color=color, linewidth=1.8, label=f"λ={c.lam:g}")
-    recon_axes.axhline(threshold, color="grey", linestyle=":", linewidth=1.0, label="quarter bin")
+            cond_axes.plot(c.steps, worst, color=color, linewidth=1.8, label=given(c.lam, "λ", "{:g}"))
+    if np.isfinite(threshold):  # NaN: the run's config does not give n_bits
+        recon_axes.axhline(threshold, color="grey", linestyle=":", linewidth=1.0, label="quarter bin")
     recon_axes.set_yscale("log")
     recon_axes.set_xlabel("training step (evaluations)")
     recon_axes.set_ylabel("max |x - f⁻¹(f(x))| on a held-out batch")
@@ -78,7 +85,7 @@ def draw_failure_rates(rates: list[FailureRate], path: Path) -> Path:
     """Against λ: the fraction of runs that diverged, and that completed but failed in the inverse."""
     figure = new_figure(7.0, 4.2)
     axes = figure.add_subplot()
-    lams = np.array([r.lam for r in rates], dtype=np.float64)
+    lams = np.array([np.nan if r.lam is None else r.lam for r in rates], dtype=np.float64)
     positive = lams[lams > 0]
     axes.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1e-8)
     diverged = np.array([r.n_diverged / r.n_runs for r in rates])

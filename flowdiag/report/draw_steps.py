@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
 from matplotlib.ticker import MaxNLocator
 
 from flowdiag.report.canvas import (
@@ -22,6 +23,7 @@ from flowdiag.report.canvas import (
 )
 from flowdiag.report.cells import LambdaPoint
 from flowdiag.report.curves import BpdFigureData, PenaltyCurves, use_log_scale
+from flowdiag.report.runs import given
 
 _MAX_CONV_LEGEND = 8
 
@@ -76,12 +78,13 @@ def _whole_step_ticks(axes: Axes) -> None:
 
 
 def _penalty_axes(axes: Axes, curves: PenaltyCurves) -> None:
-    axes.plot(curves.steps, curves.penalty, color="black", linewidth=1.2)
-    if use_log_scale(curves.penalty):
+    axes.plot(curves.penalty.steps, curves.penalty.values, color="black", linewidth=1.2)
+    if use_log_scale(curves.penalty.values):
         axes.set_yscale("log")
     axes.set_xlabel("training step")
     axes.set_ylabel("Σ (h·w·Σlog|u|)²  (nats²)")
-    axes.set_title(f"{curves.label}: penalty before λ (λ = {curves.lam:g})", fontsize="medium")
+    lam = given(curves.lam, "λ", "{:g}").replace("=", " = ")
+    axes.set_title(f"{curves.label}: penalty before λ ({lam})", fontsize="medium")
     axes.grid(alpha=0.3)
     _whole_step_ticks(axes)
 
@@ -89,9 +92,14 @@ def _penalty_axes(axes: Axes, curves: PenaltyCurves) -> None:
 def _conv_axes(axes: Axes, curves: PenaltyCurves) -> None:
     n = len(curves.conv_names)
     cmap = colormaps["viridis"]
-    for j, name in enumerate(curves.conv_names):
-        color = cmap(j / max(n - 1, 1))
-        axes.plot(curves.steps, curves.conv_logdet[:, j], color=color, linewidth=1.0, label=name)
+    colors = [cmap(j / max(n - 1, 1)) for j in range(n)]
+    if 0 < n <= _MAX_CONV_LEGEND:
+        for name, series, color in zip(curves.conv_names, curves.conv_logdet, colors, strict=True):
+            axes.plot(series.steps, series.values, color=color, linewidth=1.0, label=name)
+    elif n:  # 96 convs of Glow at K = 32: one collection draws 4x faster than 96 lines
+        lines = [np.column_stack([s.steps, s.values]) for s in curves.conv_logdet]
+        axes.add_collection(LineCollection(lines, colors=colors, linewidths=1.0))
+        axes.autoscale_view()
     axes.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
     axes.set_xlabel("training step")
     axes.set_ylabel("h·w·Σlog|u| per 1x1 conv (nats)")

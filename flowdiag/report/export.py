@@ -1,32 +1,33 @@
 """`export`: run files converted, after the fact, into what other tools read.
 
 TensorBoard: one event directory per run, named after the run's folder. Converting the HDF5 file
-afterwards keeps the training loop's cost unchanged and works on runs recorded long before. The
-`tensorboard` package is an optional extra, imported only inside `export_tensorboard`.
+afterwards keeps the training loop's cost unchanged and works on runs recorded long before. Each run is
+read twice a block at a time (its digest for the diagnosis, then its rows for the events,
+`export_events`), so a run of any length exports in bounded memory. The `tensorboard` package is an
+optional extra, imported only inside `export_tensorboard`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
-
-from flowdiag.record.store import RunRecord
+from flowdiag.record.store import RunHead, open_run, read_head
 from flowdiag.report.diagnose import diagnose
-from flowdiag.report.runs import best_eval_bpd, collect_runs, final_bpd, is_diverged, onset_step
-from flowdiag.report.watch import run_name
+from flowdiag.report.digest import RunDigest, digest_run
+from flowdiag.report.event_file import EventFile
+from flowdiag.report.export_events import EventRows, TensorBoard, auto_stride, base_time
+from flowdiag.report.runs import NOT_GIVEN, best_eval_bpd, find_runs, is_diverged, onset_step
+from flowdiag.report.watch_data import run_name
 from flowdiag.report.wording import diagnosis_lines, fmt_step
 from flowdiag.runtime.errors import UserError
-from flowdiag.settings.config import RunConfig
 
 INSTALL_TENSORBOARD = "pip install 'flowdiag[tensorboard]'"
-SCALARS = ("loss", "bpd", "penalty", "grad_norm", "lr")
-LAYER_SERIES = ("max_abs", "logdet")  # layers/<series>/<layer>
-HISTOGRAM_TAG = "layers/log10_max_abs"
 # What the HParams view shows as columns: (name there, config section, key). M and λ first, the
 # ablation's usual axes. TensorBoard takes its columns from one run's hparams, so every run must
-# give the same keys: a None becomes 0 (epochs: "set by steps"), the only optional value here.
+# give the same keys: a None becomes 0 (epochs: "set by steps"), the only optional value here, and a
+# key the run's config does not hold is "not given" (a Monitor run recorded without a config).
 HPARAMS = (
     ("M", "train", "init_batches"),
     ("lam", "train", "lam"),
@@ -55,86 +56,73 @@ class ExportedRun(NamedTuple):
     name: str
     source: Path
     event_dir: Path
-    steps: int  # step rows exported
+    steps: int  # step rows exported (each with its global scalars)
     status: str
+    stride: int  # steps pooled into one point of the per-layer series
+
+
+# (run name, rows done, rows in all): what a progress bar shows, after each block of rows.
+ExportProgress = Callable[[str, int, int], None]
 
 
 # --- what goes in: pure --------------------------------------------------------------------------
 
 
-def run_hparams(record: RunRecord) -> dict[str, bool | int | float | str]:
-    """The run's settings for TensorBoard's HParams view, plus its status (a column to filter on)."""
-    try:  # through the dataclasses, so that a file from an older flowdiag gets today's defaults
-        config = RunConfig.from_dict(record.config).to_dict()
-    except (TypeError, ValueError):  # a newer file's unknown keys: its own values as they are
-        config = record.config
+def run_hparams(head: RunHead) -> dict[str, bool | int | float | str]:
+    """The run's settings for TensorBoard's HParams view, plus its status (a column to filter on). A
+    setting its config does not hold is "not given", never a default."""
     hparams: dict[str, bool | int | float | str] = {}
     for name, section, key in HPARAMS:
-        values = config.get(section, {})
-        value = values.get(key) if isinstance(values, dict) else None
+        values = head.config.get(section, {})
+        if not isinstance(values, dict) or key not in values:
+            hparams[name] = NOT_GIVEN
+            continue
+        value = values[key]
         if value is None:
             value = 0
         hparams[name] = value if isinstance(value, bool | int | float | str) else str(value)
-    hparams["status"] = record.status
+    hparams["status"] = head.status
     return hparams
 
 
-def run_outcome(record: RunRecord) -> dict[str, float]:
+def run_outcome(run: RunDigest) -> dict[str, float]:
     """The HParams view's metrics; NaN best bpd when the run has no finite evaluation, onset -1 if none."""
     return {
-        "outcome/best_eval_bpd": best_eval_bpd(record),
-        "outcome/final_bpd": final_bpd(record),
-        "outcome/diverged": float(is_diverged(record)),
-        "outcome/onset_step": float(onset_step(record)),
+        "outcome/best_eval_bpd": best_eval_bpd(run.eval_bpd),
+        "outcome/final_bpd": run.final_bpd,
+        "outcome/diverged": float(is_diverged(run.head)),
+        "outcome/onset_step": float(onset_step(run.head)),
     }
 
 
-def onset_text(record: RunRecord) -> str:
-    if record.nan_onset_step < 0:
-        return f"NaN onset: none (status {record.status})"
-    layer = record.nan_onset_layer or "(layer not recorded)"
-    return f"NaN onset: step {fmt_step(record.nan_onset_step)}, layer {layer}"
+def onset_text(head: RunHead) -> str:
+    if head.nan_onset_step < 0:
+        return f"NaN onset: none (status {head.status})"
+    layer = head.nan_onset_layer or "(layer not recorded)"
+    return f"NaN onset: step {fmt_step(head.nan_onset_step)}, layer {layer}"
 
 
-def diagnosis_markdown(record: RunRecord) -> str:
-    diagnosis = diagnose(record)
+def diagnosis_markdown(run: RunDigest) -> str:
+    diagnosis = diagnose(run)
     if diagnosis is None:
-        return f"no divergence (status {record.status}): no layer's max |output| went past the threshold"
+        return f"no divergence (status {run.head.status}): no layer's max |output| went past the threshold"
     return "\n".join(f"- {line}" for line in [diagnosis.severity, *diagnosis_lines(diagnosis)])
-
-
-def event_walltimes(record: RunRecord, source: Path) -> np.ndarray | None:
-    """Absolute times for the step rows: the file's last write minus the run's clock at its last row
-    (approximate, within a flush). None for a file without a wall clock: TensorBoard then uses now."""
-    wall = np.asarray(record.wall_time, dtype=np.float64)
-    if not len(wall) or not np.isfinite(wall).all():
-        return None
-    return source.stat().st_mtime - wall[-1] + wall
-
-
-def log10_finite(values: np.ndarray) -> np.ndarray:
-    """log10 of the finite, positive values: what a histogram can bin."""
-    v = np.asarray(values, dtype=np.float64)
-    return np.log10(v[np.isfinite(v) & (v > 0)])
 
 
 # --- writing -------------------------------------------------------------------------------------
 
 
-class _TensorBoard(NamedTuple):
-    summary_writer: Any  # torch.utils.tensorboard.SummaryWriter
-    summary: Any  # the Summary protobuf message
-
-
-def _tensorboard() -> _TensorBoard:
+def _tensorboard() -> TensorBoard:
     try:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+        from flowdiag.report import tb_summaries as builders  # tensorboard's protos: here, not above
     except ImportError:
         raise UserError(
             f"exporting to TensorBoard needs the tensorboard package: {INSTALL_TENSORBOARD}"
         ) from None
-    return _TensorBoard(SummaryWriter, Summary)
+    return TensorBoard(Event, Summary, HistogramProto, builders)
 
 
 def _event_files(folder: Path) -> list[Path]:
@@ -143,11 +131,11 @@ def _event_files(folder: Path) -> list[Path]:
     )
 
 
-def _targets(path: Path, records: list[RunRecord], out: Path) -> list[Path]:
+def _targets(path: Path, files: list[Path], out: Path) -> list[Path]:
     root = path if path.is_dir() else path.parent
     dirs: list[Path] = []
-    for record in records:
-        name, n = run_name(record.path, root), 2
+    for file in files:
+        name, n = run_name(file, root), 2
         candidate = out / name
         while candidate in dirs:  # `a/run.h5` and `a.h5` would share a name
             candidate, n = out / f"{name}-{n}", n + 1
@@ -155,45 +143,7 @@ def _targets(path: Path, records: list[RunRecord], out: Path) -> list[Path]:
     return dirs
 
 
-def write_events(tb: _TensorBoard, writer: Any, record: RunRecord, walltimes: np.ndarray | None) -> None:
-    """One run through a SummaryWriter: scalars, per-layer series, histograms, text and hparams."""
-    steps = [int(s) for s in record.step]
-
-    def at(i: int) -> float | None:
-        return None if walltimes is None else float(walltimes[i])
-
-    # One event per step carrying every scalar of that step: one event per value (add_scalar) took
-    # 35 s for 2,000 steps of 60 layers, this takes 3 s; TensorBoard reads both the same way.
-    columns = [(f"train/{name}", getattr(record, name)) for name in SCALARS]
-    for series in LAYER_SERIES:
-        table = getattr(record, series)
-        columns += [(f"layers/{series}/{layer}", table[:, j]) for j, layer in enumerate(record.layer_names)]
-    for i, step in enumerate(steps):
-        values = [tb.summary.Value(tag=tag, simple_value=float(column[i])) for tag, column in columns]
-        writer.file_writer.add_summary(tb.summary(value=values), step, at(i))
-    if len(record.eval_step):
-        eval_times = None if walltimes is None else np.interp(record.eval_step, record.step, walltimes)
-        for i, (step, bpd) in enumerate(zip(record.eval_step, record.eval_bpd, strict=True)):
-            wt = None if eval_times is None else float(eval_times[i])
-            writer.add_scalar("eval/bpd", float(bpd), int(step), walltime=wt)
-    for i, step in enumerate(steps):
-        logs = log10_finite(record.max_abs[i])
-        if logs.size:
-            writer.add_histogram(HISTOGRAM_TAG, logs, step, walltime=at(i))
-    text_step = record.nan_onset_step if record.nan_onset_step >= 0 else (steps[-1] if steps else 0)
-    writer.add_text("diagnosis", diagnosis_markdown(record), text_step)
-    writer.add_text("onset", onset_text(record), text_step)
-    # run_name ".": the hparams go into this run's own directory, not a timestamped one below it.
-    writer.add_hparams(run_hparams(record), run_outcome(record), run_name=".")
-
-
-def export_tensorboard(path: Path, out: Path, *, overwrite: bool = False) -> list[ExportedRun]:
-    """One TensorBoard event directory per run under `out`; existing events are replaced only with
-    `overwrite`. Every check (runs readable, no event directory taken) passes before anything is written."""
-    path, out = Path(path), Path(out)
-    records = collect_runs(path)
-    tb = _tensorboard()
-    targets = _targets(path, records, out)
+def _check_targets(targets: list[Path], overwrite: bool) -> None:
     for target in targets:
         if target.exists() and not target.is_dir():
             raise UserError(f"{target} exists and is not a folder: choose another --tensorboard DIR")
@@ -202,19 +152,65 @@ def export_tensorboard(path: Path, out: Path, *, overwrite: bool = False) -> lis
                 f"{target} already holds TensorBoard events: pass --overwrite to replace them, "
                 "or choose another --tensorboard DIR"
             )
-    exported = []
-    for record, target in zip(records, targets, strict=True):
+
+
+def _export_run(
+    tb: TensorBoard, file: Path, target: Path, stride: int | None, progress: ExportProgress | None, name: str
+) -> ExportedRun:
+    """One run: its digest (the diagnosis, the outcome), then its rows' events, text and hparams."""
+    digest = digest_run(file)
+    for old in _event_files(target):
+        old.unlink()
+    with open_run(file) as run:
+        step = stride or auto_stride(run.head.n_rows, run.head.layer_names)
+        events = EventFile(target, tb.event)
         try:
-            for old in _event_files(target):
-                old.unlink()
-            writer = tb.summary_writer(log_dir=str(target))
-            try:
-                write_events(tb, writer, record, event_walltimes(record, record.path))
-            finally:
-                writer.close()
+            tell = None if progress is None else lambda done, total: progress(name, done, total)
+            rows = EventRows(tb, events, run, step, base_time(run, file)).write(tell)
+            _summaries(tb, events, digest)
+        finally:
+            events.close()
+    return ExportedRun(name, file, target, rows, run.head.status, step)
+
+
+def _summaries(tb: TensorBoard, events: EventFile, digest: RunDigest) -> None:
+    """The diagnosis and the onset as text, and the hparams with the outcome (the HParams view)."""
+    head = digest.head
+    text_step = head.nan_onset_step if head.nan_onset_step >= 0 else head.last_step
+    events.add(tb.builders.text("diagnosis", diagnosis_markdown(digest)), text_step, None)
+    events.add(tb.builders.text("onset", onset_text(head)), text_step, None)
+    outcome = run_outcome(digest)
+    for part in tb.builders.hparams(run_hparams(head), outcome):  # experiment, session start, end
+        events.add(part, 0, None)
+    value = tb.summary.Value
+    for tag, number in outcome.items():  # the metrics the HParams view shows, as scalars
+        events.add(tb.summary(value=[value(tag=tag, simple_value=number)]), 0, None)
+
+
+def export_tensorboard(
+    path: Path,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    stride: int | None = None,
+    progress: ExportProgress | None = None,
+) -> list[ExportedRun]:
+    """One TensorBoard event directory per run under `out`; existing events are replaced only with
+    `overwrite`. `stride`: steps pooled into one point of the per-layer series (None: `auto_stride`).
+    Every check (runs readable, no event directory taken) passes before anything is written."""
+    path, out = Path(path), Path(out)
+    files = find_runs(path)
+    for file in files:
+        read_head(file)  # a bad file is named now, before any event is written
+    tb = _tensorboard()
+    targets = _targets(path, files, out)
+    _check_targets(targets, overwrite)
+    exported = []
+    for file, target in zip(files, targets, strict=True):
+        name = target.relative_to(out).as_posix()
+        try:
+            exported.append(_export_run(tb, file, target, stride, progress, name))
         except OSError as error:
             reason = error.strerror or type(error).__name__
             raise UserError(f"cannot write {target} ({reason}): choose another --tensorboard DIR") from None
-        name = target.relative_to(out).as_posix()
-        exported.append(ExportedRun(name, record.path, target, len(record.step), record.status))
     return exported

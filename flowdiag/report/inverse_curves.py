@@ -7,14 +7,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flowdiag.record.store import RunRecord
 from flowdiag.report.diagnose import inverse_failure
+from flowdiag.report.digest import RunDigest
 from flowdiag.report.runs import is_diverged, recon_threshold, run_settings
 
 
 class InverseCurves(NamedTuple):
     label: str
-    lam: float
+    lam: float | None  # None: not given
     steps: np.ndarray  # (E,) evaluation steps
     recon_error: np.ndarray  # (E,) NaN/inf kept
     conv_names: list[str]
@@ -24,22 +24,22 @@ class InverseCurves(NamedTuple):
     nonfinite: np.ndarray  # (N, E)
 
 
-def has_inverse_records(run: RunRecord) -> bool:
+def has_inverse_records(run: RunDigest) -> bool:
     return len(run.inverse.step) > 0
 
 
-def inverse_curves(run: RunRecord, label: str) -> InverseCurves:
+def inverse_curves(run: RunDigest, label: str) -> InverseCurves:
     inv = run.inverse
     with np.errstate(divide="ignore", invalid="ignore"):
         log10 = np.log10(np.asarray(inv.max_abs, dtype=np.float64)).T
     return InverseCurves(
         label=label,
-        lam=run_settings(run).lam,
+        lam=run_settings(run.head).lam,
         steps=np.asarray(inv.step),
         recon_error=np.asarray(inv.recon_error, dtype=np.float64),
         conv_names=list(inv.conv_names),
         conv_cond=np.asarray(inv.conv_cond, dtype=np.float64),
-        layer_names=list(run.layer_names),
+        layer_names=list(run.head.layer_names),
         log10_max_abs=log10,
         nonfinite=np.asarray(inv.nonfinite, dtype=bool).T,
     )
@@ -48,25 +48,23 @@ def inverse_curves(run: RunRecord, label: str) -> InverseCurves:
 class FailureRate(NamedTuple):
     """Outcomes at one λ, over the runs (seeds) that share it."""
 
-    lam: float
+    lam: float | None  # None: not given
     n_runs: int
     n_diverged: int  # the training forward or backward went non-finite
     n_inverse_failed: int  # completed, but the inverse failed (samples or reconstruction)
     run_outcomes: tuple[str, ...]  # per run: "diverged", "inverse" or "ok"
 
 
-def failure_rates(runs: list[RunRecord]) -> list[FailureRate]:
-    """Divergence and invertibility failures per λ, λ ascending."""
-    by_lam: dict[float, list[str]] = {}
+def failure_rates(runs: list[RunDigest]) -> list[FailureRate]:
+    """Divergence and invertibility failures per λ, λ ascending (λ not given last)."""
+    by_lam: dict[float | None, list[str]] = {}
     for run in runs:
-        if is_diverged(run):
+        if is_diverged(run.head):
             outcome = "diverged"
-        elif inverse_failure(run, recon_threshold(run)) is not None:
+        elif inverse_failure(run.inverse, recon_threshold(run.head)) is not None:
             outcome = "inverse"
         else:
             outcome = "ok"
-        by_lam.setdefault(run_settings(run).lam, []).append(outcome)
-    return [
-        FailureRate(lam, len(o), o.count("diverged"), o.count("inverse"), tuple(o))
-        for lam, o in sorted(by_lam.items())
-    ]
+        by_lam.setdefault(run_settings(run.head).lam, []).append(outcome)
+    ordered = sorted(by_lam.items(), key=lambda item: (item[0] is None, item[0] or 0.0))
+    return [FailureRate(lam, len(o), o.count("diverged"), o.count("inverse"), tuple(o)) for lam, o in ordered]

@@ -1,6 +1,7 @@
 """Data for the per-layer figures: coupling peaks at one step (paper Fig. 5) and layer × step maps.
 
-Pure. Non-finite values are kept as they are: an inf or NaN output is the finding, not noise.
+Pure. Non-finite values are kept as they are: an inf or NaN output is the finding, not noise. A layer
+that did not run in a step (`ran` False) is a gap, never a non-finite value.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flowdiag.record.store import RunRecord
-from flowdiag.report.runs import has_layer_records, is_diverged, onset_step, row_at_step, run_settings
+from flowdiag.report.digest import RunDigest
+from flowdiag.report.runs import is_diverged, onset_step, run_settings
 
 
 def log10_abs(values: np.ndarray) -> np.ndarray:
@@ -32,6 +33,7 @@ class CouplingPeakLine(NamedTuple):
     layer_names: list[str]  # the couplings, forward order: layer 1 is nearest the input
     log10_max_abs: np.ndarray  # (K,) at the chosen step; inf / NaN kept; all NaN without a row
     nonfinite: np.ndarray  # (K,) the layers/nonfinite flags at that step
+    ran: np.ndarray  # (K,) False: the coupling did not run in that step (a gap, not a blow-up)
     has_row: bool  # False: the run never recorded the step (it diverged or stopped before it)
     shown_step: int  # the step plotted: `step`, or the run's last one when it ended before (0: none)
     last_step: int  # the run's last recorded step, to say why a row is missing (0: none)
@@ -43,65 +45,81 @@ class CouplingPeaks(NamedTuple):
     lines: list[CouplingPeakLine]
 
 
-def coupling_peak_line(run: RunRecord, label: str, step: int) -> CouplingPeakLine:
-    couplings = run.layer_index("coupling")
-    row = row_at_step(run, step)
-    shown_step = step if row is not None else 0
-    if row is None and len(run.step) and int(run.step[-1]) < step:
-        # A run that overflowed before `step` is the interesting one: show its last row instead.
-        row, shown_step = len(run.step) - 1, int(run.step[-1])
+def coupling_peak_line(run: RunDigest, label: str) -> CouplingPeakLine:
+    """The couplings' max |output| at the digest's Fig. 5 step (or the last row of a run that ended
+    before it), from that row whole."""
+    couplings = run.head.layer_index("coupling")
+    row = run.fig5_row
     if row is None:
         values = np.full(len(couplings), np.nan)
         flags = np.zeros(len(couplings), dtype=bool)
+        ran = np.ones(len(couplings), dtype=bool)
     else:
-        values = log10_abs(run.max_abs[row, couplings])
-        flags = np.asarray(run.nonfinite[row, couplings], dtype=bool)
+        values = log10_abs(row.max_abs[couplings])
+        flags = np.asarray(row.nonfinite[couplings], dtype=bool)
+        ran = np.asarray(row.ran[couplings], dtype=bool)
+    shown_step = row.step if row is not None else 0
     return CouplingPeakLine(
         label=label,
-        group=run_settings(run).cell.label(),
-        layer_names=[run.layer_names[i] for i in couplings],
+        group=run_settings(run.head).cell.label(),
+        layer_names=[run.head.layer_names[i] for i in couplings],
         log10_max_abs=values,
         nonfinite=flags,
-        has_row=shown_step == step,
+        ran=ran,
+        has_row=shown_step == run.fig5_step,
         shown_step=shown_step,
-        last_step=int(run.step[-1]) if len(run.step) else 0,
-        recorded=has_layer_records(run),
+        last_step=run.head.last_step,
+        recorded=run.recorded,
     )
 
 
-def coupling_peaks(runs: list[RunRecord], labels: list[str], step: int = 2) -> CouplingPeaks:
-    return CouplingPeaks(
-        step, [coupling_peak_line(r, lab, step) for r, lab in zip(runs, labels, strict=True)]
-    )
+def coupling_peaks(runs: list[RunDigest], labels: list[str]) -> CouplingPeaks:
+    step = runs[0].fig5_step if runs else 2
+    return CouplingPeaks(step, [coupling_peak_line(r, lab) for r, lab in zip(runs, labels, strict=True)])
 
 
 class LayerHeatmap(NamedTuple):
     label: str
-    steps: np.ndarray  # (T,)
+    first_step: np.ndarray  # (B,) each column's first step (a column pools consecutive steps)
+    last_step: np.ndarray  # (B,)
     layer_names: list[str]  # (N,) forward order
     layer_kinds: list[str]
-    log10_max_abs: np.ndarray  # (N, T): layers on rows, as drawn
-    logdet_signed_log10: np.ndarray  # (N, T): signed_log10(layers/logdet)
-    nonfinite: np.ndarray  # (N, T) bool
+    log10_max_abs: np.ndarray  # (N, B): layers on rows, as drawn; the column's largest finite value
+    logdet_signed_log10: np.ndarray  # (N, B): signed_log10 of the column's log-det farthest from 0
+    nonfinite: np.ndarray  # (N, B) bool: some step of the column flagged the layer
+    ran: np.ndarray  # (N, B) bool: False where the layer ran in no step of the column (a gap)
     onset_step: int  # -1: none
 
 
-def layer_heatmap(run: RunRecord, label: str) -> LayerHeatmap:
+def layer_heatmap(run: RunDigest, label: str) -> LayerHeatmap:
+    if run.layers is None:
+        raise ValueError(f"the digest of {run.head.path} no longer holds its layer map")
+    pooled = run.layers
     return LayerHeatmap(
         label=label,
-        steps=np.asarray(run.step),
-        layer_names=list(run.layer_names),
-        layer_kinds=list(run.layer_kinds),
-        log10_max_abs=log10_abs(run.max_abs).T,
-        logdet_signed_log10=signed_log10(run.logdet).T,
-        nonfinite=np.asarray(run.nonfinite, dtype=bool).T,
-        onset_step=run.nan_onset_step,
+        first_step=pooled.first_step,
+        last_step=pooled.last_step,
+        layer_names=list(run.head.layer_names),
+        layer_kinds=list(run.head.layer_kinds),
+        log10_max_abs=log10_abs(pooled.max_abs).T,
+        logdet_signed_log10=signed_log10(pooled.logdet).T,
+        nonfinite=pooled.nonfinite.T,
+        ran=pooled.ran.T,
+        onset_step=run.head.nan_onset_step,
     )
 
 
-def select_heatmap_runs(runs: list[RunRecord], cap: int = 12) -> list[int]:
-    """Diverged runs first (earliest onset first), then the rest in order; runs without records skipped."""
-    recorded = [i for i, r in enumerate(runs) if has_layer_records(r) and len(r.step)]
-    diverged = sorted((i for i in recorded if is_diverged(runs[i])), key=lambda i: onset_step(runs[i]))
-    others = [i for i in recorded if not is_diverged(runs[i])]
-    return (diverged + others)[:cap]
+def heatmap_rank(run: RunDigest, index: int) -> tuple[int, int, int] | None:
+    """Where a run stands for a layer map: diverged first (earliest onset first), then the rest in
+    order; None for a run without per-layer records (nothing to draw)."""
+    if not run.recorded or not run.head.n_rows:
+        return None
+    if is_diverged(run.head):
+        return 0, onset_step(run.head), index
+    return 1, 0, index
+
+
+def select_heatmap_runs(runs: list[RunDigest], cap: int = 12) -> list[int]:
+    """The runs that get a layer map, best first (`heatmap_rank`), at most `cap`."""
+    ranked = [(rank, i) for i, run in enumerate(runs) if (rank := heatmap_rank(run, i)) is not None]
+    return [i for _, i in sorted(ranked)[:cap]]

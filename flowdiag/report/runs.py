@@ -1,6 +1,6 @@
-"""Finding run files and reading the few settings the report groups them by.
+"""Finding run files, and the few settings and facts of a run's head that the report groups by.
 
-Everything here is pure apart from `collect_runs`, which only globs and calls `read_run`.
+Everything here is pure apart from `find_runs` and `collect_runs`, which glob (and read).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flowdiag.record.store import RunRecord, is_run_file, read_run
+from flowdiag.record.store import RunHead, RunRecord, is_run_file, read_run
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
-from flowdiag.settings.config import DataConfig, ModelConfig, TrainConfig
+from flowdiag.settings.config import ModelConfig
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -30,135 +30,151 @@ def find_run_files(folder: Path) -> list[Path]:
     return found
 
 
-def collect_runs(path: Path) -> list[RunRecord]:
-    """The runs behind PATH: a run.h5 file, a run folder, or an ablation / tune-lambda output folder."""
+def find_runs(path: Path) -> list[Path]:
+    """The run files behind PATH (a run.h5 file, a run folder, or an ablation / tune-lambda output
+    folder), unread: a report reads them one at a time."""
     path = Path(path)
     if not path.exists():
         raise UserError(
             f"{path} does not exist: give a run folder, a run.h5 file or an ablation output folder"
         )
     if path.is_file():
-        return [read_run(path)]  # read_run names a corrupt or foreign file itself
+        return [path]  # reading it names a corrupt or foreign file itself
     files = find_run_files(path)
     if not files:
         raise UserError(
             f"no {RUN_FILE} found under {path}: give a run folder, a run.h5 file or an ablation output folder"
         )
-    return [read_run(f) for f in files]
+    return files
+
+
+def collect_runs(path: Path) -> list[RunRecord]:
+    """The runs behind PATH read whole: for short runs and tests (`find_runs` for long ones)."""
+    return [read_run(f) for f in find_runs(path)]
+
+
+NOT_GIVEN = "not given"  # a setting the run's config does not hold: never a default in its place
+
+
+def given(value: float | None, name: str, spell: str = "{}") -> str:
+    """`name=value`, or `name not given`."""
+    return f"{name} {NOT_GIVEN}" if value is None else f"{name}={spell.format(value)}"
 
 
 class CellKey(NamedTuple):
-    """One cell of an M × λ × batch-size grid; its runs differ only by seed."""
+    """One cell of an M × λ × batch-size grid; its runs differ only by seed. None: not given."""
 
-    init_batches: int
-    lam: float
-    batch_size: int
+    init_batches: int | None
+    lam: float | None
+    batch_size: int | None
 
     def label(self) -> str:
-        return f"M={self.init_batches} λ={self.lam:g} b={self.batch_size}"
+        return " ".join(
+            (given(self.init_batches, "M"), given(self.lam, "λ", "{:g}"), given(self.batch_size, "b"))
+        )
+
+    def order(self) -> tuple[tuple[bool, float], ...]:
+        """Sorting key: batch size, then M, then λ; settings not given last."""
+        return tuple((v is None, v or 0) for v in (self.batch_size, self.init_batches, self.lam))
 
 
 class RunSettings(NamedTuple):
-    """What an ablation varies: M, λ, batch size and seed."""
+    """What an ablation varies: M, λ, batch size and seed, as the run's config holds them (None: not
+    given, as in a Monitor run recorded without a config)."""
 
-    init_batches: int
-    lam: float
-    batch_size: int
-    seed: int
+    init_batches: int | None
+    lam: float | None
+    batch_size: int | None
+    seed: int | None
 
     @property
     def cell(self) -> CellKey:
         return CellKey(self.init_batches, self.lam, self.batch_size)
 
 
-def config_section(run: RunRecord, name: str) -> dict[str, Any]:
-    section = run.config.get(name, {})
+def config_section(head: RunHead, name: str) -> dict[str, Any]:
+    section = head.config.get(name, {})
     return section if isinstance(section, dict) else {}
 
 
-def run_settings(run: RunRecord) -> RunSettings:
-    # Defaults from the config dataclasses, so a file from an older flowdiag still groups sensibly.
-    train = config_section(run, "train")
+def _setting(head: RunHead, section: str, key: str, kind: type) -> Any:
+    value = config_section(head, section).get(key)
+    return None if value is None else kind(value)
+
+
+def run_settings(head: RunHead) -> RunSettings:
+    """M, λ, batch size and seed from the run's config; a key it does not hold is None, never a default."""
     return RunSettings(
-        init_batches=int(train.get("init_batches", TrainConfig.init_batches)),
-        lam=float(train.get("lam", TrainConfig.lam)),
-        batch_size=int(train.get("batch_size", TrainConfig.batch_size)),
-        seed=int(train.get("seed", TrainConfig.seed)),
+        init_batches=_setting(head, "train", "init_batches", int),
+        lam=_setting(head, "train", "lam", float),
+        batch_size=_setting(head, "train", "batch_size", int),
+        seed=_setting(head, "train", "seed", int),
     )
 
 
-def actnorm_eps(run: RunRecord) -> float:
-    return float(config_section(run, "model").get("actnorm_eps", ModelConfig.actnorm_eps))
+def precision(head: RunHead) -> str | None:
+    """fp32 | bf16 | fp16 as the config says; None when it does not."""
+    return _setting(head, "train", "precision", str)
 
 
-def recon_threshold(run: RunRecord) -> float:
+def recon_threshold(head: RunHead) -> float:
     """A quarter of a quantization bin, 0.25 / 2^n_bits: a reconstruction off by more than this is no
-    longer the image it came from (about 1e-3 at 8 bits)."""
-    return 0.25 / 2 ** int(config_section(run, "data").get("n_bits", DataConfig.n_bits))
+    longer the image it came from (about 1e-3 at 8 bits). NaN when the config does not give n_bits:
+    then only a non-finite reconstruction counts as failed."""
+    n_bits = _setting(head, "data", "n_bits", int)
+    return math.nan if n_bits is None else 0.25 / 2**n_bits
 
 
-def actnorm_ceiling(run: RunRecord) -> tuple[float, str]:
-    """The scale an ActNorm gets from a channel that saw one value, and how to write it."""
-    eps = actnorm_eps(run)
+def actnorm_ceiling(head: RunHead) -> tuple[float, str]:
+    """The scale an ActNorm gets from a channel that saw one value, and how to write it; (NaN, "")
+    when the config does not give the eps."""
+    eps = _setting(head, "model", "actnorm_eps", float)
+    if eps is None:
+        return math.nan, ""
     if eps <= 0:
         return math.inf, "inf"
-    if config_section(run, "model").get("actnorm_init", ModelConfig.actnorm_init) == "glow":
+    if config_section(head, "model").get("actnorm_init", ModelConfig.actnorm_init) == "glow":
         return 1.0 / eps, "1/eps"
     return 1.0 / math.sqrt(eps), "1/sqrt(eps)"
 
 
-def layer_pixels(run: RunRecord, column: int) -> int | None:
+def layer_pixels(head: RunHead, column: int) -> int | None:
     """h·w at a layer as the run file stores it; None where it does not say (format 1, or unseen)."""
-    pixels = int(run.layer_pixels[column])
+    pixels = int(head.layer_pixels[column])
     return pixels if pixels > 0 else None
 
 
-def run_label(run: RunRecord) -> str:
-    s = run_settings(run)
-    return f"M={s.init_batches} λ={s.lam:g} b={s.batch_size} seed={s.seed}"
+def run_label(head: RunHead) -> str:
+    s = run_settings(head)
+    if s == RunSettings(None, None, None, None):
+        return f"settings {NOT_GIVEN}"
+    return f"{s.cell.label()} {given(s.seed, 'seed')}"
 
 
-def run_labels(runs: list[RunRecord]) -> list[str]:
+def run_labels(heads: list[RunHead]) -> list[str]:
     """One label per run; runs with equal settings get their folder name appended so none collide."""
-    labels = [run_label(r) for r in runs]
+    labels = [run_label(h) for h in heads]
     repeated = {label for label in labels if labels.count(label) > 1}
     return [
-        f"{label} ({run.path.parent.name})" if label in repeated else label
-        for label, run in zip(labels, runs, strict=True)
+        f"{label} ({head.path.parent.name})" if label in repeated else label
+        for label, head in zip(labels, heads, strict=True)
     ]
 
 
-def is_diverged(run: RunRecord) -> bool:
-    return run.status == "diverged" or run.nan_onset_step >= 0
+def is_diverged(head: RunHead) -> bool:
+    return head.status == "diverged" or head.nan_onset_step >= 0
 
 
-def onset_step(run: RunRecord) -> int:
+def onset_step(head: RunHead) -> int:
     """The NaN onset step; a run marked diverged without one diverged at its last recorded step."""
-    if run.nan_onset_step >= 0:
-        return run.nan_onset_step
-    if run.status == "diverged" and len(run.step):
-        return int(run.step[-1])
+    if head.nan_onset_step >= 0:
+        return head.nan_onset_step
+    if head.status == "diverged" and head.n_rows:
+        return head.last_step
     return -1
 
 
-def best_eval_bpd(run: RunRecord) -> float:
+def best_eval_bpd(eval_bpd: np.ndarray) -> float:
     """Best (lowest) held-out bpd; NaN when the run has no finite evaluation."""
-    finite = run.eval_bpd[np.isfinite(run.eval_bpd)]
+    finite = eval_bpd[np.isfinite(eval_bpd)]
     return float(finite.min()) if finite.size else math.nan
-
-
-def final_bpd(run: RunRecord) -> float:
-    return float(run.bpd[-1]) if len(run.bpd) else math.nan
-
-
-def has_layer_records(run: RunRecord) -> bool:
-    """False for a run trained with diagnostics off: its per-layer columns are NaN and never flagged."""
-    if not run.max_abs.size:
-        return False
-    return bool(np.isfinite(run.max_abs).any() or run.nonfinite.any())
-
-
-def row_at_step(run: RunRecord, step: int) -> int | None:
-    """Row index of `step` (steps are 1-based); None when the run never recorded it."""
-    rows = np.flatnonzero(run.step == step)
-    return int(rows[-1]) if rows.size else None

@@ -1,17 +1,16 @@
 """`watch`: a live view of one run, or of every run of an ablation, read from the HDF5 files as they grow.
 
-Three layers, as for the report: `watch_snapshot` turns run records into a `WatchSnapshot` (pure, tested);
+Three layers, as for the report: `watch_snapshot` turns run tails into a `WatchSnapshot` (pure, tested);
 `snapshot_lines` (plain text) and `snapshot_view` (rich) only render it; `SnapshotReader` and `watch` do
-the reading and the loop. The trainer opens a file only for the length of a flush and `read_run` opens it
-without locking, so reading never blocks a run; a read that lands inside a flush fails, and the file's
-last good record is shown until the next read.
+the reading and the loop. Of each run file watch reads the head and the last TAIL_ROWS rows, so a tick
+costs the same at step 300,000 as at step 30; of a study, its cells file (`study_cells`), never its
+database. The trainer opens a file only for the length of a flush and the reader opens it without
+locking, so reading never blocks a run; a read that lands inside a flush fails, and the file's last
+good tail is shown until the next read.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,21 +20,22 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from flowdiag.ablation.grid import cell_slug
-from flowdiag.record.store import RunRecord, read_run
-from flowdiag.report.runs import find_run_files
+from flowdiag.record.store import open_run
+from flowdiag.report.runs import best_eval_bpd, find_run_files
+from flowdiag.report.study_cells import StudyCells, read_cells
 from flowdiag.report.watch_data import (
     PLAIN_EVERY_S,
     READ_RETRY_S,
     READ_TRIES,
-    STUDY_FILE,
+    TAIL_ROWS,
+    RunTail,
     WatchSnapshot,
     run_name,
     watch_snapshot,
 )
 from flowdiag.report.watch_view import cell_text, run_status_line, snapshot_lines, snapshot_view
 from flowdiag.runtime.errors import UserError
-from flowdiag.runtime.files import RUN_FILE
+from flowdiag.runtime.files import CELLS_FILE, RUN_FILE
 
 # --- reading -------------------------------------------------------------------------------------
 
@@ -57,39 +57,16 @@ def resolve_target(path: Path) -> Target:
     return Target(path, path, None)
 
 
-def read_queue(db: Path) -> tuple[tuple[tuple[str, str], ...], int] | None:
-    """Cells the study has queued or started, as (slug, waiting | starting), and its RUNNING trials.
-
-    Read straight from Optuna's SQLite schema, read-only: importing optuna would cost a second per
-    tick. None when the file is absent or cannot be read now (locked by a writer, another schema).
-    """
-    if not db.is_file():
-        return None
-    query = (
-        "SELECT t.state, a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id"
-        " WHERE a.key = 'cell' AND t.state IN ('WAITING', 'RUNNING')"
-    )
-    try:
-        uri = db.resolve().as_uri() + "?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=0.5)) as connection:
-            rows = connection.execute(query).fetchall()
-            running = connection.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0]
-    except sqlite3.Error:
-        return None
-    cells = []
-    for state, value in rows:
-        try:
-            slug = cell_slug(json.loads(json.loads(value)))  # value_json holds the JSON text of the cell
-        except (ValueError, TypeError, KeyError, AttributeError):
-            continue
-        cells.append((slug, "waiting" if state == "WAITING" else "starting"))
-    return tuple(cells), int(running)
+def read_tail(path: Path, rows: int = TAIL_ROWS) -> RunTail:
+    """A run file's head, its last `rows` rows and its best evaluation: what one tick shows."""
+    with open_run(path) as run:
+        return RunTail(run.head, run.tail(rows), best_eval_bpd(run.evals()[1]))
 
 
-def _read_retrying(file: Path) -> RunRecord:
+def _read_retrying(file: Path) -> RunTail:
     for attempt in range(READ_TRIES):
         try:
-            return read_run(file)
+            return read_tail(file)
         except UserError:
             if attempt == READ_TRIES - 1:
                 raise
@@ -98,25 +75,26 @@ def _read_retrying(file: Path) -> RunRecord:
 
 
 class SnapshotReader:
-    """Reads a target again and again; a read that fails shows the file's last good record instead."""
+    """Reads a target again and again; a read that fails shows the file's last good tail instead."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self._last: dict[Path, RunRecord] = {}
-        self._queue: tuple[tuple[tuple[str, str], ...], int] = ((), 0)
+        self._last: dict[Path, RunTail] = {}
+        self._cells: StudyCells | None = None
 
-    def read(self, *, first: bool = False) -> WatchSnapshot:
-        """One snapshot. On the first read, a bad run file or a folder with nothing in it is a UserError."""
+    def _tails(
+        self, files: list[Path], first: bool
+    ) -> tuple[list[tuple[str, RunTail]], list[str], list[str]]:
+        """(name, tail) per readable file, the names of unreadable ones, and why."""
         t = self.target
-        files = [t.single] if t.single is not None else find_run_files(t.root)
-        records: list[tuple[str, RunRecord]] = []
+        tails: list[tuple[str, RunTail]] = []
         unreadable: list[str] = []
         notes: list[str] = []
         for file in files:
             name = run_name(file, t.root)
             try:
                 # Retry a file never read yet: it may be a new run's file caught while being created.
-                record = read_run(file) if file in self._last else _read_retrying(file)
+                tail = read_tail(file) if file in self._last else _read_retrying(file)
             except UserError as error:
                 if file not in self._last:
                     if first and t.single is not None:
@@ -124,13 +102,21 @@ class SnapshotReader:
                     unreadable.append(name)
                     notes.append(str(error))
                     continue
-                record = self._last[file]
-            self._last[file] = record
-            records.append((name, record))
-        if t.single is None:
-            self._queue = read_queue(t.root / STUDY_FILE) or self._queue
-        queued, study_running = self._queue
-        if first and not records:
+                tail = self._last[file]
+            self._last[file] = tail
+            tails.append((name, tail))
+        return tails, unreadable, notes
+
+    def read(self, *, first: bool = False) -> WatchSnapshot:
+        """One snapshot. On the first read, a bad run file or a folder with nothing in it is a UserError."""
+        t = self.target
+        files = [t.single] if t.single is not None else find_run_files(t.root)
+        tails, unreadable, notes = self._tails(files, first)
+        if t.single is None:  # a partial or unknown cells file: the last good one stands
+            self._cells = read_cells(t.root) or self._cells
+        named = {name for name, _ in tails} | set(unreadable)
+        queued = self._cells.without_file(named) if self._cells is not None else []
+        if first and not tails:
             if unreadable:
                 raise UserError(notes[0])
             if not queued:
@@ -140,13 +126,37 @@ class SnapshotReader:
                 )
         return watch_snapshot(
             t.path,
-            records,
+            tails,
             single=t.single is not None,
             unreadable=unreadable,
             queued=queued,
-            study_running=study_running,
+            study_running=self._cells.running if self._cells is not None else 0,
             notes=notes,
         )
+
+
+def has_something(path: Path) -> bool:
+    """Whether PATH holds what watch can show: a run file, or a study's cells file."""
+    if path.is_file():
+        return True
+    if not path.is_dir():
+        return False
+    return (path / CELLS_FILE).is_file() or bool(find_run_files(path))
+
+
+def wait_for(path: Path, console: Console, interval: float, deadline: float | None) -> Target:
+    """Wait until PATH exists and holds a run or a cells file, as TensorBoard waits for its logdir: a
+    watch started before the run (or the ablation) it follows. One line says so while it waits."""
+    said = False
+    while not has_something(Path(path)):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise UserError(f"{path} did not appear before --timeout: check the path, or start the run")
+        if not said:
+            console.print(Text(f"waiting for {path}: no run file yet"), soft_wrap=True)
+            said = True
+        wait = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
+        time.sleep(wait)
+    return resolve_target(path)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -215,18 +225,20 @@ def watch(
 ) -> WatchSnapshot:
     """Show PATH (a run, its folder, or an ablation / tune-lambda folder) until nothing in it runs.
 
-    A rich live screen on a terminal, plain lines otherwise; `once` prints one snapshot. Returns the last
-    snapshot (still running when `timeout` seconds passed first, or on Ctrl-C).
+    A rich live screen on a terminal, plain lines otherwise; `once` prints one snapshot. Without `once`,
+    a PATH that does not exist yet (or holds nothing yet) is waited for. Returns the last snapshot (still
+    running when `timeout` seconds passed first, or on Ctrl-C).
     """
-    reader = SnapshotReader(resolve_target(path))
-    snapshot = reader.read(first=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
     if once:
+        snapshot = SnapshotReader(resolve_target(path)).read(first=True)
         if console.is_terminal:
             console.print(snapshot_view(snapshot))
         else:
             _print_lines(console, snapshot_lines(snapshot))
         return snapshot
-    deadline = None if timeout is None else time.monotonic() + timeout
+    reader = SnapshotReader(wait_for(path, console, interval, deadline))
+    snapshot = reader.read(first=True)
     snapshots = _follow(reader, snapshot, interval, deadline)
     follow = _follow_live if console.is_terminal else _follow_plain
     try:

@@ -1,5 +1,5 @@
-"""What `watch` shows, extracted from run records: pure and tested (rendering in `watch_view`,
-reading and the loop in `watch`)."""
+"""What `watch` shows, extracted from each run's tail (its head and its last rows, whatever its length)
+and the study's cells file: pure and tested (rendering in `watch_view`, reading and the loop in `watch`)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flowdiag.record.store import RunRecord
-from flowdiag.report.runs import best_eval_bpd, has_layer_records, is_diverged
+from flowdiag.record.store import RunHead, StepBlock
+from flowdiag.report.runs import is_diverged
 from flowdiag.runtime.files import RUN_FILE
 
 TOP_LAYERS = 5
 TREND_ROWS = 10  # the trend column: change of log10 max |output| over the last 10 rows
+# What watch reads of a run: its head and its last rows, at any length (a 300,000-step run included):
+# 1,024 rows of 288 layers are 3 MB, read in a few ms.
+TAIL_ROWS = 1024
 # steps/s over the last 30 s of wall time: the current speed, not the average since an init of M batches.
 RATE_WINDOW_S = 30.0
 SPARK_WIDTH = 40
@@ -23,8 +26,7 @@ SPARK = "▁▂▃▄▅▆▇█"
 READ_TRIES = 3
 READ_RETRY_S = 0.1  # a flush holds the file for milliseconds
 PLAIN_EVERY_S = 10.0  # piped output: a running cell's progress line at most this often
-STUDY_FILE = "study.db"
-ACTIVE = ("running", "starting")
+ACTIVE = ("running", "starting", "waiting")  # a queued cell keeps a study alive
 # The folder's order: diverged first (the reason to look), then what needs attention, then the rest.
 STATUS_ORDER = {
     "diverged": 0,
@@ -34,6 +36,7 @@ STATUS_ORDER = {
     "running": 4,
     "starting": 5,
     "waiting": 6,
+    "done": 7,
     "completed": 7,
 }
 STYLE = {
@@ -43,6 +46,14 @@ STYLE = {
     "running": "cyan",
     "completed": "green",
 }
+
+
+class RunTail(NamedTuple):
+    """What watch reads of one run file."""
+
+    head: RunHead
+    rows: StepBlock  # the last TAIL_ROWS rows (all of a shorter run)
+    best_eval_bpd: float  # NaN: no finite evaluation
 
 
 class LayerPeak(NamedTuple):
@@ -64,7 +75,9 @@ class RunView(NamedTuple):
     total_steps: int  # -1: unknown
     bpd: float
     best_eval_bpd: float
-    bpd_history: tuple[float, ...]  # training bpd, bucket means, at most SPARK_WIDTH points
+    bpd_history: tuple[float, ...]  # training bpd of the tail, bucket means, at most SPARK_WIDTH points
+    history_from: int  # the first step of that tail
+    forwards: int  # training forwards the latest row covers (gradient accumulation: more than 1)
     steps_per_s: float  # NaN: unknown (a format-1 file has no wall clock; fewer than two rows)
     eta_s: float  # NaN: unknown or not running
     top_layers: tuple[LayerPeak, ...]  # largest max |output| at the latest row, non-finite first
@@ -81,7 +94,7 @@ class CellLine(NamedTuple):
     step: int  # -1: no file
     total_steps: int
     bpd: float
-    peak_max_abs: float  # over every row and layer; inf once any output went non-finite
+    peak_max_abs: float  # over the tail's rows and every layer; inf once the run had a layer onset
     onset_step: int
     onset_layer: str
     diverged: bool
@@ -138,12 +151,12 @@ def steps_per_second(
     return steps / seconds if seconds > 0 and steps > 0 else math.nan
 
 
-def planned_steps(record: RunRecord) -> int:
+def planned_steps(head: RunHead) -> int:
     """The run's planned steps: the file's total_steps, else the config's steps (unless set by epochs)."""
-    total = int(record.total_steps)
+    total = int(head.total_steps)
     if total > 0:
         return total
-    train = record.config.get("train", {})
+    train = head.config.get("train", {})
     if isinstance(train, dict) and train.get("epochs") is None and isinstance(train.get("steps"), int):
         return int(train["steps"])
     return -1
@@ -153,51 +166,61 @@ def log10(value: float) -> float:
     return math.log10(value) if math.isfinite(value) and value > 0 else math.nan
 
 
-def top_layers(
-    record: RunRecord, top: int = TOP_LAYERS, trend_rows: int = TREND_ROWS
-) -> tuple[LayerPeak, ...]:
-    rows = len(record.step)
-    if not rows or not has_layer_records(record):
+def has_layer_records(rows: StepBlock) -> bool:
+    """False for rows recorded with diagnostics off: NaN everywhere, never flagged."""
+    return bool(rows.max_abs.size and (np.isfinite(rows.max_abs).any() or rows.nonfinite.any()))
+
+
+def top_layers(tail: RunTail, top: int = TOP_LAYERS, trend_rows: int = TREND_ROWS) -> tuple[LayerPeak, ...]:
+    rows, head = tail.rows, tail.head
+    n = len(rows.step)
+    if not n or not has_layer_records(rows):
         return ()
-    values = np.asarray(record.max_abs[-1], dtype=np.float64)
-    earlier = np.asarray(record.max_abs[max(0, rows - 1 - trend_rows)], dtype=np.float64)
-    flags = np.asarray(record.nonfinite[-1], dtype=bool)
-    # Non-finite outputs rank above every finite one; an unflagged NaN was never measured.
+    values = np.asarray(rows.max_abs[-1], dtype=np.float64)
+    earlier = np.asarray(rows.max_abs[max(0, n - 1 - trend_rows)], dtype=np.float64)
+    flags = np.asarray(rows.nonfinite[-1], dtype=bool)
+    # Non-finite outputs rank above every finite one; an unflagged NaN was not measured (did not run).
     candidates = [i for i in range(len(values)) if flags[i] or np.isfinite(values[i])]
     ranked = sorted(candidates, key=lambda i: math.inf if flags[i] else float(values[i]), reverse=True)
     return tuple(
         LayerPeak(
-            record.layer_names[i],
-            record.layer_kinds[i],
+            head.layer_names[i],
+            head.layer_kinds[i],
             float(values[i]),
             bool(flags[i]),
-            log10(float(values[i])) - log10(float(earlier[i])) if rows > 1 else math.nan,
+            log10(float(values[i])) - log10(float(earlier[i])) if n > 1 else math.nan,
         )
         for i in ranked[:top]
     )
 
 
-def peak_max_abs(record: RunRecord) -> float:
-    if not len(record.step) or not has_layer_records(record):
-        return math.nan
-    if record.nonfinite.any():
+def recent_peak(tail: RunTail) -> float:
+    """The largest max |output| over the tail's rows; inf once a layer went non-finite (in the tail, or
+    at the run's onset before it); NaN without per-layer records."""
+    head, rows = tail.head, tail.rows
+    if head.nan_onset_step >= 0 and head.nan_onset_layer in head.layer_names:
         return math.inf
-    return float(np.nanmax(record.max_abs))
+    if not len(rows.step) or not has_layer_records(rows):
+        return math.nan
+    if rows.nonfinite.any():
+        return math.inf
+    finite = rows.max_abs[np.isfinite(rows.max_abs)]
+    return float(finite.max()) if finite.size else math.nan
 
 
-def cell_line(record: RunRecord, name: str) -> CellLine:
-    rows = len(record.step)
+def cell_line(tail: RunTail, name: str) -> CellLine:
+    head, rows = tail.head, tail.rows
     return CellLine(
         name=name,
-        status=record.status,
-        phase=record.phase,
-        step=int(record.step[-1]) if rows else 0,
-        total_steps=planned_steps(record),
-        bpd=float(record.bpd[-1]) if rows else math.nan,
-        peak_max_abs=peak_max_abs(record),
-        onset_step=record.nan_onset_step,
-        onset_layer=record.nan_onset_layer,
-        diverged=is_diverged(record),
+        status=head.status,
+        phase=head.phase,
+        step=head.last_step,
+        total_steps=planned_steps(head),
+        bpd=float(rows.bpd[-1]) if len(rows.step) else math.nan,
+        peak_max_abs=recent_peak(tail),
+        onset_step=head.nan_onset_step,
+        onset_layer=head.nan_onset_layer,
+        diverged=is_diverged(head),
     )
 
 
@@ -205,27 +228,31 @@ def _no_file(name: str, status: str) -> CellLine:
     return CellLine(name, status, "", -1, -1, math.nan, math.nan, -1, "", False)
 
 
-def run_view(record: RunRecord, name: str) -> RunView:
-    line = cell_line(record, name)
-    rate = steps_per_second(record.step, record.wall_time)
+def run_view(tail: RunTail, name: str) -> RunView:
+    head, rows = tail.head, tail.rows
+    line = cell_line(tail, name)
+    rate = steps_per_second(rows.step, rows.wall_time)
     remaining = line.total_steps - line.step
-    running = record.status == "running" and line.total_steps > 0 and remaining > 0
-    train = record.config.get("train", {})
+    running = head.status == "running" and line.total_steps > 0 and remaining > 0
+    train = head.config.get("train", {})
+    m = train.get("init_batches", -1) if isinstance(train, dict) else -1
     return RunView(
         name=name,
-        status=record.status,
+        status=head.status,
         phase=line.phase,
-        init_batches=int(train.get("init_batches", -1)) if isinstance(train, dict) else -1,
+        init_batches=int(m) if isinstance(m, int) else -1,
         step=line.step,
         total_steps=line.total_steps,
         bpd=line.bpd,
-        best_eval_bpd=best_eval_bpd(record),
-        bpd_history=bucket_means(record.bpd),
+        best_eval_bpd=tail.best_eval_bpd,
+        bpd_history=bucket_means(rows.bpd),
+        history_from=int(rows.step[0]) if len(rows.step) else 0,
+        forwards=int(rows.forwards[-1]) if len(rows.step) else 1,
         steps_per_s=rate,
         eta_s=remaining / rate if running and rate > 0 else math.nan,
-        top_layers=top_layers(record),
-        onset_step=record.nan_onset_step,
-        onset_layer=record.nan_onset_layer,
+        top_layers=top_layers(tail),
+        onset_step=head.nan_onset_step,
+        onset_layer=head.nan_onset_layer,
     )
 
 
@@ -236,7 +263,7 @@ def _order(cell: CellLine) -> tuple[int, int, str]:
 
 def watch_snapshot(
     target: Path,
-    records: Sequence[tuple[str, RunRecord]],
+    records: Sequence[tuple[str, RunTail]],
     *,
     single: bool = False,
     unreadable: Sequence[str] = (),
@@ -244,8 +271,9 @@ def watch_snapshot(
     study_running: int = 0,
     notes: Sequence[str] = (),
 ) -> WatchSnapshot:
-    """The snapshot of named records; `queued` holds (cell name, waiting | starting) from the study."""
-    cells = [cell_line(record, name) for name, record in records]
+    """The snapshot of named run tails; `queued`: (cell name, state) of the study's cells without a run
+    file (waiting, starting, or how one ended before its file was made)."""
+    cells = [cell_line(tail, name) for name, tail in records]
     cells += [_no_file(name, "unreadable") for name in unreadable]
     seen = {c.name for c in cells}
     cells += [_no_file(name, status) for name, status in queued if name not in seen]

@@ -71,7 +71,8 @@ def cell_text(cell: CellLine, name_width: int = 0) -> str:
     return (
         f"{cell.name:<{name_width}}  {_status(cell.status, cell.phase):<16}"
         f"  step {_progress(cell.step, cell.total_steps):<11}  bpd {fmt_bpd(cell.bpd):<9}"
-        f"  peak max|out| {fmt(cell.peak_max_abs):<9}  onset {_onset(cell.onset_step, cell.onset_layer)}"
+        f"  recent peak max|out| {fmt(cell.peak_max_abs):<9}"
+        f"  onset {_onset(cell.onset_step, cell.onset_layer)}"
     )
 
 
@@ -80,9 +81,11 @@ def run_status_line(view: RunView) -> str:
         return f"{view.name}: ActNorm init over M = {view.init_batches} batches, no training step yet"
     if view.status == "running" and view.step == 0:
         return f"{view.name}: running · no step in the file yet (rows arrive with each flush)"
+    # Gradient accumulation: a row (a step) covers several training forwards.
+    forwards = f" · {view.forwards} forwards/step" if view.forwards > 1 else ""
     return (
         f"{view.name}: {_status(view.status, view.phase)} · step {_progress(view.step, view.total_steps)}"
-        f" · bpd {fmt_bpd(view.bpd)} · best held-out {fmt_bpd(view.best_eval_bpd)}"
+        f"{forwards} · bpd {fmt_bpd(view.bpd)} · best held-out {fmt_bpd(view.best_eval_bpd)}"
         f" · {_rate(view.steps_per_s)} · ETA {_duration(view.eta_s)}"
     )
 
@@ -91,7 +94,8 @@ def _spark_line(view: RunView) -> str | None:
     finite = [b for b in view.bpd_history if math.isfinite(b)]
     if not finite:
         return None
-    return f"bpd {sparkline(view.bpd_history)}  {fmt_bpd(finite[0])} → {fmt_bpd(finite[-1])}"
+    since = f" (steps {view.history_from}-{view.step})" if view.history_from > 1 else ""
+    return f"bpd {sparkline(view.bpd_history)}  {fmt_bpd(finite[0])} → {fmt_bpd(finite[-1])}{since}"
 
 
 def _layers_title(view: RunView) -> str:
@@ -154,7 +158,7 @@ def _cells_table(snapshot: WatchSnapshot) -> Table:
     table = Table(title=f"{snapshot.target}: {len(snapshot.cells)} cells", title_justify="left")
     table.add_column("cell", no_wrap=True)
     table.add_column("status")
-    for column in ("step", "bpd", "peak max |output|"):
+    for column in ("step", "bpd", "recent peak max |output|"):
         table.add_column(column, justify="right")
     table.add_column("onset")
     for c in snapshot.cells:
@@ -191,6 +195,6 @@ def summary_line(snapshot: WatchSnapshot) -> str:
     for cell in snapshot.cells:
         status = "diverged" if cell.diverged and cell.status != "running" else cell.status
         counts[status] = counts.get(status, 0) + 1
-    files = sum(n for s, n in counts.items() if s not in ("waiting", "starting"))
+    files = sum(n for s, n in counts.items() if s not in ("waiting", "starting"))  # queued: no file yet
     order = sorted(counts, key=lambda s: STATUS_ORDER.get(s, 3))
     return f"{files} run{'' if files == 1 else 's'}: " + ", ".join(f"{counts[s]} {s}" for s in order)

@@ -93,7 +93,7 @@ def diagnosis_lines(diagnosis: Diagnosis) -> list[str]:
             f"{fmt(f.recon_threshold, 3)}), non-finite samples {100 * inv.nonfinite_samples:.0f} %"
             + (f", worst-conditioned conv {inv.worst_conv} ({fmt(inv.worst_cond)})" if inv.worst_conv else "")
         )
-    if f.precision != "fp32":
+    if f.precision not in (None, "fp32"):
         lines.append(f"precision: {f.precision}")
     lines.append(f"likely cause: {diagnosis.cause}")
     if diagnosis.severity == "diverged" and f.onset_layer in ("loss", "backward"):

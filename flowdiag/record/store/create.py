@@ -14,13 +14,17 @@ from flowdiag.record.store.layout import (
     _COMMITTED,
     _FORWARDS,
     _LAYER_ARRAYS,
+    _RESERVE_MARGIN,
     _SCALARS,
+    _START_TIME,
     _STRING,
     _WALL_TIME,
     FORMAT_VERSION,
+    _check_run,
     _create_text,
     _growing,
     _reason,
+    _reserve,
     _text_width,
 )
 from flowdiag.runtime.errors import UserError
@@ -36,6 +40,7 @@ class RunHeader:
     kinds: list[str]
     pixels: list[int]  # h·w each layer runs at, -1 unknown
     total_steps: int  # -1 unknown
+    start_time: float  # unix time the run started
 
 
 def create_run_file(path: Path, header: RunHeader, *, overwrite: bool) -> None:
@@ -50,13 +55,16 @@ def create_run_file(path: Path, header: RunHeader, *, overwrite: bool) -> None:
         raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
+        _reserve_new(partial)
         with h5py.File(partial, "w") as f:
             _layout(f, header)
+        _verify(partial)
         _put_in_place(partial, path, overwrite)
     except FileExistsError:  # created by someone else since the check above
         raise UserError(f"{path} already exists: refusing to overwrite it; choose another --out") from None
-    except OSError as error:
-        raise UserError(f"cannot create {path} ({_reason(error)}): choose another --out") from None
+    except (OSError, RuntimeError, UserError) as error:
+        reason = _reason(error) if isinstance(error, OSError) else "its layout did not read back"
+        raise UserError(f"cannot create {path} ({reason}): free disk space or choose another --out") from None
     finally:
         partial.unlink(missing_ok=True)
 
@@ -70,6 +78,7 @@ def _layout(f: h5py.File, header: RunHeader) -> None:
     _create_text(f, "status", "running", width)
     _create_text(f, "phase", "init", width)
     f.attrs["total_steps"] = int(header.total_steps)
+    f.attrs[_START_TIME] = float(header.start_time)
     f.attrs["nan_onset_step"] = -1
     _create_text(f, "nan_onset_layer", "", width)
     f.attrs["nan_onset_rank"] = -1
@@ -91,6 +100,19 @@ def _layout(f: h5py.File, header: RunHeader) -> None:
     _growing(evals, "step", np.int64)
     _growing(evals, "bpd", np.float64)
     inverse_rows.create(f, names, header.kinds, width)
+
+
+def _reserve_new(partial: Path) -> None:
+    """Fail on a full disk before HDF5 writes anything (see layout._reserve): an empty run file of a few
+    hundred layers takes well under the margin. h5py's "w" gives the room back as it starts the file."""
+    partial.touch()
+    _reserve(partial, _RESERVE_MARGIN)
+
+
+def _verify(partial: Path) -> None:
+    """A write error HDF5 met while making the file may have gone unreported: read it back first."""
+    with h5py.File(partial, "r", locking=False) as f:
+        _check_run(partial, f)
 
 
 def _put_in_place(partial: Path, path: Path, overwrite: bool) -> None:

@@ -1,43 +1,28 @@
-"""RunRecord and read_run: a run file read back, every failure a one-line UserError."""
+"""RunRecord and read_run: a whole run file in memory, for short runs and for tests.
+
+Long runs are read a block at a time (`scan.open_run`): a 300,000-step run of 288 layers is 880 MB,
+which `read_run` would hold at once.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from flowdiag.record.store import inverse_rows
 from flowdiag.record.store.inverse_rows import InverseRecord
-from flowdiag.record.store.layout import (
-    _EVAL_DATASETS,
-    _FORWARDS,
-    _INIT_FLOATS,
-    _INIT_INTS,
-    _LAYER_ARRAYS,
-    _SCALARS,
-    _WALL_TIME,
-    EVALS,
-    LAYER_KINDS,
-    STEPS,
-    _check_run,
-    _complete_rows,
-    _init_entries,
-    _reason,
-    _step_datasets,
-    _strings,
-    _text,
-    _unreadable,
-)
+from flowdiag.record.store.layout import LAYER_KINDS, _step_datasets, _unreadable
+from flowdiag.record.store.scan import RunHead, StepBlock, open_run
 from flowdiag.runtime.errors import UserError
 
 
 @dataclass(frozen=True, eq=False)
 class RunRecord:
-    """A run file read into memory. Step arrays have length T, layer arrays shape (T, N)."""
+    """A run file read into memory: the fields of its RunHead, of one StepBlock of every row (step arrays
+    length T, layer arrays (T, N)), its evaluations, inverse checks and init."""
 
     path: Path
     version: str
@@ -48,6 +33,12 @@ class RunRecord:
     nan_onset_step: int
     nan_onset_layer: str
     nan_onset_rank: int  # data-parallel runs: the rank that first saw the onset; -1 otherwise
+    layer_names: list[str]
+    layer_kinds: list[str]
+    layer_pixels: np.ndarray  # (N,) h·w each layer runs at; -1 where unknown
+    n_rows: int
+    last_step: int  # 0: no row
+    start_time: float  # unix time the run started; NaN unknown
     step: np.ndarray
     loss: np.ndarray
     bpd: np.ndarray
@@ -55,20 +46,26 @@ class RunRecord:
     grad_norm: np.ndarray
     lr: np.ndarray
     wall_time: np.ndarray  # seconds since the run started; NaN in files from before format 2
-    layer_names: list[str]
-    layer_kinds: list[str]
-    layer_pixels: np.ndarray  # (N,) h·w each layer runs at; -1 where unknown
+    forwards: np.ndarray  # (T,) training forwards each row covers; 1 before format 3
     max_abs: np.ndarray
     logdet: np.ndarray
     nonfinite: np.ndarray
     ran: np.ndarray  # (T, N) which layers ran in each step; before format 3, those with a measurement
-    forwards: np.ndarray  # (T,) training forwards each row covers; 1 before format 3
     eval_step: np.ndarray
     eval_bpd: np.ndarray
     inverse: InverseRecord  # the inverse checks, one row per evaluation (empty before format 2)
     # Keys name (list[str]), log_scale_min, log_scale_max, min_input_var, n_values, pixels (h·w of the
     # ActNorm's input, -1 where a format-1 file does not say); None before the init.
     init: dict[str, np.ndarray | list[str]] | None
+
+    @property
+    def head(self) -> RunHead:
+        return RunHead(**{name: getattr(self, name) for name in RunHead._fields})
+
+    @property
+    def rows(self) -> StepBlock:
+        """Every row as one block."""
+        return StepBlock(0, *(getattr(self, name) for name in StepBlock._fields[1:]))
 
     def layer_index(self, kind: str) -> np.ndarray:
         """Column indices of the layers of one kind, in forward order."""
@@ -77,73 +74,30 @@ class RunRecord:
         return np.array([i for i, k in enumerate(self.layer_kinds) if k == kind], dtype=np.intp)
 
 
+# Each field of RunRecord comes from its head, its rows or the rest of the file, named alike.
+_REST = ("eval_step", "eval_bpd", "inverse", "init")
+assert [f.name for f in fields(RunRecord)] == [*RunHead._fields, *StepBlock._fields[1:], *_REST]
+
+
 def read_run(path: Path) -> RunRecord:
-    """Read a run file, also while its run is still writing it. Bad files raise a one-line UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist: check the path, or train a run there first")
-    if path.is_dir():
-        raise UserError(f"{path} is a folder: point at the run file (run.h5) inside it")
-    try:
-        # locking=False: a reader must never make the writer wait, nor wait for it.
-        with h5py.File(path, "r", locking=False) as f:
-            return _read(path, f)
-    except PermissionError as error:
-        raise UserError(f"cannot read {path} ({_reason(error)}): check its permissions") from None
-    # What a damaged file raises depends on where the damage is: a bad type message gives ValueError.
-    except (OSError, RuntimeError, KeyError, ValueError):
-        raise UserError(_unreadable(path)) from None
+    """Read a whole run file, also while its run is still writing it. Bad files raise a one-line UserError."""
+    with open_run(path) as run:
+        rows = run.rows(0, run.head.n_rows)
+        return record_of(run.head, rows, run.evals(), run.inverse(), run.init())
 
 
-def _read(path: Path, f: h5py.File) -> RunRecord:
-    _check_run(path, f)
-    try:
-        config = json.loads(str(f.attrs["config"]))
-    except json.JSONDecodeError:
-        raise UserError(
-            f"{path} has a config attribute that is not valid JSON: re-run the training"
-        ) from None
-    t = _complete_rows(f, _step_datasets(f), STEPS)
-    names = _strings(f["layers/name"])
-    e = _complete_rows(f, _EVAL_DATASETS, EVALS)
-    init: dict[str, np.ndarray | list[str]] | None = None
-    if _init_entries(f):
-        group = f["init"]
-        init = {"name": _strings(group["name"])}
-        for key in (*_INIT_FLOATS, *_INIT_INTS):
-            init[key] = group[key][()] if key in group else np.full(len(init["name"]), -1, np.int64)
+def record_of(
+    head: RunHead,
+    rows: StepBlock,
+    evals: tuple[np.ndarray, np.ndarray],
+    inverse: InverseRecord,
+    init: dict[str, np.ndarray | list[str]] | None,
+) -> RunRecord:
+    """A RunRecord of its parts: what a run file holds, or what a test or an importer builds."""
+    steps = {name: getattr(rows, name) for name in StepBlock._fields[1:]}
     return RunRecord(
-        path=path,
-        version=str(f.attrs["flowdiag_version"]),
-        config=config,
-        status=_text(f.attrs["status"]),
-        phase=_text(f.attrs.get("phase", "train")),
-        total_steps=int(f.attrs.get("total_steps", -1)),
-        nan_onset_step=int(f.attrs["nan_onset_step"]),
-        nan_onset_layer=_text(f.attrs["nan_onset_layer"]),
-        nan_onset_rank=int(f.attrs.get("nan_onset_rank", -1)),
-        step=f["steps/step"][:t],
-        **{name: f[f"steps/{name}"][:t] for name in _SCALARS},
-        wall_time=f[_WALL_TIME][:t] if _WALL_TIME in f else np.full(t, np.nan),
-        layer_names=names,
-        layer_kinds=_strings(f["layers/kind"]),
-        layer_pixels=f["layers/pixels"][()] if "layers/pixels" in f else np.full(len(names), -1, np.int64),
-        **{name: f[f"layers/{name}"][:t] for name in _LAYER_ARRAYS if name != "ran"},
-        ran=_ran(f, t),
-        forwards=f[_FORWARDS][:t] if _FORWARDS in f else np.ones(t, np.int32),
-        eval_step=f["eval/step"][:e],
-        eval_bpd=f["eval/bpd"][:e],
-        init=init,
-        inverse=inverse_rows.read(f, len(names)),
+        **head._asdict(), **steps, eval_step=evals[0], eval_bpd=evals[1], inverse=inverse, init=init
     )
-
-
-def _ran(f: h5py.File, t: int) -> np.ndarray:
-    """layers/ran, or for a file from before it, the layers that hold a measurement or a flag."""
-    if "layers/ran" in f:
-        return f["layers/ran"][:t]
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(f["layers/max_abs"][:t]) | f["layers/nonfinite"][:t]
 
 
 def bytes_per_step(path: Path) -> int:

@@ -50,6 +50,31 @@ class StepRows:
             buffer[i] = values
         self.n += 1
 
+    @classmethod
+    def of_block(
+        cls,
+        step: np.ndarray,
+        wall_time: np.ndarray,
+        forwards: np.ndarray,
+        scalars: np.ndarray,
+        per_layer: dict[str, np.ndarray],
+    ) -> StepRows:
+        """Rows given whole (`RunWriter.append_steps`): `scalars` (n, 5) in _SCALARS order, `per_layer`
+        one (n, N) array per _LAYER_ARRAYS name; converted to the file's types, finite values saturated."""
+        rows = cls.__new__(cls)
+        rows.n = rows.most = len(step)
+        rows.step = np.asarray(step, np.int64)
+        rows.wall_time = np.asarray(wall_time, np.float64)
+        rows.forwards = np.asarray(forwards, np.int32)
+        rows.scalars = np.asarray(scalars, np.float64)
+        rows.layers = {}
+        for name, dtype in _LAYER_ARRAYS.items():
+            values = np.asarray(per_layer[name])
+            if values.dtype.kind == "f" and values.dtype.itemsize > np.dtype(dtype).itemsize:
+                values = _saturate(values, np.dtype(dtype))
+            rows.layers[name] = values.astype(dtype, copy=False)
+        return rows
+
     def blocks(self) -> Iterator[tuple[str, np.ndarray]]:
         """(dataset, rows) for each step dataset, "steps/step" last: a reader counts complete rows."""
         n = self.n

@@ -16,10 +16,12 @@ from numpy.typing import ArrayLike
 from flowdiag.record.store import inverse_rows
 from flowdiag.record.store.create import RunHeader, create_run_file
 from flowdiag.record.store.layout import (
+    _CHUNK_ROWS,
     _COMMITTED,
     _EVAL_DATASETS,
     _INIT_FLOATS,
     _INIT_INTS,
+    _RESERVE_MARGIN,
     _STRING,
     _WALL_TIME,
     EVALS,
@@ -30,9 +32,11 @@ from flowdiag.record.store.layout import (
     _append,
     _check_run,
     _complete_rows,
+    _flush_file,
     _init_entries,
     _open_for_append,
     _reason,
+    _reserve,
     _rows_through,
     _step_datasets,
     _strings,
@@ -40,8 +44,12 @@ from flowdiag.record.store.layout import (
     _unreadable,
     _update,
 )
+from flowdiag.record.store.onset_check import FlagWatch
 from flowdiag.record.store.rows import StepRows
 from flowdiag.runtime.errors import UserError
+
+# The writer's clock: the flush timer and the wall time of rows the caller does not time itself.
+_monotonic = time.monotonic
 
 
 class RunWriter:
@@ -49,6 +57,10 @@ class RunWriter:
 
     Rows reach the file every `flush_every` steps or `flush_seconds` after the last flush, whichever
     comes first: a reader sees a new run within seconds, and a long run pays one open per block.
+    `append_steps` writes a block of rows at once (runs imported from elsewhere, synthetic runs).
+
+    `start_time`: the run's start as unix time (default now); rows' wall time counts from it, so an
+    imported run passes its own start and each row's `wall_time`.
     """
 
     def __init__(
@@ -64,23 +76,14 @@ class RunWriter:
         flush_every: int = 50,
         flush_seconds: float = 2.0,
         overwrite: bool = False,
+        start_time: float | None = None,
     ) -> None:
         path = Path(path)
         names, kinds = list(layer_names), list(layer_kinds)
         pixels = [-1] * len(names) if layer_pixels is None else [int(p) for p in layer_pixels]
-        if flush_every < 1:  # checked here too, so that a bad value creates no file
-            raise ValueError(f"flush_every must be at least 1, got {flush_every}")
-        if not flush_seconds > 0:
-            raise ValueError(f"flush_seconds must be positive, got {flush_seconds}")
-        if not names or len(names) != len(kinds) or len(pixels) != len(names):
-            raise ValueError(
-                f"need one kind and one h·w per layer and at least one layer; got {len(names)} names, "
-                f"{len(kinds)} kinds, {len(pixels)} h·w"
-            )
-        unknown = sorted(set(kinds) - set(LAYER_KINDS))
-        if unknown:
-            raise ValueError(f"unknown layer kinds {unknown}; expected one of {LAYER_KINDS}")
-        header = RunHeader(config_json, version, names, kinds, pixels, total_steps)
+        _check_settings(names, kinds, pixels, flush_every, flush_seconds)  # before a file exists
+        started = time.time() if start_time is None else float(start_time)
+        header = RunHeader(config_json, version, names, kinds, pixels, total_steps, started)
         create_run_file(path, header, overwrite=overwrite)
         self._setup(path, names, flush_every, flush_seconds, n_steps=0, n_evals=0, status=("running", -1, ""))
 
@@ -102,33 +105,14 @@ class RunWriter:
                         f"{path} was written by an older flowdiag (format 1) and cannot be resumed: "
                         "start the run afresh in another --out"
                     )
-                names = _strings(f["layers/name"])
-                n_steps = _complete_rows(f, _step_datasets(f), STEPS)
-                n_evals = _complete_rows(f, _EVAL_DATASETS, EVALS)
-                n_inverse = inverse_rows.rows_on_disk(f)
-                n_init = _init_entries(f)
-                inverse_onset = (
-                    int(f.attrs.get("reverse_onset_step", -1)),
-                    _text(f.attrs.get("reverse_onset_layer", "")),
-                )
-                status = (
-                    _text(f.attrs["status"]),
-                    int(f.attrs["nan_onset_step"]),
-                    _text(f.attrs["nan_onset_layer"]),
-                )
-                clock = float(f[_WALL_TIME][n_steps - 1]) if n_steps else 0.0
+                found = _on_disk(f)
                 if total_steps is not None:
                     _update(f, "total_steps", int(total_steps))
         except (OSError, RuntimeError, KeyError, ValueError):
             raise UserError(_unreadable(path)) from None
         writer = cls.__new__(cls)
-        writer._setup(
-            path, names, flush_every, flush_seconds, n_steps=n_steps, n_evals=n_evals, status=status
-        )
-        writer._clock_offset = clock
-        writer._n_inverse_disk = n_inverse
-        writer._n_init_disk = n_init
-        writer._inverse_onset = inverse_onset
+        names = found.pop("names")
+        writer._setup(path, names, flush_every, flush_seconds, **found)
         return writer
 
     def _setup(
@@ -141,6 +125,11 @@ class RunWriter:
         n_steps: int,
         n_evals: int,
         status: tuple[str, int, str],
+        n_inverse: int = 0,
+        n_init: int = 0,
+        inverse_onset: tuple[int, str] = (-1, ""),
+        clock: float = 0.0,
+        last_step: int = 0,
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be at least 1, got {flush_every}")
@@ -149,19 +138,20 @@ class RunWriter:
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self._n_disk, self._n_evals_disk = n_steps, n_evals
-        self._started = self._last_flush = time.monotonic()
-        self._clock_offset = 0.0  # a resumed run's clock continues from its last row
+        self._n_inverse_disk, self._n_init_disk = n_inverse, n_init
+        self._last_disk_step = last_step  # named in a failed flush's message: what the file holds
+        self._started = self._last_flush = _monotonic()
+        self._clock_offset = clock  # a resumed run's clock continues from its last row
         self._rows = StepRows(len(names), flush_every)
         self._evals: list[tuple[int, float]] = []
         self._inverse: list[inverse_rows.InverseRow] = []
-        self._n_inverse_disk = 0
-        self._n_init_disk = 0
-        self._inverse_onset = (-1, "")
+        self._inverse_onset = inverse_onset
         self._init: dict[str, Any] | None = None
         self._status, self._onset_step, self._onset_layer = status
         self._phase: str | None = None  # None: unchanged since the file was opened
         self._onset_rank: int | None = None  # None: unchanged since the file was opened
         self._attrs_dirty = False
+        self._flags = FlagWatch(names)
 
     @property
     def n_steps(self) -> int:
@@ -188,11 +178,13 @@ class RunWriter:
         nonfinite: ArrayLike,
         ran: ArrayLike | None = None,
         forwards: int = 1,
+        wall_time: float | None = None,
     ) -> None:
         """Buffer one step's row; the block goes to the file every `flush_every` rows or `flush_seconds`.
 
         `ran`: which layers ran in the step (default all); `forwards`: the training forwards the row
-        covers (several under gradient accumulation).
+        covers (several under gradient accumulation); `wall_time`: seconds since the run started
+        (default: the writer's clock).
         """
         n = len(self.layer_names)
         per_layer = {
@@ -204,11 +196,50 @@ class RunWriter:
         for name, values in per_layer.items():
             if values.shape != (n,):
                 raise ValueError(f"{name} has shape {values.shape}; expected ({n},), one value per layer")
-        now = time.monotonic()
-        wall_time = self._clock_offset + now - self._started
+        now = _monotonic()
+        if wall_time is None:
+            wall_time = self._clock_offset + now - self._started
+        self._flags.see_row(step, per_layer["nonfinite"])
         self._rows.add(step, wall_time, forwards, (loss, bpd, penalty, grad_norm, lr), per_layer)
         if self._rows.n == self.flush_every or now - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def append_steps(
+        self,
+        step: ArrayLike,
+        *,
+        loss: ArrayLike,
+        bpd: ArrayLike,
+        penalty: ArrayLike,
+        grad_norm: ArrayLike,
+        lr: ArrayLike,
+        max_abs: ArrayLike,
+        logdet: ArrayLike,
+        nonfinite: ArrayLike,
+        ran: ArrayLike | None = None,
+        forwards: ArrayLike | None = None,
+        wall_time: ArrayLike | None = None,
+    ) -> None:
+        """Write a block of n rows at once, after anything buffered: per-step arrays (n,), per-layer
+        arrays (n, N); `ran` default all, `forwards` default 1, `wall_time` (seconds since the run
+        started) default the writer's clock. One open of the file for the whole block."""
+        steps = np.asarray(step, dtype=np.int64)
+        rows = len(steps)
+        given = {"loss": loss, "bpd": bpd, "penalty": penalty, "grad_norm": grad_norm, "lr": lr}
+        scalars = np.column_stack([_shaped(name, v, (rows,)) for name, v in given.items()])
+        clock = self._clock_offset + _monotonic() - self._started
+        times = np.full(rows, clock) if wall_time is None else _shaped("wall_time", wall_time, (rows,))
+        counts = np.ones(rows, np.int32) if forwards is None else _shaped("forwards", forwards, (rows,))
+        shape = (rows, len(self.layer_names))
+        per_layer = {
+            "max_abs": _shaped("max_abs", max_abs, shape),
+            "logdet": _shaped("logdet", logdet, shape),
+            "nonfinite": _shaped("nonfinite", nonfinite, shape).astype(bool, copy=False),
+            "ran": np.ones(shape, bool) if ran is None else _shaped("ran", ran, shape),
+        }
+        self.flush()
+        self._flags.see(steps, per_layer["nonfinite"])
+        self._flush(StepRows.of_block(steps, times, counts, scalars, per_layer))
 
     def append_eval(self, step: int, bpd: float) -> None:
         """Buffer one held-out evaluation; it reaches the file with the next flush of the steps."""
@@ -248,7 +279,13 @@ class RunWriter:
         self.flush()
 
     def set_status(self, status: str, *, onset_step: int = -1, onset_layer: str = "") -> None:
-        """Set the run's status and NaN onset; flushed at once, with any buffered rows."""
+        """Set the run's status and NaN onset; flushed at once, with any buffered rows.
+
+        A new onset must agree with the rows' non-finite flags (the first step that flags a layer, and
+        a layer it flags): ValueError otherwise, and nothing is written.
+        """
+        if (int(onset_step), str(onset_layer)) != (self._onset_step, self._onset_layer) or onset_step < 0:
+            self._flags.check(int(onset_step), str(onset_layer), self._has_row)
         self._set_status(status, onset_step, onset_layer)
         self.flush()
 
@@ -271,27 +308,68 @@ class RunWriter:
         self._status, self._onset_step, self._onset_layer = status, int(onset_step), str(onset_layer)
         self._attrs_dirty = True
 
+    def _has_row(self, step: int) -> bool:
+        """Whether a row for `step` was written or is buffered (the onset check's question)."""
+        if np.any(self._rows.step[: self._rows.n] == step):
+            return True
+        if not self._n_disk:
+            return False
+        with self._opened() as f:
+            return bool(np.any(f["steps/step"][: self._n_disk] == step))
+
     # --- the file --------------------------------------------------------------------------------
 
     @contextmanager
-    def _opened(self) -> Iterator[h5py.File]:
+    def _opened(self, reserve: int = 0) -> Iterator[h5py.File]:
+        """The file open for one flush, `reserve` bytes claimed first; any write error (a full disk,
+        an I/O error, a vanished file) is one line naming the file, what it holds, and the fix."""
         try:
+            if reserve:
+                _reserve(self.path, reserve)
             with _open_for_append(self.path) as f:
                 yield f
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
+            last = self._steps_on_disk()
+            held = f"the steps up to {last}" if last else "no step yet"
             raise UserError(
-                f"cannot write {self.path} ({_reason(error)}): was it moved, or is the disk full? "
-                "Choose another --out"
+                f"cannot write {self.path} ({_reason(error)}; the file holds {held}, each exact): "
+                "free space on its disk and resume the run, or choose another --out"
             ) from None
+
+    def _steps_on_disk(self) -> int:
+        """The last step the file counts as written, read back (a flush that failed after raising the
+        counts still wrote its rows); what this writer last wrote when the file cannot be read."""
+        try:
+            with h5py.File(self.path, "r", locking=False) as f:
+                n = _complete_rows(f, _step_datasets(f), STEPS)
+                return int(f["steps/step"][n - 1]) if n else 0
+        except (OSError, RuntimeError, KeyError, ValueError):
+            return self._last_disk_step
+
+    def _room(self, n_rows: int) -> int:
+        """Bytes a flush may add to the file: its rows and whatever new chunks they start, at most."""
+        if not (n_rows or self._evals or self._inverse or self._init is not None):
+            return 0  # attributes alone are rewritten in place
+        n = len(self.layer_names)
+        step_row = 8 * 8 + 4 + n * 10  # per _STEP_DATASETS' types (`bytes_per_step`)
+        inverse_row = 8 * 3 + n * 5 + 16 * n
+        room = (n_rows + 2 * _CHUNK_ROWS) * step_row if n_rows else 0
+        room += (len(self._evals) + 2 * _CHUNK_ROWS) * 16 if self._evals else 0
+        room += (len(self._inverse) + 2 * _CHUNK_ROWS) * inverse_row if self._inverse else 0
+        room += 256 * (n + 1) if self._init is not None else 0
+        return room + _RESERVE_MARGIN
 
     def flush(self) -> None:
         """Write everything buffered (rows, evaluations, init, status) in one open of the file."""
-        if not (self._rows.n or self._evals or self._inverse or self._init is not None or self._attrs_dirty):
+        self._flush(self._rows)
+
+    def _flush(self, rows: StepRows) -> None:
+        n = rows.n
+        if not (n or self._evals or self._inverse or self._init is not None or self._attrs_dirty):
             return
-        with self._opened() as f:
-            n = self._rows.n
+        with self._opened(self._room(n)) as f:
             if n:
-                for name, block in self._rows.blocks():
+                for name, block in rows.blocks():
                     if name in f:  # a file of an older version resumed: it keeps its own datasets
                         _append(f[name], self._n_disk, block)
             if self._evals:
@@ -303,7 +381,7 @@ class RunWriter:
             if self._init is not None:
                 self._replace_init(f, self._init)
             if n or self._evals or self._inverse or self._init is not None:
-                f.flush()  # what was written, its index and the file's end on disk before it counts
+                _flush_file(f)  # what was written, its index and the file's end on disk before it counts
                 n_init = len(self._init["name"]) if self._init is not None else self._n_init_disk
                 counts = (self._n_disk + n, self._n_evals_disk + len(self._evals))
                 _update(f, _COMMITTED, [*counts, self._n_inverse_disk + len(self._inverse), n_init])
@@ -311,14 +389,15 @@ class RunWriter:
             if self._attrs_dirty:
                 self._write_attrs(f)
         # Forget the buffer only once the file has closed cleanly: a failed flush can be retried.
-        self._n_disk += self._rows.n
+        self._n_disk += n
+        self._last_disk_step = int(rows.step[n - 1]) if n else self._last_disk_step
         self._n_evals_disk += len(self._evals)
         self._n_inverse_disk += len(self._inverse)
         if self._init is not None:
             self._n_init_disk = len(self._init["name"])
-        self._rows.n, self._evals, self._init, self._attrs_dirty = 0, [], None, False
+        rows.n, self._evals, self._init, self._attrs_dirty = 0, [], None, False
         self._inverse = []
-        self._last_flush = time.monotonic()
+        self._last_flush = _monotonic()
 
     def _replace_init(self, f: h5py.File, init: dict[str, Any]) -> None:
         # The group was made with the file, so the root's links never change after it; an init
@@ -326,7 +405,7 @@ class RunWriter:
         group = f.require_group("init")
         if len(group):
             _update(f, _COMMITTED, [self._n_disk, self._n_evals_disk, self._n_inverse_disk, 0])
-            f.flush()
+            _flush_file(f)
             for key in list(group):
                 del group[key]
         group.create_dataset("name", data=init["name"], dtype=_STRING)
@@ -358,13 +437,24 @@ class RunWriter:
                 self._inverse_onset = (-1, "")
             if self._onset_step > step:  # the rows that showed the onset are gone
                 self._onset_step, self._onset_layer = -1, ""
-            f.flush()  # the shorter datasets on disk before the counts say so
+            _flush_file(f)  # the shorter datasets on disk before the counts say so
             _update(f, _COMMITTED, [n_steps, n_evals, self._n_inverse_disk, self._n_init_disk])
             self._write_attrs(f)
+            self._last_disk_step = int(f["steps/step"][n_steps - 1]) if n_steps else 0
         self._n_disk, self._n_evals_disk = n_steps, n_evals
+        self._flags.forget_after(step)
 
     def close(self, status: str | None = None) -> None:
-        """Flush what is left, optionally setting the final status first. Safe to call twice."""
+        """Flush what is left, optionally setting the final status first. Safe to call twice.
+
+        Rows that flag a layer non-finite need an onset (`set_status(..., onset_step=...)`) first:
+        ValueError otherwise, with the rows still buffered. (The onset itself was checked when set; a
+        resumed run's, read from its file, is taken as it is.)
+        """
+        self._flags.check_first(self._onset_step)
+        self._close(status)
+
+    def _close(self, status: str | None) -> None:
         if status is not None:
             self._set_status(status, self._onset_step, self._onset_layer)
         self.flush()
@@ -375,19 +465,104 @@ class RunWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if exc_type is None:
+            self.close()
+            return
         # A run that dies with an exception while still "running" must not look alive in the file.
-        self.close("failed" if exc_type is not None and self._status == "running" else None)
+        self._close("failed" if self._status == "running" else None)
+
+
+def _check_settings(
+    names: list[str], kinds: list[str], pixels: list[int], flush_every: int, flush_seconds: float
+) -> None:
+    if flush_every < 1:
+        raise ValueError(f"flush_every must be at least 1, got {flush_every}")
+    if not flush_seconds > 0:
+        raise ValueError(f"flush_seconds must be positive, got {flush_seconds}")
+    if not names or len(names) != len(kinds) or len(pixels) != len(names):
+        raise ValueError(
+            f"need one kind and one h·w per layer and at least one layer; got {len(names)} names, "
+            f"{len(kinds)} kinds, {len(pixels)} h·w"
+        )
+    unknown = sorted(set(kinds) - set(LAYER_KINDS))
+    if unknown:
+        raise ValueError(f"unknown layer kinds {unknown}; expected one of {LAYER_KINDS}")
+
+
+def _on_disk(f: h5py.File) -> dict[str, Any]:
+    """What a resumed writer continues from: the layers, the counts, the status and the clock."""
+    names = _strings(f["layers/name"])
+    n_steps = _complete_rows(f, _step_datasets(f), STEPS)
+    return {
+        "names": names,
+        "n_steps": n_steps,
+        "n_evals": _complete_rows(f, _EVAL_DATASETS, EVALS),
+        "n_inverse": inverse_rows.rows_on_disk(f),
+        "n_init": _init_entries(f),
+        "inverse_onset": (
+            int(f.attrs.get("reverse_onset_step", -1)),
+            _text(f.attrs.get("reverse_onset_layer", "")),
+        ),
+        "status": (
+            _text(f.attrs["status"]),
+            int(f.attrs["nan_onset_step"]),
+            _text(f.attrs["nan_onset_layer"]),
+        ),
+        "clock": float(f[_WALL_TIME][n_steps - 1]) if n_steps else 0.0,
+        "last_step": int(f["steps/step"][n_steps - 1]) if n_steps else 0,
+    }
+
+
+def _shaped(name: str, values: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
+    array = np.asarray(values)
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}; expected {shape}, the block's rows (and layers)")
+    return array
 
 
 class NullWriter:
     """A RunWriter that writes nothing: what a data-parallel rank other than 0 records into (rank 0
-    writes the run file), and what `flowdiag bench` times the hooks against."""
+    writes the run file), and what `flowdiag bench` times the hooks against. It has RunWriter's
+    methods and no others, so a misspelled name fails here as it would on the real writer."""
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return _nothing
+    n_steps = 0
+    status = "running"
 
+    def append_step(self, step: int, **values: Any) -> None:
+        """Nothing: the row is dropped."""
 
-def _nothing(*args: Any, **kwargs: Any) -> None:
-    return None
+    def append_steps(self, step: ArrayLike, **values: Any) -> None:
+        """Nothing: the rows are dropped."""
+
+    def append_eval(self, step: int, bpd: float) -> None:
+        """Nothing."""
+
+    def append_inverse(self, row: inverse_rows.InverseRow, onset: tuple[int, str]) -> None:
+        """Nothing."""
+
+    def write_init(self, names: Sequence[str], *values: ArrayLike, **named: ArrayLike | None) -> None:
+        """Nothing."""
+
+    def set_status(self, status: str, *, onset_step: int = -1, onset_layer: str = "") -> None:
+        """Nothing."""
+
+    def set_phase(self, phase: str) -> None:
+        """Nothing."""
+
+    def set_onset_rank(self, rank: int) -> None:
+        """Nothing."""
+
+    def flush(self) -> None:
+        """Nothing."""
+
+    def truncate_after(self, step: int) -> None:
+        """Nothing."""
+
+    def close(self, status: str | None = None) -> None:
+        """Nothing."""
+
+    def __enter__(self) -> NullWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
