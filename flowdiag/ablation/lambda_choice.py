@@ -33,6 +33,7 @@ MAX_REPEATS_IN_A_ROW = 20
 
 
 def same_lambda(a: float, b: float) -> bool:
+    """One experiment: equal to SAME_LAMBDA_REL_TOL (0 only equals 0)."""
     return math.isclose(a, b, rel_tol=SAME_LAMBDA_REL_TOL, abs_tol=0.0)
 
 

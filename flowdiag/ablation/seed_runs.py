@@ -42,6 +42,7 @@ class SeedRun:
 
     @classmethod
     def from_result(cls, seed: int, run: str, result: RunResult) -> SeedRun:
+        """What the trainer returned for the run folder `run`; non-finite numbers become None."""
         return cls(
             seed=seed,
             status=result.status,
@@ -55,6 +56,7 @@ class SeedRun:
 
     @property
     def diverged(self) -> bool:
+        """Anything but completed: a finished run that did not complete diverged."""
         return self.status != "completed"
 
     @property
@@ -86,6 +88,7 @@ def finished_seeds(attrs: dict[str, Any]) -> dict[int, SeedRun]:
 
 
 def write_seed_runs(trial: optuna.Trial, runs: dict[int, SeedRun]) -> None:
+    """Write the finished seeds on the trial, whole (one attribute, rewritten as each seed ends)."""
     trial.set_user_attr(SEEDS_ATTR, {str(seed): asdict(run) for seed, run in sorted(runs.items())})
 
 
@@ -143,6 +146,7 @@ class Outcome:
 
     @classmethod
     def of(cls, runs: Sequence[SeedRun], worst: float) -> Outcome:
+        """The outcome of a trial's seeds (at least one), `worst` standing for a diverged seed."""
         return cls(
             value=sum(run.value(worst) for run in runs) / len(runs),
             diverged_rate=sum(run.diverged for run in runs) / len(runs),

@@ -40,6 +40,7 @@ class TuneSpec:
 
     @property
     def trial_seeds(self) -> tuple[int, ...]:
+        """The seeds each trial trains its λ on."""
         return self.seeds or (self.config.train.seed,)
 
     def fixed_json(self) -> str:
@@ -80,6 +81,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def check_seeds(seeds: tuple[int, ...]) -> None:
+    """No seed twice: a trial would train the same run twice and count it twice in its mean."""
     repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
     if repeated:
         raise UserError(f"--seeds: seed {repeated[0]} is given twice; each seed is one run of every λ")

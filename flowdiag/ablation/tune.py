@@ -73,10 +73,14 @@ def run_name(trial: optuna.Trial, lam: float) -> str:
 
 
 def seed_config(config: RunConfig, lam: float, seed: int) -> RunConfig:
+    """The run of λ on one seed: the study's config with both set."""
     return replace(config, train=replace(config.train, lam=lam, seed=seed))
 
 
 class LambdaObjective:
+    """Optuna's objective: choose the trial's λ (or prune it as a repeat), train it on every seed,
+    return the seeds' mean and set the divergence rate as the constraint."""
+
     def __init__(
         self,
         spec: TuneSpec,
@@ -114,7 +118,9 @@ class LambdaObjective:
         for seed in seeds:
             if seed in runs:
                 continue
-            if self.stop.requested and runs:  # between two seeds: the trial resumes at this one
+            if self.stop.requested and runs:
+                # Between two seeds: run_attempt ends the trial before this seed starts. Said here, or
+                # the earlier seed's "completed" would make the log line read as a killed worker's.
                 trial.set_user_attr("status", "interrupted")
                 trial.set_user_attr("steps", 0)
             sink = self.progress(trial)
@@ -319,6 +325,7 @@ class TuneRow:
 
     @property
     def diverged(self) -> int:
+        """How many of its seeds diverged."""
         return sum(run.diverged for run in self.seeds)
 
     @property
