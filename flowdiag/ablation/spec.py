@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flowdiag.ablation.grid import Grid
@@ -36,14 +36,42 @@ class TuneSpec:
     timeout: float | None = None
     sampler_seed: int = 0
     startup_trials: int = 4
+    seeds: tuple[int, ...] = ()  # each trial's λ is trained on every one; () = the config's seed
+
+    @property
+    def trial_seeds(self) -> tuple[int, ...]:
+        """The seeds each trial trains its λ on."""
+        return self.seeds or (self.config.train.seed,)
 
     def fixed_json(self) -> str:
-        """What defines the study: the config but λ and the placement settings, and λ's range."""
+        """What defines the study: the config but λ, the seed and the placement settings; λ's range;
+        the seeds (a trial's objective is their mean: other seeds, another objective)."""
         config = self.config.to_dict()
         config["train"].pop("lam")
+        config["train"].pop("seed")
         for section, name in placement_fields():
             config[section].pop(name)
-        return json.dumps({"config": config, "lam_range": [self.lam_min, self.lam_max]}, sort_keys=True)
+        fixed = {"config": config, "lam_range": [self.lam_min, self.lam_max], "seeds": list(self.trial_seeds)}
+        return json.dumps(fixed, sort_keys=True)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`--seeds 0,1,2`: distinct whole numbers ≥ 0, in the order given."""
+    try:
+        seeds = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        seeds = ()
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds {text!r}: pass whole numbers ≥ 0 separated by commas, e.g. --seeds 0,1,2")
+    check_seeds(seeds)
+    return seeds
+
+
+def check_seeds(seeds: tuple[int, ...]) -> None:
+    """No seed twice: a trial would train the same run twice and count it twice in its mean."""
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise UserError(f"--seeds: seed {repeated[0]} is given twice; each seed is one run of every λ")
 
 
 def check_out(out: Path) -> None:
@@ -72,7 +100,9 @@ def check_tuning(spec: TuneSpec, storage_given: bool) -> None:
         raise UserError(f"--n-trials must be a positive integer, got {spec.n_trials}")
     if spec.timeout is not None and spec.timeout <= 0:
         raise UserError(f"--timeout must be positive seconds, got {spec.timeout:g}")
-    validate_config(spec.config)
+    check_seeds(spec.trial_seeds)
+    for seed in spec.trial_seeds:
+        validate_config(replace(spec.config, train=replace(spec.config.train, seed=seed)))
     check_out(spec.out)
     if storage_given:
         check_storage_url(spec.storage_url)
