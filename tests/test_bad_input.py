@@ -66,6 +66,8 @@ CASES = [
     (["bench", "--init-ms", "1,x"], "--init-ms"),
     (["bench", "--parts", "steps,speed"], "unknown part 'speed'"),
     (["bench", "--steps", "0"], "--steps 0: must be at least 1"),
+    (["bench", "--timed-steps", "0"], "--timed-steps"),
+    (["bench", "--parts", "scale", "--scale-layers", "2"], "--scale-layers at least 3"),
     (["replay", "{tmp}/nothing-here"], "no replay bundle in"),
     (["nope"], "No such command 'nope'"),
     (["--nope"], "No such option: --nope"),

@@ -281,7 +281,7 @@ def test_the_scale_table_sets_each_figure_beside_its_goal() -> None:
 
 
 def test_the_scale_part_alone_builds_no_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from flowdiag.bench import suite
+    from flowdiag.bench import parts, suite
 
     def no_data(*_: object) -> None:
         raise AssertionError("the scale part needs no data set")
@@ -289,7 +289,7 @@ def test_the_scale_part_alone_builds_no_model(monkeypatch: pytest.MonkeyPatch, t
     sizes: list[tuple[int, ...]] = []
     monkeypatch.setattr(suite, "load_dataset", no_data)
     monkeypatch.setattr(suite, "measure_scale", lambda *args: sizes.append(args[:4]) or "measured")
-    settings = suite.BenchSettings(
+    settings = parts.BenchSettings(
         parts=("scale",), scale_steps=10, scale_layers=6, scale_folder_runs=2, scale_folder_steps=5
     )
     result = suite.run_bench(TINY, settings)
@@ -297,4 +297,4 @@ def test_the_scale_part_alone_builds_no_model(monkeypatch: pytest.MonkeyPatch, t
     assert tables.header(result).startswith("synthetic run files only")
     assert parse_parts("scale") == ("scale",) and "scale" in PARTS
     with pytest.raises(UserError, match="--scale-layers at least 3"):
-        suite.BenchSettings(parts=("scale",), scale_layers=2).check()
+        parts.BenchSettings(parts=("scale",), scale_layers=2).check()

@@ -13,7 +13,7 @@ from flowdiag.ablation.attempt import StorageProgress, claim, run_attempt, trial
 from flowdiag.ablation.grid import cell_slug
 from flowdiag.ablation.spec import AblationSpec
 from flowdiag.ablation.stopping import StopRequest
-from flowdiag.record.store import read_run
+from flowdiag.record.store.scan import read_evals
 from flowdiag.settings.config import DataConfig, RunConfig
 from flowdiag.train.data import ImageData, load_dataset
 from flowdiag.train.progress import ProgressSink
@@ -70,8 +70,8 @@ class CellObjective:
 
 
 def _evaluations(result: RunResult) -> tuple[list[int], list[float]]:
-    record = read_run(result.h5_path)
-    return record.eval_step.tolist(), record.eval_bpd.tolist()
+    steps, bpds = read_evals(result.h5_path)
+    return steps.tolist(), bpds.tolist()
 
 
 def _earlier_live_trial(trial: optuna.Trial) -> int | None:

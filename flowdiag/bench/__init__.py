@@ -23,16 +23,16 @@ from flowdiag.runtime.lazy import lazy_exports
 
 _PUBLIC = {
     "BenchResult": "flowdiag.bench.results",
-    "BenchSettings": "flowdiag.bench.suite",
+    "BenchSettings": "flowdiag.bench.parts",
     "run_bench": "flowdiag.bench.suite",
     "PARTS": "flowdiag.bench.parts",
     "parse_parts": "flowdiag.bench.parts",
 }
 
 if TYPE_CHECKING:
-    from flowdiag.bench.parts import PARTS, parse_parts
+    from flowdiag.bench.parts import PARTS, BenchSettings, parse_parts
     from flowdiag.bench.results import BenchResult
-    from flowdiag.bench.suite import BenchSettings, run_bench
+    from flowdiag.bench.suite import run_bench
 
 
 __getattr__ = lazy_exports("flowdiag.bench", _PUBLIC)

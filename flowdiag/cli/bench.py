@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flowdiag.bench.parts import PARTS, parse_parts
+from flowdiag.bench.parts import PARTS, BenchSettings, parse_parts
 from flowdiag.cli.common import console, user_errors_exit_2
 from flowdiag.cli.options import with_trainer_options
 from flowdiag.cli.panels import help_panels
@@ -75,15 +75,15 @@ def bench_command(
     chosen = parse_parts(parts)
     ms = _positive_ints("--init-ms", init_ms)
     config = apply_options(RunConfig(), parse_scalars(options))
-    # torch and the bench: imported once the arguments are known to be good.
-    from flowdiag.bench.suite import BenchSettings, run_bench
-    from flowdiag.bench.tables import bench_tables, header
-
     scale = (scale_steps, scale_layers, scale_folder_runs, scale_folder_steps)
     settings = BenchSettings(
         chosen, timed_steps, blocks, ms, grid_steps, startup_repeats, nproc, ddp_steps, *scale
     )
     settings.check()
+    # torch and the bench: imported once the arguments are known to be good.
+    from flowdiag.bench.suite import run_bench
+    from flowdiag.bench.tables import bench_tables, header
+
     result = run_bench(config, settings)
     console.print(header(result), highlight=False)
     for table in bench_tables(result):
