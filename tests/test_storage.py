@@ -81,6 +81,8 @@ BAD = [
     ["ablate", "--storage", "not a url"],
     ["ablate", "--storage", "foo://bar"],
     ["ablate", "--out", "A_FILE"],
+    ["ablate", "--dataset", "mnist"],
+    ["ablate", "--dataset", "mnist", "--data-root", "MISSING"],
     ["tune-lambda", "--lam-min", "1e-2", "--lam-max", "1e-3"],
     ["tune-lambda", "--n-trials", "0"],
     ["tune-lambda", "--timeout", "0"],
@@ -88,6 +90,7 @@ BAD = [
     ["tune-lambda", "--batch-size", "0"],
     ["tune-lambda", "--storage", "not a url"],
     ["tune-lambda", "--out", "A_FILE"],
+    ["tune-lambda", "--dataset", "cifar10", "--data-root", "MISSING"],
 ]
 SCRIPT = """
 import json, sys

@@ -12,6 +12,7 @@ from flowdiag.ablation.grid import Grid
 from flowdiag.ablation.storage_url import check_storage_url
 from flowdiag.runtime.errors import UserError
 from flowdiag.settings.config import RunConfig, placement_fields, validate_config
+from flowdiag.train.data_files import check_source
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,11 @@ def check_ablation(spec: AblationSpec, storage_given: bool) -> None:
     ranks per cell, the output folder and a given storage URL. Device and data come later."""
     if spec.nproc_per_cell < 1:
         raise UserError(f"--nproc-per-cell {spec.nproc_per_cell}: pass a positive integer, e.g. 2")
-    for cell in spec.grid.cells:
-        validate_config(spec.grid.config_for(cell))
+    configs = [spec.grid.config_for(cell) for cell in spec.grid.cells]
+    for config in configs:
+        validate_config(config)
+    for data in {config.data for config in configs}:
+        check_source(data)  # a missing --data-root fails here, not after torch has loaded
     check_out(spec.out)
     if storage_given:
         check_storage_url(spec.storage_url)
