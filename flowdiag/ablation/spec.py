@@ -83,7 +83,7 @@ def check_out(out: Path) -> None:
 
 def check_ablation(spec: AblationSpec, storage_given: bool) -> None:
     """Everything about an ablation that needs neither torch nor optuna: every cell's settings, the
-    ranks per cell, the output folder and a given storage URL. Device and data come later."""
+    ranks per cell, the data's files, the output folder and a given storage URL. The device comes later."""
     if spec.nproc_per_cell < 1:
         raise UserError(f"--nproc-per-cell {spec.nproc_per_cell}: pass a positive integer, e.g. 2")
     configs = [spec.grid.config_for(cell) for cell in spec.grid.cells]
@@ -107,6 +107,7 @@ def check_tuning(spec: TuneSpec, storage_given: bool) -> None:
     check_seeds(spec.trial_seeds)
     for seed in spec.trial_seeds:
         validate_config(replace(spec.config, train=replace(spec.config.train, seed=seed)))
+    check_source(spec.config.data)
     check_out(spec.out)
     if storage_given:
         check_storage_url(spec.storage_url)
