@@ -18,14 +18,24 @@ class UserError(Exception):
     """Bad input: the message names the problem and the fix, in one line."""
 
 
-def write_error(path: Path, error: OSError) -> UserError:
-    """The one line for a file that could not be written: which file, why, and how to go on."""
-    reason = error.strerror or str(error) or type(error).__name__
+def write_error(path: Path, error: OSError, holds: str | None = None) -> UserError:
+    """The one line for a file that could not be written: which file, why, what it still holds (a run
+    file that keeps its committed rows), and how to go on.
+
+    >>> import errno
+    >>> full = OSError(errno.ENOSPC, "No space left on device")
+    >>> print(write_error(Path("run.h5"), full, holds="the steps up to 50"))  # doctest: +NORMALIZE_WHITESPACE
+    cannot write run.h5 (No space left on device; the file holds the steps up to 50, each exact):
+    free space on that disk, then rerun the same command with --resume
+    """
+    why = error.strerror or str(error) or type(error).__name__
+    if holds is not None:
+        why += f"; the file holds {holds}, each exact"
     if error.errno in _FULL:
         fix = "free space on that disk, then rerun the same command with --resume"
     else:
         fix = "check that its folder exists and is writable, then rerun the same command with --resume"
-    return UserError(f"cannot write {path} ({reason}): {fix}")
+    return UserError(f"cannot write {path} ({why}): {fix}")
 
 
 def os_error_in(error: BaseException) -> OSError | None:

@@ -95,6 +95,16 @@ def _reason(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _as_os_error(error: BaseException) -> OSError:
+    """The error as an OSError with its errno, read from an h5py message where h5py gives none (so a
+    full disk inside HDF5 is still told as a full disk)."""
+    number = getattr(error, "errno", None)
+    if not number:
+        found = re.search(r"errno = (\d+)", str(error))
+        number = int(found.group(1)) if found else None
+    return OSError(number, _reason(error))
+
+
 def _unreadable(path: Path) -> str:
     return (
         f"{path} is not a readable HDF5 file (truncated or corrupt): "

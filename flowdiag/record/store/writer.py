@@ -30,12 +30,12 @@ from flowdiag.record.store.layout import (
     STATUSES,
     STEPS,
     _append,
+    _as_os_error,
     _check_run,
     _complete_rows,
     _flush_file,
     _init_entries,
     _open_for_append,
-    _reason,
     _reserve,
     _rows_through,
     _step_datasets,
@@ -46,7 +46,7 @@ from flowdiag.record.store.layout import (
 )
 from flowdiag.record.store.onset_check import FlagWatch
 from flowdiag.record.store.rows import StepRows
-from flowdiag.runtime.errors import UserError
+from flowdiag.runtime.errors import UserError, write_error
 
 # The writer's clock: the flush timer and the wall time of rows the caller does not time itself.
 _monotonic = time.monotonic
@@ -331,10 +331,7 @@ class RunWriter:
         except (OSError, RuntimeError) as error:
             last = self._steps_on_disk()
             held = f"the steps up to {last}" if last else "no step yet"
-            raise UserError(
-                f"cannot write {self.path} ({_reason(error)}; the file holds {held}, each exact): "
-                "free space on its disk and resume the run, or choose another --out"
-            ) from None
+            raise write_error(self.path, _as_os_error(error), holds=held) from None
 
     def _steps_on_disk(self) -> int:
         """The last step the file counts as written, read back (a flush that failed after raising the
