@@ -191,3 +191,13 @@ def test_model_without_flow_layers_is_one_line_naming_what_was_looked_for() -> N
     assert "\n" not in message and "no recognizable flow layers in Sequential" in message
     assert "normflows" in message and "FrEIA" in message and "logdet" in message and "attention" in message
     assert "FlowAdapter" in message  # the way to support a flow flowdiag does not know
+
+
+def test_the_run_file_takes_every_kind_an_adapter_gives() -> None:
+    """A split is stored as a split: the store's kinds and the adapters' are one list."""
+    import typing
+
+    from flowdiag.adapters.base import LayerKind
+    from flowdiag.record.store import LAYER_KINDS
+
+    assert typing.get_args(LayerKind) == LAYER_KINDS

@@ -16,7 +16,7 @@ import numpy as np
 from flowdiag.runtime.errors import UserError
 
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
-LAYER_KINDS = ("actnorm", "invconv", "coupling", "other")
+LAYER_KINDS = ("actnorm", "invconv", "coupling", "split", "other")  # the adapters' LayerKind, in the file
 PHASES = ("init", "train")  # the ActNorm init, then the steps (it stays "train" once the run ended)
 # 2: layers/pixels, steps/wall_time and the total_steps / phase attributes.
 # 3: layers/ran (which layers ran in the step) and steps/forwards (training forwards a row covers).
