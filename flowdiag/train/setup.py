@@ -25,9 +25,8 @@ from flowdiag.runtime.distributed import Ranks
 from flowdiag.runtime.environment import place
 from flowdiag.runtime.files import CHECKPOINT_FILE, RUN_FILE, check_run_folder
 from flowdiag.settings.config import RunConfig, TrainConfig
-from flowdiag.train.batches import Batches
 from flowdiag.train.checkpoint import load_payload
-from flowdiag.train.data import ImageData, load_dataset
+from flowdiag.train.data import Batches, ImageData, load_dataset
 from flowdiag.train.flat import FlatParameters
 from flowdiag.train.precision import check_supported, grad_scaler
 from flowdiag.train.radam import RAdam
