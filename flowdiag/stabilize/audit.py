@@ -60,6 +60,14 @@ def audit(
     `adapter`: "auto", a name, or an adapter instance. The model is left as it was.
     The counts are exact for M; the variances and scales come from the minibatches given (with one
     minibatch and M > 1, from that one).
+
+    >>> import torch
+    >>> from flowdiag.glow.model import Glow
+    >>> from flowdiag.settings.config import ModelConfig
+    >>> model = Glow(ModelConfig(in_channels=1, image_size=8, n_levels=3, n_steps=1, hidden=8))
+    >>> result = audit(model, torch.rand(1, 1, 8, 8) - 0.5)  # batch 1, M = 1
+    >>> len(result.at_risk) > 0, result.min_safe_init_batches  # the 1x1 level sees one value per channel
+    (True, 2)
     """
     if init_batches < 1:
         raise ValueError("init_batches must be at least 1")

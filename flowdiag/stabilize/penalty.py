@@ -44,6 +44,21 @@ def logdet_penalty(model: nn.Module, *, adapter: str | FlowAdapter = "auto") -> 
     watching the convs, so call it once before training (or train inside `flowdiag.Monitor`, or run
     `cumulative_init` first, both of which see every conv run). `adapter`: "auto" (libraries by their
     classes, hand-written flows by their modules), a name, or an adapter instance.
+
+    A fresh LU conv starts at |det W| = 1 (a rotation), so the penalty starts at 0, and grows as the
+    convs' log-dets drift:
+
+    >>> import torch
+    >>> from flowdiag.glow.model import Glow
+    >>> from flowdiag.settings.config import ModelConfig
+    >>> model = Glow(ModelConfig(in_channels=1, image_size=8, n_levels=2, n_steps=1, hidden=8))
+    >>> float(logdet_penalty(model).detach()) < 1e-8
+    True
+    >>> conv = model.levels[0].steps[0].invconv  # 4 channels at 4x4 = 16 positions
+    >>> with torch.no_grad():
+    ...     _ = conv.log_abs_u.add_(0.1)  # log|det W| = 0.4
+    >>> round(float(logdet_penalty(model).detach()), 2)  # (16 · 0.4)²
+    40.96
     """
     if isinstance(model, Glow) and adapter in ("auto", "flowdiag"):
         return (conv_logdets(model) ** 2).sum()

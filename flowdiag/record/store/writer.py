@@ -61,6 +61,24 @@ class RunWriter:
 
     `start_time`: the run's start as unix time (default now); rows' wall time counts from it, so an
     imported run passes its own start and each row's `wall_time`.
+
+    A run imported from elsewhere, three steps of two layers, the second layer non-finite at step 3:
+
+    >>> import tempfile, numpy as np
+    >>> from pathlib import Path
+    >>> from flowdiag.record.store import read_run
+    >>> path = Path(tempfile.mkdtemp()) / "run.h5"
+    >>> with RunWriter(path, config_json="{}", version="import", layer_names=["flows.0", "flows.1"],
+    ...                layer_kinds=["actnorm", "coupling"]) as writer:
+    ...     max_abs = np.array([[1.0, 2.0], [1.5, 3.0], [2.0, np.inf]])
+    ...     writer.append_steps([1, 2, 3], loss=[3.0, 2.5, np.nan], bpd=[4.0, 3.6, np.nan],
+    ...                         penalty=np.zeros(3), grad_norm=np.ones(3), lr=np.full(3, 1e-3),
+    ...                         max_abs=max_abs, logdet=np.zeros((3, 2)), nonfinite=~np.isfinite(max_abs),
+    ...                         wall_time=[0.0, 3600.0, 7200.0])
+    ...     writer.set_status("diverged", onset_step=3, onset_layer="flows.1")
+    >>> run = read_run(path)
+    >>> run.status, run.nan_onset_step, run.nan_onset_layer, run.wall_time.tolist()
+    ('diverged', 3, 'flows.1', [0.0, 3600.0, 7200.0])
     """
 
     def __init__(
