@@ -271,7 +271,7 @@ def test_help_shows_the_defaults_each_command_uses() -> None:
     assert "[default: 1e-05]" in _help_line(ablate, "--lr")
     assert "[default: 100]" in _help_line(ablate, "--eval-every")
     assert "[default: 100]" in _help_line(ablate, "--flush-every")
-    assert "[default: 0,1]" in _help_line(ablate, "--seeds")
+    assert "[default: 0,1,2,3,4,5]" in _help_line(ablate, "--seeds")
     assert "[default: 1,256]" in _help_line(ablate, "--init-batches")
     assert "FLOAT,..." in _help_line(ablate, "--lam") and "<str>" not in _help_line(ablate, "--batch-size")
     train = invoke("train", "--help").output

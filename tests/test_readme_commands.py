@@ -86,7 +86,7 @@ def test_main_digits_toml_is_the_main_job() -> None:
     path = REPO / "ablations" / "main-digits.toml"
     from_file, main_job = build_grid({}, path), build_grid(MAIN_JOB)
     assert from_file.axes == main_job.axes and from_file.fixed == main_job.fixed
-    assert len(from_file.cells) == 6 and from_file.fixed["steps"] == 200
+    assert len(from_file.cells) == 18 and from_file.fixed["steps"] == 200
     assert "Same as: flowdiag ablate --batch-size 1 --init-batches 1,16,256" in path.read_text()
 
 

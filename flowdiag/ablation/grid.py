@@ -32,7 +32,8 @@ CORE_AXES = ("batch_size", "init_batches", "lam", "seed")
 
 # The paper's Fig. 4 setting (additive coupling, λ = 1e-3, lr = 1e-5) on the embedded digits, with a
 # budget short enough for a first run (the README gives the measured time) in which M = 1 still
-# diverges and M = 256 does not.
+# diverges and M = 256 does not. Six seeds: the fewest with which Fisher's exact test can tell a
+# divergence rate of 6/6 from 0/6 at p < 0.01 (p = 0.0022), so the report's verdict means something.
 ABLATION_DEFAULTS: dict[str, list[Any]] = {
     "dataset": ["digits"],
     "coupling": ["additive"],
@@ -40,7 +41,7 @@ ABLATION_DEFAULTS: dict[str, list[Any]] = {
     "lr": [1e-5],
     "batch_size": [1],
     "init_batches": [1, 256],
-    "seed": [0, 1],
+    "seed": [0, 1, 2, 3, 4, 5],
     "steps": [200],
     "eval_every": [100],
     "eval_batches": [4],
