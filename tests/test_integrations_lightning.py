@@ -32,6 +32,7 @@ from flowdiag.report.runs import run_settings
 from flowdiag.runtime.distributed import Ranks
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
+from tests.examples import load_example
 
 BROKEN_LAYER = "flow.layers.5.invconv"  # the first step of the second level
 
@@ -87,7 +88,8 @@ def test_accumulated_fit_with_init_16_writes_one_row_per_optimizer_step_that_rep
     tmp_path: Path,
 ) -> None:
     module = GlowModule()
-    trainer = _trainer(tmp_path, [FlowdiagCallback(init_batches=16, flow="flow")], max_steps=4)
+    callback = FlowdiagCallback(init_batches=16, flow="flow", loss_is_bpd=True)
+    trainer = _trainer(tmp_path, [callback], max_steps=4)
     trainer.fit(module, _loader())
     run_file = Path(trainer.log_dir) / RUN_FILE  # the default: the trainer's log dir
     record = read_run(run_file)
@@ -95,6 +97,7 @@ def test_accumulated_fit_with_init_16_writes_one_row_per_optimizer_step_that_rep
     assert record.step.tolist() == [1, 2, 3, 4] and record.forwards.tolist() == [2, 2, 2, 2]
     # Each row's loss is the optimizer step's: the mean of its two microbatches.
     np.testing.assert_allclose(record.loss, np.reshape(module.losses, (4, 2)).mean(1), rtol=1e-6)
+    np.testing.assert_array_equal(record.bpd, record.loss)  # the loss is ThreadedGlow's bpd
     assert np.isfinite(record.max_abs).all() and np.isfinite(record.grad_norm).all()
     assert (record.penalty > 0).all()  # Σ (h·w·log|det W|)² over its 4 convs
     # Algorithm 1 over 16 batches of 2: the first ActNorm (4x4 after the squeeze) pooled 16·2·16 values.
@@ -221,3 +224,11 @@ def test_without_lightning_the_import_names_the_extra(monkeypatch: pytest.Monkey
     monkeypatch.delitem(sys.modules, "flowdiag.integrations.lightning")
     with pytest.raises(UserError, match=r"pip install 'flowdiag\[lightning\]'"):
         importlib.import_module("flowdiag.integrations.lightning")
+
+
+def test_the_lightning_example_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    example = load_example("lightning_glow")
+    record = read_run(example.main(["--tiny", "--out", str(tmp_path)]))
+    assert record.status == "completed" and record.step.tolist() == list(range(1, 7))
+    assert (record.forwards == 2).all() and record.init is not None
+    np.testing.assert_array_equal(record.bpd, record.loss)

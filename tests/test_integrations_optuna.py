@@ -23,6 +23,7 @@ from flowdiag.report import collect_runs
 from flowdiag.runtime.distributed import Ranks
 from flowdiag.runtime.errors import UserError
 from flowdiag.train.trainer import RunResult
+from tests.examples import load_example
 from tests.handwritten_flows import threaded_glow
 from tests.library_flows import images
 
@@ -139,3 +140,11 @@ def test_only_rank_0_writes_to_the_trial_and_bad_arguments_are_user_errors(tmp_p
         StabilityPruner(max_abs=0)
     with pytest.raises(UserError, match="takes an Optuna pruner"):
         StabilityPruner(wrapped="median")  # type: ignore[arg-type]
+
+
+def test_the_optuna_example_prunes_the_m_1_trial_at_a_tiny_size(tmp_path: Path) -> None:
+    study = load_example("optuna_study").main(["--tiny", "--out", str(tmp_path)])
+    by_m = {t.params["init_batches"]: t for t in study.get_trials()}
+    assert by_m[1].state == TrialState.PRUNED and by_m[1].user_attrs["status"] == "diverged"
+    assert by_m[16].state == TrialState.COMPLETE and by_m[16].user_attrs["status"] == "completed"
+    assert len(collect_runs(tmp_path)) == 2

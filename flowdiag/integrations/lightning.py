@@ -71,7 +71,9 @@ class FlowdiagCallback(Callback):
     the (dotted) attribute of the LightningModule that holds the flow, when it is not the module itself.
     `inputs`: turns a train-dataloader batch into the flow's input, as training_step does (default: the
     batch, or its first item), for Algorithm 1. `config`: sections merged into the run file's settings
-    (e.g. {"train": {"lam": 1e-3}}, what `flowdiag report` labels runs by).
+    (e.g. {"train": {"lam": 1e-3}}, what `flowdiag report` labels runs by). `loss_is_bpd`: the training
+    loss is the bits per dimension (as y0ast's Glow returns it), recorded as the run's bpd too (the
+    report's curves and final bpd); otherwise the run has no bpd.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class FlowdiagCallback(Callback):
         flow: str | None = None,
         inputs: Inputs | None = None,
         config: Mapping[str, Any] | None = None,
+        loss_is_bpd: bool = False,
     ) -> None:
         if init_batches is not None and init_batches < 1:
             raise UserError(f"FlowdiagCallback(init_batches=...) must be at least 1, got {init_batches}")
@@ -98,6 +101,7 @@ class FlowdiagCallback(Callback):
         self.flow_attribute = flow
         self.inputs = inputs or first_tensor
         self.config = config
+        self.loss_is_bpd = loss_is_bpd
         self.monitor: Monitor | None = None
         self._adapter: FlowAdapter | None = None
         self._restored: dict[str, Any] = {}  # this callback's state in the checkpoint a fit resumes
@@ -162,7 +166,8 @@ class FlowdiagCallback(Callback):
             self._init_stats = None
         penalty = self._penalty() if self._penalty is not None else None
         lr = float(optimizer.param_groups[0]["lr"])
-        onset = monitor.step(loss, penalty=penalty, lr=lr, loss_scaled=scaler is not None)
+        bpd = loss if self.loss_is_bpd else None
+        onset = monitor.step(loss, bpd=bpd, penalty=penalty, lr=lr, loss_scaled=scaler is not None)
         record = monitor.last
         assert record is not None
         first_onset = onset is not None and monitor.state.onset_step == record.step
