@@ -13,6 +13,7 @@ import torch
 
 import flowdiag
 from flowdiag.record.live_values import levels, peak_of, step_scalars
+from flowdiag.record.log_mlflow import MlflowLog
 from flowdiag.record.run_state import RunState, StepRecord
 from flowdiag.record.store import read_run
 from flowdiag.runtime.errors import UserError
@@ -85,10 +86,11 @@ def test_mlflow_receives_every_steps_scalars_batched_and_the_runs_end(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     client = mlflow.MlflowClient()
     run = client.create_run(client.create_experiment("flows"))
+    monkeypatch.setattr(MlflowLog, "send_seconds", 0.0)
     seen_live: list[int] = []
 
     def read_now(step: int) -> None:
-        if step == 2:  # one batch sent (log_every=2): readable once MLflow's queue wrote it
+        if step == 2:  # sent at once (send_seconds=0): readable once MLflow's queue wrote it
             mlflow.flush_async_logging()
             seen_live.extend(m.step for m in client.get_metric_history(run.info.run_id, "flowdiag/max_abs"))
 
@@ -96,7 +98,7 @@ def test_mlflow_receives_every_steps_scalars_batched_and_the_runs_end(
         _train(monitor, 3, between=read_now)
     assert sorted(seen_live) == [1, 2]
     history = sorted(client.get_metric_history(run.info.run_id, "flowdiag/max_abs"), key=lambda m: m.step)
-    assert [m.step for m in history] == [1, 2, 3]  # the third sent when the run ended
+    assert [m.step for m in history] == [1, 2, 3]
     np.testing.assert_allclose([m.value for m in history], _peaks(tmp_path / "run" / RUN_FILE), rtol=1e-6)
     level0 = client.get_metric_history(run.info.run_id, "flowdiag/level0/max_abs")
     assert [m.step for m in level0] == [2]
