@@ -93,7 +93,7 @@ def test_accumulated_fit_with_init_16_writes_one_row_per_optimizer_step_that_rep
     trainer.fit(module, _loader())
     run_file = Path(trainer.log_dir) / RUN_FILE  # the default: the trainer's log dir
     record = read_run(run_file)
-    assert record.status == "completed" and record.phase == "train"
+    assert record.status == "completed" and record.phase == "train" and record.total_steps == 4
     assert record.step.tolist() == [1, 2, 3, 4] and record.forwards.tolist() == [2, 2, 2, 2]
     # Each row's loss is the optimizer step's: the mean of its two microbatches.
     np.testing.assert_allclose(record.loss, np.reshape(module.losses, (4, 2)).mean(1), rtol=1e-6)
@@ -230,5 +230,5 @@ def test_the_lightning_example_runs_at_a_tiny_size(tmp_path: Path) -> None:
     example = load_example("lightning_glow")
     record = read_run(example.main(["--tiny", "--out", str(tmp_path)]))
     assert record.status == "completed" and record.step.tolist() == list(range(1, 7))
-    assert (record.forwards == 2).all() and record.init is not None
+    assert (record.forwards == 2).all() and record.init is not None and record.total_steps == 6
     np.testing.assert_array_equal(record.bpd, record.loss)

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from flowdiag.adapters import resolve_adapter
@@ -43,6 +44,7 @@ from flowdiag.integrations.lightning_parts import (
     mark_initialized,
     ranks_of,
     run_config,
+    total_steps,
 )
 from flowdiag.record.live_values import step_scalars
 from flowdiag.record.monitor import Monitor
@@ -132,7 +134,7 @@ class FlowdiagCallback(Callback):
             run_dir,
             adapter=self._adapter,
             config=run_config(trainer, self.init_batches, self.config),
-            total_steps=trainer.max_steps,
+            total_steps=total_steps(trainer),
             state=RunState.from_dict(restored["state"]) if "state" in restored else None,
             ranks=ranks_of(trainer),
         )
@@ -172,7 +174,10 @@ class FlowdiagCallback(Callback):
         assert record is not None
         first_onset = onset is not None and monitor.state.onset_step == record.step
         if record.step % self.log_every == 0 or first_onset:
-            pl_module.log_dict(step_scalars(record), on_step=True, on_epoch=False, batch_size=1)
+            # Host tensors: Lightning keeps a logged value where it is, where a float would be copied to
+            # the module's device (on CUDA a copy and a stream sync per value).
+            scalars = {name: torch.tensor(value) for name, value in step_scalars(record).items()}
+            pl_module.log_dict(scalars, on_step=True, on_epoch=False, batch_size=1)
         if first_onset:
             self._diverged(trainer, monitor, str(onset))
 

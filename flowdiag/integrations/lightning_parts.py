@@ -5,6 +5,7 @@ objects are only read here through their public attributes and hooks; nothing im
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,6 +41,12 @@ def ranks_of(trainer: Any) -> Ranks:
     if trainer.world_size <= 1:
         return SINGLE
     return Ranks(rank=trainer.global_rank, world=trainer.world_size, local_rank=trainer.local_rank)
+
+
+def total_steps(trainer: Any) -> int:
+    """The optimizer steps the fit will make (max_steps, or what its epochs come to); -1 unknown."""
+    total = trainer.estimated_stepping_batches
+    return int(total) if math.isfinite(total) else -1
 
 
 def run_config(trainer: Any, init_batches: int | None, extra: Mapping[str, Any] | None) -> dict[str, Any]:
