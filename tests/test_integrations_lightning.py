@@ -217,6 +217,11 @@ def test_bad_arguments_are_one_line_user_errors(tmp_path: Path) -> None:
         _trainer(tmp_path, [FlowdiagCallback(flow="nothing")], 1).fit(GlowModule(), _loader())
     with pytest.raises(UserError, match="gives only 32 batches"):
         _trainer(tmp_path, [FlowdiagCallback(init_batches=40, flow="flow")], 1).fit(GlowModule(), _loader())
+    with pytest.raises(UserError, match="pass inputs="):
+        callback = FlowdiagCallback(init_batches=2, flow="flow")
+        loader = DataLoader([{"image": x} for x in torch.rand(8, 1, 8, 8)], batch_size=2)
+        _trainer(tmp_path, [callback], 1).fit(GlowModule(), loader)
+    assert not list(tmp_path.rglob(RUN_FILE))  # nothing written for a bad input
 
 
 def test_without_lightning_the_import_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -117,7 +117,7 @@ class FlowdiagCallback(Callback):
         """Find the flow; on a resumed fit, keep its ActNorms from initializing again (before the sanity
         check runs them)."""
         self._adapter = resolve_adapter(flow_of(pl_module, self.flow_attribute), self.adapter)
-        if self._restored:
+        if self._restored or trainer.ckpt_path is not None:
             mark_initialized(self._adapter)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -129,18 +129,25 @@ class FlowdiagCallback(Callback):
         run_dir = self.out_dir or restored.get("run_dir") or trainer.log_dir  # log_dir: on every rank
         if run_dir is None:
             raise UserError("FlowdiagCallback found no log dir: pass out_dir=")
+        state = RunState.from_dict(restored["state"]) if "state" in restored else None
+        fresh = state is None and trainer.global_step == 0  # else the ActNorms come from a checkpoint
+        # Algorithm 1's minibatches before the run file: a batch it cannot read leaves no file behind.
+        batches = (
+            init_minibatches(trainer, pl_module, self.init_batches, self.inputs)
+            if self.init_batches and fresh
+            else None
+        )
         self.monitor = Monitor(
             flow,
             run_dir,
             adapter=self._adapter,
             config=run_config(trainer, self.init_batches, self.config),
             total_steps=total_steps(trainer),
-            state=RunState.from_dict(restored["state"]) if "state" in restored else None,
+            state=state,
             ranks=ranks_of(trainer),
         )
-        self._penalty = ConvPenalty(flow, self._adapter)
-        if self.init_batches and not self.monitor.resumed and trainer.global_step == 0:
-            batches = init_minibatches(trainer, pl_module, self.init_batches, self.inputs)
+        self._penalty = ConvPenalty(flow, self._adapter)  # before any forward: it sees every conv run
+        if batches is not None:
             with self.monitor.paused():
                 self._init_stats = cumulative_init(
                     flow, batches, adapter=self._adapter, pool=distributed.pool
