@@ -125,9 +125,14 @@ def test_under_fp16_loss_scaling_the_row_holds_the_unscaled_loss(tmp_path: Path)
     scaling = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
     module = GlowModule()
     callback = FlowdiagCallback(tmp_path / "run", flow="flow")
-    _trainer(tmp_path, [callback], max_steps=3, plugins=[scaling]).fit(module, _loader())
+    trainer = _trainer(tmp_path, [callback], max_steps=3, plugins=[scaling], log_every_n_steps=2)
+    trainer.fit(module, _loader())
     record = read_run(tmp_path / "run" / RUN_FILE)
     np.testing.assert_allclose(record.loss, np.reshape(module.losses, (3, 2)).mean(1), rtol=1e-3)
+    # The scalars go to pl_module.log at the steps the trainer's loggers write: every 2nd here.
+    with open(Path(trainer.log_dir) / "metrics.csv", newline="") as f:
+        logged = [float(row["flowdiag/max_abs"]) for row in csv.DictReader(f) if row["flowdiag/max_abs"]]
+    np.testing.assert_allclose(logged, [np.nanmax(record.max_abs[1])], rtol=1e-6)
 
 
 class InitedAtStart(Callback):
