@@ -4,6 +4,7 @@ they get (record/live_values.py), on a y0ast-style Glow trained at batch 2."""
 
 from __future__ import annotations
 
+import ast
 import math
 from pathlib import Path
 
@@ -176,3 +177,22 @@ def test_a_resumed_monitor_whose_file_opens_at_its_first_step_cuts_back_to_the_c
     with flowdiag.Monitor(model, tmp_path, state=state) as monitor:  # no writer touched before a step
         _train(monitor, 2)
     assert read_run(tmp_path / RUN_FILE).step.tolist() == [1, 2, 3, 4]
+
+
+def test_the_monitor_imports_no_optional_package_nor_the_integrations() -> None:
+    """record/ and every folder below it import no optional package and nothing of integrations/ at module
+    level: Monitor(trial=..., log_to=...) works on the objects it is given."""
+    optional = ("optuna", "lightning", "mlflow", "wandb", "tensorboard", "torch.utils.tensorboard")
+    root = Path(flowdiag.__file__).parent
+    found = []
+    for folder in ("runtime", "settings", "glow", "adapters", "stabilize", "record"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level only
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                found += [
+                    f"{path.name}: {n}"
+                    for n in names
+                    if n.split(".")[0] in optional or n in optional or n.startswith("flowdiag.integrations")
+                ]
+    assert found == []
