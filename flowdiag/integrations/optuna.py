@@ -57,5 +57,5 @@ class StabilityPruner(BasePruner):
         onset = attrs.get(ONSET_STEP)
         peak = attrs.get(PEAK)
         return (isinstance(onset, int) and onset >= 0) or (
-            isinstance(peak, int | float) and not peak <= self.max_abs
+            isinstance(peak, int | float) and peak > self.max_abs
         )
