@@ -13,7 +13,8 @@ log-det as the library computes them. Two halves do the rest: `capture.LayerCapt
 call on the device, inside the user's forward, and `step_row` turns a step into one packed row copied
 to the host once (loss, gradient norm and every layer's values: one device sync per step), a
 StepRecord and an onset. The row goes to `out_dir/run.h5` in the schema `flowdiag report`, `watch` and
-the diagnosis read, then to any listeners (`add_listener`).
+the diagnosis read, then to any listeners (`add_listener`): an Optuna trial (`trial=`) and live loggers
+(`log_to=`: TensorBoard, MLflow, W&B) are such listeners (record/sinks.py), fed from the same host row.
 
 What a row holds:
 - every *training* forward since the previous `step` (gradient accumulation: several, folded in; the
@@ -43,8 +44,10 @@ from flowdiag.adapters import resolve_adapter
 from flowdiag.adapters.base import Detach, FlowAdapter, Logdet, in_internal_pass
 from flowdiag.record.capture import ForwardsRecord, LayerCapture
 from flowdiag.record.run_state import RunState, StepRecord
+from flowdiag.record.sinks import Sink, monitor_sinks
 from flowdiag.record.step_row import SCALARS, Number, host_row, onset_of
 from flowdiag.record.store import LAYER_KINDS, InverseRow, NullWriter, RunWriter
+from flowdiag.record.trial_record import pruned_status
 from flowdiag.runtime.distributed import SINGLE, Ranks
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.files import RUN_FILE
@@ -79,6 +82,11 @@ class Monitor:
     `config`: what the run file stores as its settings (a RunConfig, or a dict such as {"train":
     {"batch_size": 1, "init_batches": 1}}); without it the file says none were given.
     `training_only`: keep forwards under no_grad / inference_mode / eval() out of the rows (default).
+    `trial`: an Optuna trial that keeps the run's file, status, onset and peak |output| as user
+    attributes (`flowdiag.integrations.optuna.StabilityPruner` prunes on them); a `with` block left by
+    `optuna.TrialPruned` ends the run `diverged` after an onset, else `interrupted`.
+    `log_to`: a TensorBoard SummaryWriter, an MLflow run or a W&B run (or a list): each step's handful
+    of scalars, and every `log_every` steps the per-level histograms of the per-layer values.
     """
 
     def __init__(
@@ -95,6 +103,9 @@ class Monitor:
         state: RunState | None = None,
         ranks: Ranks = SINGLE,
         training_only: bool = True,
+        trial: Any = None,
+        log_to: Any = None,
+        log_every: int = 10,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.run_file = self.out_dir / RUN_FILE
@@ -112,6 +123,8 @@ class Monitor:
         self._modules = [layer.module for layer in layers]
         self._pixels: list[int | None] = [layer.pixels for layer in layers]
         self.state = state or RunState()
+        # Where a resumed file is cut back to, fixed now: the writer opens at first use, maybe after a step.
+        self._resumed_at = self.state.step
         self.ranks = ranks  # data-parallel: rows are reduced across ranks, and rank 0 writes
         self._config_json = _config_json(config)
         self._total_steps = total_steps
@@ -129,6 +142,11 @@ class Monitor:
         self._parameters: list[nn.Parameter] | None = None
         self._joinable = True
         self._active = True
+        self._sinks: list[Sink] = []
+        if ranks.is_main:  # the rank that writes the run file tells the rest
+            self._sinks = monitor_sinks(trial, log_to, log_every, self.run_file, lambda: self.layer_pixels)
+        self._listeners.extend(self._sinks)
+        self._has_trial = trial is not None
         self._detach: Detach | None = self.adapter.attach(self._capture) if diagnostics else None
 
     # --- inside the library's forward: device work only ------------------------------------------
@@ -182,7 +200,7 @@ class Monitor:
                 flush_seconds=flush_seconds,
                 total_steps=self._total_steps,
             )
-            writer.truncate_after(self.state.step)
+            writer.truncate_after(self._resumed_at)
             writer.set_status("running", onset_step=self.state.onset_step, onset_layer=self.state.onset_layer)
             return writer
         return RunWriter(
@@ -356,6 +374,8 @@ class Monitor:
         final = status or self._final_status or ("diverged" if self.state.diverged else "completed")
         self.writer.set_status(final, onset_step=self.state.onset_step, onset_layer=self.state.onset_layer)
         self.status = final
+        for sink in self._sinks:
+            sink.close(final, self.state)
         return final
 
     def __enter__(self) -> Monitor:
@@ -369,7 +389,8 @@ class Monitor:
         elif issubclass(exc_type, KeyboardInterrupt):
             self.close("interrupted")
         else:
-            self.close("failed")
+            pruned = pruned_status(exc_type, self.state) if self._has_trial else None
+            self.close(pruned or "failed")
 
     @property
     def layer_pixels(self) -> list[int | None]:
