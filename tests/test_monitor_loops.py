@@ -89,8 +89,7 @@ def test_auto_lists_flow_layers_changes_no_output_and_adds_up(convention: str, t
     record = read_run(tmp_path / RUN_FILE)
     assert record.status == "completed" and record.layer_names == monitor.layer_names
     if convention == "accumulated":
-        assert "split" in monitor.layer_kinds  # the run file stores kinds it knows: "other" for now
-        assert record.layer_kinds[monitor.layer_kinds.index("split")] in ("split", "other")
+        assert "split" in monitor.layer_kinds and record.layer_kinds == monitor.layer_kinds
 
 
 def _tensors(output: object) -> list[Tensor]:

@@ -19,6 +19,7 @@ from flowdiag.ablation.cell_states import RUN_DIR_ATTR
 from flowdiag.ablation.claims import CLAIM_ATTR, this_worker
 from flowdiag.ablation.resume import run_folder
 from flowdiag.ablation.stopping import StopRequest
+from flowdiag.record import trial_record as names
 from flowdiag.settings.config import RunConfig
 from flowdiag.train.progress import ProgressSink
 from flowdiag.train.trainer import RunResult
@@ -114,15 +115,15 @@ def run_attempt(
         result = train(config, run_dir, resume, forwarding)
     except Exception as error:  # memory (CELL_FAILURES) or a bug: failed, not interrupted
         text = str(error).strip()
-        trial.set_user_attr("status", "failed")
+        trial.set_user_attr(names.STATUS, "failed")
         trial.set_user_attr("error", text.splitlines()[0][:200] if text else type(error).__name__)
         raise
     if resume and forwarding.first_step is not None:
         trial.set_user_attr("resumed_from_step", forwarding.first_step - 1)
         carry_curve(trial, str(run_dir.resolve()), forwarding.first_step - 1)
     if result.status == "interrupted":
-        trial.set_user_attr("status", "interrupted")
-        trial.set_user_attr("steps", result.steps)  # the checkpoint's step: where its rerun continues
+        trial.set_user_attr(names.STATUS, "interrupted")
+        trial.set_user_attr(names.STEPS, result.steps)  # the checkpoint's step: where its rerun continues
         stop.ask()  # a signal the trainer took for itself: this worker stops too
         raise CellInterrupted(f"interrupted at step {result.steps}")
     record_result(trial, result)
@@ -149,15 +150,16 @@ def _finite_or_none(value: float) -> float | None:
 
 def record_result(trial: optuna.Trial, result: RunResult) -> None:
     """A finished run's numbers on its trial (Optuna Dashboard, the result table, the report)."""
-    trial.set_user_attr("status", result.status)
-    trial.set_user_attr("nan_onset_step", result.nan_onset_step)
-    trial.set_user_attr("nan_onset_layer", result.nan_onset_layer)
-    trial.set_user_attr("hdf5_path", str(Path(result.h5_path).resolve()))
-    trial.set_user_attr("best_bpd", _finite_or_none(result.best_eval_bpd))
-    trial.set_user_attr("final_bpd", _finite_or_none(result.final_bpd))
-    trial.set_user_attr("step2_peak_max_abs", None if math.isnan(result.step2_peak) else result.step2_peak)
-    trial.set_user_attr("early_peak_max_abs", None if math.isnan(result.early_peak) else result.early_peak)
-    trial.set_user_attr("steps", result.steps)
+    # The names a user's own study gets from `Monitor(trial=...)` too (record/trial_record.py).
+    trial.set_user_attr(names.STATUS, result.status)
+    trial.set_user_attr(names.ONSET_STEP, result.nan_onset_step)
+    trial.set_user_attr(names.ONSET_LAYER, result.nan_onset_layer)
+    trial.set_user_attr(names.RUN_FILE, str(Path(result.h5_path).resolve()))
+    trial.set_user_attr(names.BEST_BPD, _finite_or_none(result.best_eval_bpd))
+    trial.set_user_attr(names.FINAL_BPD, _finite_or_none(result.final_bpd))
+    trial.set_user_attr(names.STEP2_PEAK, None if math.isnan(result.step2_peak) else result.step2_peak)
+    trial.set_user_attr(names.EARLY_PEAK, None if math.isnan(result.early_peak) else result.early_peak)
+    trial.set_user_attr(names.STEPS, result.steps)
     # Where it ran: which process, on how many intra-op threads (one per worker unless told otherwise).
     trial.set_user_attr("worker_pid", os.getpid())
     trial.set_user_attr("torch_threads", torch.get_num_threads())

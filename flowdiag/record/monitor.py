@@ -46,7 +46,7 @@ from flowdiag.record.capture import ForwardsRecord, LayerCapture
 from flowdiag.record.run_state import RunState, StepRecord
 from flowdiag.record.sinks import Sink, monitor_sinks
 from flowdiag.record.step_row import SCALARS, Number, host_row, onset_of
-from flowdiag.record.store import LAYER_KINDS, InverseRow, NullWriter, RunWriter
+from flowdiag.record.store import InverseRow, NullWriter, RunWriter
 from flowdiag.record.trial_record import pruned_status
 from flowdiag.runtime.distributed import SINGLE, Ranks
 from flowdiag.runtime.errors import UserError
@@ -208,8 +208,7 @@ class Monitor:
             config_json=self._config_json,
             version=__version__,
             layer_names=self.layer_names,
-            # A kind the run file does not know yet (split) is stored as "other".
-            layer_kinds=[kind if kind in LAYER_KINDS else "other" for kind in self.layer_kinds],
+            layer_kinds=self.layer_kinds,
             layer_pixels=[-1 if p is None else p for p in self._pixels],
             total_steps=self._total_steps,
             flush_every=flush_every,

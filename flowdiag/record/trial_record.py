@@ -24,8 +24,8 @@ from flowdiag.record.live_values import peak_of
 from flowdiag.record.run_state import RunState, StepRecord
 from flowdiag.runtime.errors import UserError
 
-# The names `flowdiag ablate` writes (ablation/attempt.py `record_result`); tests/test_integrations_optuna
-# checks the two agree.
+# The trial attributes of a run, defined once: `flowdiag ablate` writes them too (ablation/attempt.py),
+# so `flowdiag report` and `watch` read a user's own study as they read an ablation.
 STATUS = "status"
 ONSET_STEP = "nan_onset_step"
 ONSET_LAYER = "nan_onset_layer"
