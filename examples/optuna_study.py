@@ -1,6 +1,6 @@
 """Your own Optuna study of a flow, with flowdiag pruning the trials whose flow goes unstable.
 
-Run time on one CPU core: about 20 s (6 trials of up to 150 steps); --tiny about 7 s, most of it
+Run time here (one CPU core): about 20 s (6 trials of up to 150 steps); --tiny about 7 s, most of it
 imports and the study's creation (2 trials of 12 steps: the test suite runs this).
 
     python examples/optuna_study.py

@@ -597,7 +597,7 @@ def test_rejects_rows_and_names_of_the_wrong_shape(tmp_path: Path) -> None:
     assert not (tmp_path / "k.h5").exists() and not (tmp_path / "f.h5").exists()
     with pytest.raises(ValueError, match="kind"):
         read_run(path).layer_index("squeeze")
-    assert set(LAYER_KINDS) == {"actnorm", "invconv", "coupling", "other"}
+    assert set(LAYER_KINDS) == {"actnorm", "invconv", "coupling", "split", "other"}
     with pytest.raises(ValueError, match="h·w"):
         make_writer(tmp_path / "p.h5", layer_pixels=[1])
     with pytest.raises(ValueError, match="phase"):
