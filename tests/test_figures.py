@@ -86,6 +86,20 @@ def test_one_colour_scale_spans_every_run_and_never_stretches_noise(tmp_path: Pa
     assert map_scales(maps, 1e4, [inverse])[0].high == 8.0
 
 
+def test_the_threshold_sits_mid_scale_whatever_the_extremes() -> None:
+    """An inverse that sampled 1e30 must not leave the training maps' 1e4 crossings in the dark."""
+    values = np.array([-0.4, 0.5, 4.17, 29.8])
+    scale = output_scale([(values, np.zeros(4, np.int8))], threshold=1e4)
+    assert (scale.low, scale.mark, scale.high) == (-1.0, 4.0, 30.0)
+    positions = scale.position(values)
+    assert scale.position(scale.mark) == 0.5 and scale.position(-1.0) == 0.0 and scale.position(30.0) == 1.0
+    assert (np.diff(positions) > 0).all() and positions[2] > 0.5 and positions[1] < 0.2
+    assert scale.ticks() == [-1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 9.0, 14.0, 19.0, 24.0, 30.0]  # none overlap
+    # Nothing past the threshold: linear, the threshold at the top.
+    calm = output_scale([(values[:2], np.zeros(2, np.int8))], threshold=1e4)
+    assert not calm.has_knee and calm.position(2.0) == pytest.approx(0.6)
+
+
 def test_every_map_of_a_report_names_the_same_colour_range(tmp_path: Path) -> None:
     for i in range(5):  # five maps: two figures (three and two runs)
         make_run(tmp_path / "runs" / f"r{i}", seed=i, inject=LOUD if i == 3 else None)

@@ -16,8 +16,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize, to_rgba_array
+from matplotlib.colors import to_rgba_array
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
@@ -86,8 +85,7 @@ def map_rgba(values: np.ndarray, states: np.ndarray, palette: str, scale: Colour
     """A map as RGBA bytes: values on `scale`, NONFINITE cells red, GAP cells transparent (the hatched
     background shows through). Bytes, because Agg resamples a (N, B, 4) byte image several times
     faster than it colours a masked float array (1.0 against 0.25 s for a map of 288 × 500)."""
-    norm = Normalize(scale.low, scale.high)
-    rgba = colormaps[palette](norm(np.where(states == MEASURED, values, scale.low)), bytes=True)
+    rgba = colormaps[palette](scale.position(np.where(states == MEASURED, values, scale.low)), bytes=True)
     rgba[states == NONFINITE] = np.round(to_rgba_array(NONFINITE_COLOR)[0] * 255).astype(np.uint8)
     rgba[states == GAP] = 0
     return rgba
@@ -116,16 +114,17 @@ def map_legend_handles(onset: bool) -> list[Patch | Line2D]:
 
 
 def scale_bar(axes: Axes, palette: str, scale: ColourScale, label: str) -> None:
-    """A horizontal colour bar in `axes`, whole-number ticks, `scale.mark` drawn across it in black."""
-    figure = axes.get_figure()
-    assert isinstance(figure, Figure)
-    mappable = ScalarMappable(Normalize(scale.low, scale.high), colormaps[palette])
-    figure.colorbar(mappable, cax=axes, orientation="horizontal")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+    """A horizontal colour bar in `axes`, laid out as the maps use the colours (`ColourScale.position`),
+    its ticks at whole numbers, `scale.mark` drawn across it in black."""
+    gradient = np.linspace(0.0, 1.0, 256)[None, :]
+    axes.imshow(gradient, aspect="auto", cmap=colormaps[palette], extent=(0.0, 1.0, 0.0, 1.0))
+    ticks = scale.ticks()
+    axes.set_xticks(scale.position(np.array(ticks)), [f"{t:.3g}" for t in ticks])
+    axes.set_yticks([])
     axes.tick_params(labelsize="x-small", length=2, pad=1)
     axes.set_title(label, fontsize="small", pad=3)
     if math.isfinite(scale.mark):
-        axes.axvline(scale.mark, color="black", linewidth=1.5)
+        axes.axvline(float(scale.position(scale.mark)), color="black", linewidth=1.5)
 
 
 def map_row_height(n_layers: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def draw_invertibility(
     return save(figure, path)
 
 
-_WIDTH, _TITLE, _XTICKS, _GAP = 11.5, 0.3, 0.45, 0.25
+_WIDTH, _TITLE, _XTICKS, _GAP = 11.5, 0.42, 0.45, 0.25
 _PER_ROW, _MAX_EVAL_TICKS = 4, 8
 
 
@@ -118,7 +119,10 @@ def _inverse_panel(axes: Axes, c: InverseCurves, scale: ColourScale, height: flo
     axes.set_xticks(ticks, [str(c.steps[i]) for i in ticks], fontsize="x-small")
     axes.tick_params(axis="x", pad=1)
     layer_ticks(axes, c.layer_names, height, labelled)
-    axes.set_title(c.label, loc="left", fontsize="x-small", pad=3)
+    # A panel is a quarter of the figure: a long label wraps onto a second line rather than run
+    # into the next panel's title (x-small type: about 0.055 in a character).
+    width = axes.get_position().width * axes.get_figure().get_size_inches()[0]  # type: ignore[union-attr]
+    axes.set_title(textwrap.fill(c.label, max(12, int(width / 0.055))), loc="left", fontsize="x-small", pad=3)
     axes.set_xlabel("evaluation at step", fontsize="x-small", labelpad=1)
 
 

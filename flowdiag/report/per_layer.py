@@ -144,13 +144,45 @@ def cell_states(values: np.ndarray, nonfinite: np.ndarray, ran: np.ndarray) -> n
 
 
 class ColourScale(NamedTuple):
-    """One colour scale for every map of a report (the maps' values, on one quantity)."""
+    """One colour scale for every map of a report (the maps' values, on one quantity).
+
+    Linear from `low` to `mark` over the first half of the colours and from `mark` to `high` over the
+    second (linear throughout when the mark is not inside the range): a report whose sampling blew
+    up to 1e30 would otherwise leave the training maps' 1e4 crossings in the darkest eighth, and
+    wherever the extremes lie, a value past the diagnosis threshold is in the warm half.
+    """
 
     low: float  # the value at the colour map's first colour
     high: float  # at its last
     data_low: float  # the smallest value any map holds; NaN when the maps hold none
     data_high: float
-    mark: float  # a value marked on the colour bar (the diagnosis threshold); NaN: none
+    mark: float  # the value at the middle colour, marked on the bar (the diagnosis threshold); NaN: none
+
+    @property
+    def has_knee(self) -> bool:
+        return math.isfinite(self.mark) and self.low < self.mark < self.high
+
+    def position(self, values: np.ndarray | float) -> np.ndarray:
+        """Where each value sits on the colour map, 0 to 1 (clipped)."""
+        v = np.clip(np.asarray(values, dtype=np.float64), self.low, self.high)
+        if not self.has_knee:
+            return (v - self.low) / (self.high - self.low)
+        below = 0.5 * (v - self.low) / (self.mark - self.low)
+        above = 0.5 + 0.5 * (v - self.mark) / (self.high - self.mark)
+        return np.where(v <= self.mark, below, above)
+
+    def ticks(self, per_side: int = 6) -> list[float]:
+        """Whole numbers for the bar, at most `per_side` each side of the mark; the ends and the mark
+        always, and no tick within half a step of them (two labels would overlap)."""
+        sides = [(self.low, self.mark), (self.mark, self.high)] if self.has_knee else [(self.low, self.high)]
+        ticks: set[float] = set()
+        for start, end in sides:
+            step = max(1, math.ceil((end - start) / per_side))
+            inner = np.arange(math.ceil(start), math.floor(end) + 1, step, dtype=np.float64)
+            clear = (inner - start >= step / 2) & (end - inner >= step / 2)
+            ticks.update(float(t) for t in inner[clear])
+            ticks.update((float(start), float(end)))
+        return sorted(ticks)
 
 
 def _measured(maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -191,7 +223,12 @@ def scale_caption(output: ColourScale, logdet: ColourScale | None = None) -> str
         f"to 1e{output.high:g}), the same scale in every map of this report; the maps hold "
         f"{_span(output.data_low, output.data_high)}."
     )
-    if math.isfinite(output.mark):
+    if output.has_knee:
+        text += (
+            f" The black line, mid-bar, is the diagnosis threshold (max |output| {10**output.mark:g}): "
+            "values below it take the first half of the colours, values above it the second."
+        )
+    elif math.isfinite(output.mark):
         text += f" The black line on the bar is the diagnosis threshold, max |output| {10**output.mark:g}."
     if logdet is not None:
         text += (
