@@ -158,6 +158,9 @@ def test_a_layer_map_is_red_only_where_a_layer_went_non_finite(tmp_path: Path) -
     assert _pixels(calm, NONFINITE_COLOR) == 0 and _pixels(calm, GAP_EDGE) > 100
     # Without the onset's dashed line, the red left is the onset column's flagged cells (a seventh of
     # the map's width, 6 of 12 layers) and the right-edge marks of those layers.
+    # The first crossing, circled: the file's values at step 5, whatever the map's pooling.
+    assert layer_heatmap(dead, "r").crossing == (DIVERGE.cross_step, NAMES.index(DIVERGE.cross_layer))
+    assert layer_heatmap(healthy[0], "r").crossing is None
     hot = draw_layer_maps([layer_heatmap(dead, "r")._replace(onset_step=-1)], scales, tmp_path / "hot.png")
     assert _pixels(hot, NONFINITE_COLOR) > 2000
 

@@ -166,6 +166,10 @@ def _map_panel(axes: Axes, data: LayerHeatmap, signed: bool, scale: ColourScale)
     axes.tick_params(axis="x", labelsize="x-small", pad=1)
     if data.onset_step >= 0:
         axes.axvline(data.onset_step, color=NONFINITE_COLOR, linestyle="--", linewidth=1.0)
+    if not signed and data.crossing is not None:
+        step, row = data.crossing
+        for colour, width in (("black", 2.2), ("white", 1.0)):  # seen on the darkest and lightest colours
+            axes.plot([step], [row], "o", ms=10, mfc="none", mec=colour, mew=width, clip_on=False)
     ever = np.flatnonzero(data.nonfinite.any(axis=1))
     if not signed and ever.size:
         # A run stops at its onset, so its non-finite column is the last one, a pixel wide over
@@ -194,7 +198,12 @@ def draw_layer_maps(maps: list[LayerHeatmap], scales: MapScales, path: Path) -> 
             "sign · log10(1 + |log-det in nats|)",
         ),
     ]
-    map_header(figure, bars, onset=any(m.onset_step >= 0 for m in maps))
+    map_header(
+        figure,
+        bars,
+        onset=any(m.onset_step >= 0 for m in maps),
+        crossing=any(m.crossing is not None for m in maps),
+    )
     y = height - MAP_HEADER
     for data, row in zip(maps, rows, strict=True):
         y -= _TITLE + row

@@ -168,7 +168,9 @@ def layer_maps_section(
         Paragraph(
             f"{len(chosen)} of {len(runs)} run(s), diverged ones first (at most {cap}); runs trained "
             "without diagnostics have no per-layer records and are left out. A column pools consecutive "
-            "steps: its largest max |output|, and red where any of them was non-finite."
+            "steps: its largest max |output|, and red where any of them was non-finite. A circle marks a "
+            "run's first max |output| over the threshold (or non-finite), found in every step: on a long "
+            "run, a one-step spike is a pixel."
         )
     )
     # Up to MAPS_PER_FIGURE runs a figure, the figures as even as they can be.

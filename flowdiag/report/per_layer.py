@@ -112,6 +112,9 @@ class LayerHeatmap(NamedTuple):
     ran: np.ndarray  # (N, B) bool: False where the layer ran in no step of the column (a gap)
     onset_step: int  # -1: none
     end_text: str  # how the run ended: "completed, 200 steps", "diverged at step 7 in ..."
+    # (step, row) of the first max |output| over the digest's threshold or non-finite, from every
+    # row (a one-step spike is a pixel of a 300,000-step map: it is circled); None: none.
+    crossing: tuple[int, int] | None
 
 
 def layer_heatmap(run: RunDigest, label: str) -> LayerHeatmap:
@@ -131,7 +134,15 @@ def layer_heatmap(run: RunDigest, label: str) -> LayerHeatmap:
         ran=pooled.ran.T,
         onset_step=run.head.nan_onset_step,
         end_text=end_with_place(run.head),
+        crossing=_crossing_cell(run),
     )
+
+
+def _crossing_cell(run: RunDigest) -> tuple[int, int] | None:
+    c = run.crossing
+    if c is None or c.layer not in run.head.layer_names:
+        return None
+    return c.step, run.head.layer_names.index(c.layer)
 
 
 def cell_states(values: np.ndarray, nonfinite: np.ndarray, ran: np.ndarray) -> np.ndarray:
