@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba_array
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.markers import TICKLEFT
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
@@ -143,15 +144,24 @@ def label_margin(names: Sequence[str]) -> float:
 
 
 def layer_ticks(axes: Axes, names: Sequence[str], height: float, labelled: bool = True) -> None:
-    """A tick per layer label that fits (`LABEL_PT` type, 1.25 line spacing), input side at the top;
-    none on a panel beside a labelled one (a tick costs more to make than its map: 18 a panel were
-    a fifth of a layer map figure's time)."""
+    """A label per layer that fits (`LABEL_PT` type, 1.25 line spacing), input side at the top, with a
+    tick mark; nothing on a panel beside a labelled one.
+
+    Drawn as plain text and one line of marks, not as the axis' ticks: matplotlib builds each tick as
+    two lines, two texts and a grid line, 3 ms apiece, a third of a layer map figure's time.
+    """
+    axes.set_yticks([])
     if not labelled:
-        axes.set_yticks([])
         return
     fits = max(1, int(height * 72 / (LABEL_PT * 1.25)))
-    ticks = list(range(0, len(names), max(1, math.ceil(len(names) / fits))))
-    axes.set_yticks(ticks, [names[i] for i in ticks], fontsize=LABEL_PT)
+    rows = np.arange(0, len(names), max(1, math.ceil(len(names) / fits)))
+    transform = axes.get_yaxis_transform()  # x in axes fraction, y in rows
+    marks = {"marker": TICKLEFT, "linestyle": "none", "color": "black", "markersize": 3, "clip_on": False}
+    axes.plot(np.zeros(rows.size), rows, transform=transform, **marks)  # type: ignore[arg-type]
+    for row in rows:
+        axes.text(
+            -0.012, row, names[row], transform=transform, ha="right", va="center", fontsize=LABEL_PT,
+        )  # fmt: skip
 
 
 class Bar(NamedTuple):
