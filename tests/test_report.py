@@ -18,7 +18,6 @@ from rich.console import Console
 
 from flowdiag.record.store import RunWriter, read_run
 from flowdiag.report import build_report, collect_runs, diagnose, digest_run, find_runs, render_summary
-from flowdiag.report.build import _runs_table, run_rows
 from flowdiag.report.cells import grid_cells, is_lambda_sweep, lambda_points
 from flowdiag.report.curves import bpd_curves, penalty_curves, select_penalty_runs
 from flowdiag.report.diagnose import (
@@ -36,6 +35,7 @@ from flowdiag.report.digest import RunDigest
 from flowdiag.report.draw_layers import draw_coupling_peaks
 from flowdiag.report.draw_steps import draw_bpd
 from flowdiag.report.per_layer import coupling_peaks, layer_heatmap, select_heatmap_runs
+from flowdiag.report.run_table import run_rows, runs_table
 from flowdiag.report.runs import RunSettings, best_eval_bpd, run_labels
 from flowdiag.report.wording import diagnosis_lines
 from flowdiag.runtime.errors import UserError
@@ -393,8 +393,7 @@ def test_build_report_writes_every_file_with_the_files_numbers(ablation: Path, t
         "coupling_step2.png",
         "penalty.png",
         "grid.png",
-        "layers_01.png",
-        "layers_02.png",
+        "layers_01.png",  # both maps: one figure holds up to four runs, on one colour scale
     }
     html = summary.html.read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == len(summary.figures)
@@ -406,8 +405,11 @@ def test_build_report_writes_every_file_with_the_files_numbers(ablation: Path, t
     assert f"| {int(diverged.nan_onset_step)} | {diverged.nan_onset_layer} |" in md
     assert diverged.nan_onset_step == DIVERGE.onset_step
     assert f"step {DIVERGE.cross_step}, layer {DIVERGE.cross_layer}" in md
-    for run in runs:
+    for run in runs[1:]:
         assert f"{float(run.eval_bpd.min()):.4f}" in md
+    # The diverged run's early evaluation is no result: the table says where it diverged instead.
+    assert f"{float(diverged.eval_bpd.min()):.4f}" not in md
+    assert f"| diverged at step {DIVERGE.onset_step} | - |" in md
     assert re.search(r"\| 1 \| 0 \| 1 \| 2 \| 1 \| 1/2 \(50%\) \|", md)
     assert re.search(r"\| 256 \| 0 \| 1 \| 2 \| 0 \| 0/2 \(0%\) \|", md)
     assert "![" in md and "(bpd.png)" in md and "ActNorm levels.1.steps.0.actnorm" in md
@@ -552,10 +554,10 @@ def test_the_run_table_shows_forwards_per_row_only_where_a_run_accumulated(tmp_p
     make_run(tmp_path / "runs" / "a")
     make_run(tmp_path / "runs" / "b", seed=1, forwards=4)
     runs = digests(tmp_path / "runs")
-    plain = _runs_table(run_rows(runs[:1], ["a"]))
+    plain = runs_table(run_rows(runs[:1], ["a"]))
     assert not any("forwards" in column for column in plain.header)
     rows = run_rows(runs, labels_of(runs))
     assert [r.forwards for r in rows] == [1, 4]
-    table = _runs_table(rows)
+    table = runs_table(rows)
     column = table.header.index("forwards per row (most)")
     assert [row[column] for row in table.rows] == ["1", "4"]

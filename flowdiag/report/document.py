@@ -14,39 +14,53 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Heading:
+    """A heading; level 2 for sections."""
+
     text: str
     level: int = 2
 
 
 @dataclass(frozen=True)
 class Paragraph:
+    """A paragraph of plain text."""
+
     text: str
 
 
 @dataclass(frozen=True)
 class Code:
+    """A block of code (the command that made the report)."""
+
     text: str
 
 
 @dataclass(frozen=True)
 class Bullets:
+    """A bulleted list."""
+
     items: list[str]
 
 
 @dataclass(frozen=True)
 class Table:
+    """A table: a header row and rows of text cells."""
+
     header: list[str]
     rows: list[list[str]]
 
 
 @dataclass(frozen=True)
 class Image:
+    """A figure and its caption."""
+
     file: str  # a PNG beside the report, by name
     caption: str
 
 
 @dataclass
 class Document:
+    """A report: its title and its blocks, in order."""
+
     title: str
     blocks: list[Heading | Paragraph | Code | Bullets | Table | Image] = field(default_factory=list)
 
@@ -79,6 +93,7 @@ def _md_block(block: Heading | Paragraph | Code | Bullets | Table | Image) -> st
 
 
 def to_markdown(document: Document) -> str:
+    """The document as Markdown; images are linked by file name."""
     return "\n\n".join([f"# {document.title}", *(_md_block(b) for b in document.blocks)]) + "\n"
 
 
