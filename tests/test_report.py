@@ -393,6 +393,7 @@ def test_build_report_writes_every_file_with_the_files_numbers(ablation: Path, t
         "coupling_step2.png",
         "penalty.png",
         "grid.png",
+        "survival.png",  # two cells and a divergence: time to divergence per cell
         "layers_01.png",  # both maps: one figure holds up to four runs, on one colour scale
     }
     html = summary.html.read_text(encoding="utf-8")
