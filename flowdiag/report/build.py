@@ -123,6 +123,15 @@ def _summary_section(
         doc.add(Heading(f"{label}: {headline(diagnosis)}", 3), Bullets(diagnosis_lines(diagnosis)))
 
 
+def _write_files(doc: Document, summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path, Path, Path]:
+    """report.md, report.html, summary.json and summary.csv, written; their paths in that order."""
+    paths = (out_dir / MARKDOWN_NAME, out_dir / HTML_NAME, out_dir / SUMMARY_JSON, out_dir / SUMMARY_CSV)
+    texts = (to_markdown(doc), to_html(doc, out_dir), summary_json(summary), summary_csv(summary))
+    for path, text in zip(paths, texts, strict=True):
+        _write(path, text)
+    return paths
+
+
 def build_report(
     runs: Sequence[Path | RunRecord | RunDigest],
     out_dir: Path,
@@ -133,7 +142,8 @@ def build_report(
     threshold: float = DEFAULT_THRESHOLD,
     max_layer_maps: int = MAX_HEATMAP_RUNS,
 ) -> ReportSummary:
-    """Write report.md, report.html (PNGs embedded) and the PNGs into `out_dir`; return the summary.
+    """Write report.md, report.html (PNGs embedded), the PNGs, summary.json and summary.csv into
+    `out_dir`; return the summary.
 
     `runs`: run files (read one at a time, a block at a time), RunRecords or digests. Every run is read
     before anything is written, so a bad file leaves `out_dir` as it was.
@@ -163,12 +173,7 @@ def build_report(
     penalty_section(doc, figures, digests, labels, out_dir)
     inverse_section(doc, figures, digests, labels, maps, out_dir)
     ablation_sections(doc, figures, study, out_dir)
-    markdown, html = out_dir / MARKDOWN_NAME, out_dir / HTML_NAME
-    json_path, csv_path = out_dir / SUMMARY_JSON, out_dir / SUMMARY_CSV
-    _write(markdown, to_markdown(doc))
-    _write(html, to_html(doc, out_dir))
-    _write(json_path, summary_json(study.summary))
-    _write(csv_path, summary_csv(study.summary))
+    markdown, html, json_path, csv_path = _write_files(doc, study.summary, out_dir)
     return ReportSummary(
         title=title,
         out_dir=out_dir,

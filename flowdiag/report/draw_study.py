@@ -106,9 +106,12 @@ def draw_grid(cells: list[GridCell], path: Path) -> Path:
     _rate_bars(figure.add_subplot(grid[2, :]), cells)
     figure.suptitle(
         "Ablation grid by batch size\ntop: diverged / runs; middle: best held-out bpd (non-diverged runs, "
-        f"colour range at least {MIN_BPD_SPAN:g} bpd); bottom: rates with their 95 % intervals"
+        f"colour range at least {MIN_BPD_SPAN:g} bpd)\nbottom: divergence rates with their 95 % intervals"
     )
     return save(figure, path)
+
+
+_CURVE_STYLES = ("-", "--", ":", "-.")
 
 
 def draw_survival(curves: list[tuple[str, SurvivalCurve]], path: Path) -> Path:
@@ -117,10 +120,12 @@ def draw_survival(curves: list[tuple[str, SurvivalCurve]], path: Path) -> Path:
     figure = new_figure(9.0, 4.8)
     axes = figure.add_subplot()
     colors = colors_for([label for label, _ in curves])
-    for label, curve in curves:
+    for k, (label, curve) in enumerate(curves):
         color = colors[label]
         name = f"{label} ({curve.events} diverged, {curve.censored} censored)"
-        axes.step(curve.steps, curve.survival, where="post", color=color, linewidth=1.6, label=name)
+        # Cells that diverged alike draw one curve: the dash tells each apart where they coincide.
+        style = _CURVE_STYLES[k % len(_CURVE_STYLES)]
+        axes.step(curve.steps, curve.survival, style, where="post", color=color, linewidth=1.6, label=name)
         axes.fill_between(curve.steps, curve.low, curve.high, step="post", color=color, alpha=0.15)
     axes.set_ylim(-0.03, 1.03)
     axes.set_xlabel("training step")

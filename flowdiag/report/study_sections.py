@@ -116,7 +116,8 @@ def importance_block(result: dict[str, Any]) -> Table | Paragraph:
 def _verdict_vs_zero(entries: list[dict[str, Any]], lam: float, metric: str) -> str:
     for e in entries:
         if e["axis"] == "lam" and e["from"] == 0.0 and e["to"] == lam and e["metric"] == metric:
-            return f"{e['verdict']} ({comparison_evidence(e)[1]})"
+            what, evidence = comparison_evidence(e)
+            return f"{e['verdict']} ({what if evidence == '-' else evidence})"
     return "-"
 
 

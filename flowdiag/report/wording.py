@@ -172,6 +172,8 @@ def comparison_sentence(entry: dict[str, Any]) -> str:
         f" {where}" if where else ""
     )
     what, evidence = comparison_evidence(entry)
+    if entry["metric"] == "best_bpd" and entry["difference"] is None:
+        return f"{head}: best held-out bpd: no seed has one in both cells: {entry['verdict']}."
     verdict = entry["verdict"]
     if verdict == "cannot tell":
         if entry["metric"] == "diverged":
@@ -180,6 +182,4 @@ def comparison_sentence(entry: dict[str, Any]) -> str:
             verdict = f"cannot tell with {entry['n']} seed{'s' * (entry['n'] != 1)}"
     if entry["metric"] == "diverged":
         return f"{head}: {what}, {evidence}: {verdict}."
-    if entry["difference"] is None:
-        return f"{head}: best held-out bpd: no seed has one in both cells: {verdict}."
     return f"{head}: {what} ({evidence}): {verdict}."
