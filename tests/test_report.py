@@ -107,9 +107,11 @@ def make_run(
     config: str | None = None,
     skipped: int | None = None,
     forwards: int = 1,
+    drift: bool = True,
 ) -> Path:
     """A run file as the trainer writes it; `skipped`: a layer that does not run in even steps;
-    `forwards`: training forwards per row (gradient accumulation); `config`: instead of the settings."""
+    `forwards`: training forwards per row (gradient accumulation); `config`: instead of the settings;
+    `drift=False`: every layer's log-det stays at its step-1 value (flat 1x1 convs)."""
     path = run_dir / "run.h5"
     writer = RunWriter(
         path,
@@ -123,6 +125,8 @@ def make_run(
     write_init(writer, bad_init)
     for step in range(1, steps + 1):
         max_abs, logdet = layer_row(step, seed)
+        if not drift:
+            logdet = layer_row(1, seed)[1]
         bpd = train_bpd(step, seed)
         if inject and step == inject.cross_step:
             max_abs[NAMES.index(inject.cross_layer)] = 5e4
@@ -393,6 +397,7 @@ def test_build_report_writes_every_file_with_the_files_numbers(ablation: Path, t
         "coupling_step2.png",
         "penalty.png",
         "grid.png",
+        "survival.png",  # two cells and a divergence: time to divergence per cell
         "layers_01.png",  # both maps: one figure holds up to four runs, on one colour scale
     }
     html = summary.html.read_text(encoding="utf-8")

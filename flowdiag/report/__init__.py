@@ -3,8 +3,10 @@
 Each run is read once, a block at a time, into a digest (`digest`, with `decimate`'s envelopes: every
 spike and first non-finite value kept); data extraction (pure, tested) lives in `runs`, `curves`,
 `per_layer`, `cells`, `inverse_curves` and `diagnose`, with one naming of layers (`layer_naming`) and
-of how a run ended (`outcome`); drawing in `canvas`, `draw_steps`, `draw_layers` and `draw_inverse`;
-the document in `document`, `run_table`, `figure_sections` and `build`; the terminal in `console` and
+of how a run ended (`outcome`); an ablation's cells of counted runs and summary.json in `study_stats`,
+its statistics (scipy) in `statistics`; drawing in `canvas`, `draw_steps`, `draw_layers`, `draw_study`
+and `draw_inverse`; the document in `document`, `run_table`, `figure_sections`, `study_sections` and
+`build`; the terminal in `console` and
 `watch`; other tools' formats in `export`. The names below load on first use, so importing one
 submodule (the watch) never pulls in matplotlib.
 """

@@ -1,4 +1,5 @@
-"""`build_report`: digest each run, draw, and write report.md, report.html and the PNGs into one folder.
+"""`build_report`: digest each run, draw, and write report.md, report.html, the PNGs and summary.json /
+summary.csv (the ablation's cells, comparisons and importance) into one folder.
 
 Runs are read one at a time into digests (`digest`): memory holds one run's block and the digests,
 whose layer maps are kept only for the runs that get one, however many runs a folder has.
@@ -9,35 +10,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flowdiag.record.store import RunRecord
-from flowdiag.report.cells import GridCell, LambdaPoint, grid_cells, is_grid, lambda_points
+from flowdiag.report.cells import GridCell, LambdaPoint, is_grid
 from flowdiag.report.diagnose import DEFAULT_THRESHOLD, Diagnosis, diagnose
 from flowdiag.report.digest import RunDigest, digest_of
-from flowdiag.report.document import (
-    Bullets,
-    Code,
-    Document,
-    Heading,
-    Image,
-    Paragraph,
-    Table,
-    to_html,
-    to_markdown,
-)
-from flowdiag.report.draw_layers import draw_grid
-from flowdiag.report.draw_steps import draw_lambda
+from flowdiag.report.document import Bullets, Code, Document, Heading, Paragraph, to_html, to_markdown
 from flowdiag.report.figure_sections import (
+    bpd_section,
+    coupling_section,
     inverse_section,
     layer_maps,
     layer_maps_section,
     penalty_section,
-    steps_sections,
 )
 from flowdiag.report.per_layer import heatmap_rank
 from flowdiag.report.run_table import RunRow, run_rows, runs_table
-from flowdiag.report.runs import NOT_GIVEN, run_labels
-from flowdiag.report.wording import diagnosis_lines, fmt_bpd, fmt_rate, headline
+from flowdiag.report.runs import run_labels
+from flowdiag.report.study_sections import ablation_sections, study_of, survival_section
+from flowdiag.report.study_stats import SUMMARY_CSV, SUMMARY_JSON, summary_csv, summary_json
+from flowdiag.report.wording import diagnosis_lines, headline
 from flowdiag.runtime.errors import UserError
 from flowdiag.runtime.version import __version__
 
@@ -57,39 +50,16 @@ class ReportSummary:
     runs: tuple[RunRow, ...]
     diagnoses: tuple[tuple[str, Diagnosis], ...]  # (run label, diagnosis)
     cells: tuple[GridCell, ...]  # empty unless the runs form a grid of more than one cell
-    lambda_points: tuple[LambdaPoint, ...]  # empty unless the runs form a λ sweep
+    lambda_points: tuple[LambdaPoint, ...]  # one per counted run; empty unless the runs form a λ sweep
     threshold: float
+    summary_json: Path  # the cells, comparisons and importance, for scripts (`study_stats`)
+    summary_csv: Path
+    comparisons: tuple[dict[str, Any], ...]  # `statistics.comparisons` of the counted runs' cells
+    not_counted: tuple[str, ...]  # a line per run left out of the cells: no outcome, and why
 
     @property
     def n_diverged(self) -> int:
         return sum(d.severity == "diverged" for _, d in self.diagnoses)
-
-
-def _setting_text(value: float | None, spell: str = "{}") -> str:
-    return NOT_GIVEN if value is None else spell.format(value)
-
-
-def _grid_table(cells: list[GridCell]) -> Table:
-    header = ["M", "λ", "batch", "runs", "diverged", "divergence rate", "best held-out bpd", "mean best bpd"]
-    body = [
-        [
-            _setting_text(c.key.init_batches),
-            _setting_text(c.key.lam, "{:g}"),
-            _setting_text(c.key.batch_size),
-            str(c.n_runs),
-            str(c.n_diverged),
-            fmt_rate(c.n_diverged, c.n_runs),
-            fmt_bpd(c.best_bpd),
-            fmt_bpd(c.mean_best_bpd),
-        ]
-        for c in cells
-    ]
-    return Table(header, body)
-
-
-def _lambda_table(points: list[LambdaPoint]) -> Table:
-    body = [[f"{p.lam:g}", fmt_bpd(p.best_bpd), "yes" if p.diverged else "no", p.label] for p in points]
-    return Table(["λ", "best held-out bpd", "diverged", "run"], body)
 
 
 def headline_counts(diagnoses: list[tuple[str, Diagnosis]], n_runs: int, threshold: float) -> str:
@@ -153,17 +123,13 @@ def _summary_section(
         doc.add(Heading(f"{label}: {headline(diagnosis)}", 3), Bullets(diagnosis_lines(diagnosis)))
 
 
-def _ablation_sections(
-    doc: Document, figures: list[Path], cells: list[GridCell], points: list[LambdaPoint], out_dir: Path
-) -> None:
-    if is_grid(cells):
-        doc.add(Heading("Ablation grid (M × λ × batch size)"), _grid_table(cells))
-        figures.append(draw_grid(cells, out_dir / "grid.png"))
-        doc.add(Image("grid.png", "Divergence rate across seeds and best held-out bpd per cell."))
-    if points:
-        doc.add(Heading("λ sweep"), _lambda_table(points))
-        figures.append(draw_lambda(points, out_dir / "lambda.png"))
-        doc.add(Image("lambda.png", "λ against best held-out bpd; red X: diverged trials."))
+def _write_files(doc: Document, summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path, Path, Path]:
+    """report.md, report.html, summary.json and summary.csv, written; their paths in that order."""
+    paths = (out_dir / MARKDOWN_NAME, out_dir / HTML_NAME, out_dir / SUMMARY_JSON, out_dir / SUMMARY_CSV)
+    texts = (to_markdown(doc), to_html(doc, out_dir), summary_json(summary), summary_csv(summary))
+    for path, text in zip(paths, texts, strict=True):
+        _write(path, text)
+    return paths
 
 
 def build_report(
@@ -176,7 +142,8 @@ def build_report(
     threshold: float = DEFAULT_THRESHOLD,
     max_layer_maps: int = MAX_HEATMAP_RUNS,
 ) -> ReportSummary:
-    """Write report.md, report.html (PNGs embedded) and the PNGs into `out_dir`; return the summary.
+    """Write report.md, report.html (PNGs embedded), the PNGs, summary.json and summary.csv into
+    `out_dir`; return the summary.
 
     `runs`: run files (read one at a time, a block at a time), RunRecords or digests. Every run is read
     before anything is written, so a bad file leaves `out_dir` as it was.
@@ -194,19 +161,19 @@ def build_report(
     labels = run_labels([d.head for d in digests])
     rows = run_rows(digests, labels)
     diagnoses = [(label, d) for run, label in zip(digests, labels, strict=True) if (d := diagnose(run))]
-    cells, points = grid_cells(digests), lambda_points(digests, labels)
+    study = study_of(digests, labels)
     figures: list[Path] = []
     doc = Document(title)
     _summary_section(doc, diagnoses, rows, threshold, command)
-    steps_sections(doc, figures, digests, labels, out_dir)
+    bpd_section(doc, figures, digests, labels, out_dir)
+    survival_section(doc, figures, study, out_dir)  # right after Fig. 4: when the runs diverged
+    coupling_section(doc, figures, digests, labels, out_dir)
     maps = layer_maps(digests, labels, max_layer_maps, threshold)
     layer_maps_section(doc, figures, digests, labels, max_layer_maps, maps, out_dir)
     penalty_section(doc, figures, digests, labels, out_dir)
     inverse_section(doc, figures, digests, labels, maps, out_dir)
-    _ablation_sections(doc, figures, cells, points, out_dir)
-    markdown, html = out_dir / MARKDOWN_NAME, out_dir / HTML_NAME
-    _write(markdown, to_markdown(doc))
-    _write(html, to_html(doc, out_dir))
+    ablation_sections(doc, figures, study, out_dir)
+    markdown, html, json_path, csv_path = _write_files(doc, study.summary, out_dir)
     return ReportSummary(
         title=title,
         out_dir=out_dir,
@@ -215,7 +182,11 @@ def build_report(
         figures=tuple(figures),
         runs=tuple(rows),
         diagnoses=tuple(diagnoses),
-        cells=tuple(cells) if is_grid(cells) else (),
-        lambda_points=tuple(points),
+        cells=tuple(study.grid) if is_grid(study.grid) else (),
+        lambda_points=tuple(study.points),
         threshold=threshold,
+        summary_json=json_path,
+        summary_csv=csv_path,
+        comparisons=tuple(study.comparisons),
+        not_counted=tuple(study.summary["not_counted"]),
     )

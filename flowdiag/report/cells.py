@@ -11,6 +11,7 @@ import numpy as np
 
 from flowdiag.report.digest import RunDigest
 from flowdiag.report.runs import CellKey, best_eval_bpd, is_diverged, run_settings
+from flowdiag.report.study_stats import StudyCell, interval_of, is_counted, study_cells
 from flowdiag.settings.config import placement_fields
 
 # Two runs that differ only in where or how they were done (the placement settings), in λ and in
@@ -20,39 +21,35 @@ _SWEPT = {("train", "lam"), ("train", "seed")}
 
 class GridCell(NamedTuple):
     key: CellKey
-    n_runs: int
+    n_runs: int  # the runs counted: completed or diverged (`study_stats.is_counted`)
     n_diverged: int
     divergence_rate: float  # n_diverged / n_runs
+    ci95: tuple[float, float]  # Wilson 95 % interval of that rate
     # Best held-out bpd over the cell's runs that did not diverge (a diverged run's early evaluations
     # are not its result); NaN when every run diverged or none was evaluated.
     best_bpd: float
     mean_best_bpd: float  # mean over those runs of their best held-out bpd; NaN likewise
 
 
+def grid_cell(cell: StudyCell) -> GridCell:
+    """A cell's line in the grid: its counts, interval and best bpd."""
+    result = cell.result
+    bests = np.array([b for b in result.best_bpd if b is not None], dtype=np.float64)
+    return GridCell(
+        key=cell.key,
+        n_runs=result.runs,
+        n_diverged=result.n_diverged,
+        divergence_rate=result.n_diverged / result.runs,
+        ci95=interval_of(result),
+        best_bpd=float(bests.min()) if bests.size else math.nan,
+        mean_best_bpd=float(bests.mean()) if bests.size else math.nan,
+    )
+
+
 def grid_cells(runs: list[RunDigest]) -> list[GridCell]:
-    """One entry per distinct (M, λ, batch size), sorted by batch size, then M, then λ (settings not
-    given last, as a cell of their own)."""
-    members: dict[CellKey, list[RunDigest]] = {}
-    for run in runs:
-        members.setdefault(run_settings(run.head).cell, []).append(run)
-    cells = []
-    for key, group in members.items():
-        n_diverged = sum(is_diverged(r.head) for r in group)
-        bests = np.array(
-            [best_eval_bpd(r.eval_bpd) for r in group if not is_diverged(r.head)], dtype=np.float64
-        )
-        bests = bests[np.isfinite(bests)]
-        cells.append(
-            GridCell(
-                key=key,
-                n_runs=len(group),
-                n_diverged=n_diverged,
-                divergence_rate=n_diverged / len(group),
-                best_bpd=float(bests.min()) if bests.size else math.nan,
-                mean_best_bpd=float(bests.mean()) if bests.size else math.nan,
-            )
-        )
-    return sorted(cells, key=lambda c: c.key.order())
+    """One entry per distinct (M, λ, batch size) of the counted runs, sorted by batch size, then M, then
+    λ (settings not given last, as a cell of their own). An interrupted run is no outcome: left out."""
+    return [grid_cell(cell) for cell in study_cells(runs)]
 
 
 def is_grid(cells: list[GridCell]) -> bool:
@@ -80,13 +77,28 @@ def is_lambda_sweep(runs: list[RunDigest]) -> bool:
 
 
 def lambda_points(runs: list[RunDigest], labels: list[str]) -> list[LambdaPoint]:
-    """λ against best held-out bpd, λ ascending; empty unless the runs form a λ sweep."""
-    if not is_lambda_sweep(runs):
+    """λ against best held-out bpd, one point per counted run, λ ascending; empty unless the counted
+    runs form a λ sweep. An interrupted run is no outcome: left out, as from the cells."""
+    kept = [(r, label) for r, label in zip(runs, labels, strict=True) if is_counted(r)]
+    if not is_lambda_sweep([r for r, _ in kept]):
         return []
     points = [
         LambdaPoint(
             float(run_settings(r.head).lam or 0.0), best_eval_bpd(r.eval_bpd), is_diverged(r.head), label
         )
-        for r, label in zip(runs, labels, strict=True)
+        for r, label in kept
     ]
     return sorted(points, key=lambda p: p.lam)
+
+
+def lambda_means(points: list[LambdaPoint]) -> list[tuple[float, float]]:
+    """(λ, mean best held-out bpd over its runs that did not diverge), for each λ with such a run.
+
+    >>> lambda_means([LambdaPoint(0.0, 5.0, False, "a"), LambdaPoint(0.0, 6.0, False, "b")])
+    [(0.0, 5.5)]
+    """
+    by_lam: dict[float, list[float]] = {}
+    for p in points:
+        if not p.diverged and math.isfinite(p.best_bpd):
+            by_lam.setdefault(p.lam, []).append(p.best_bpd)
+    return [(lam, float(np.mean(values))) for lam, values in sorted(by_lam.items())]

@@ -36,8 +36,10 @@ __all__ = ["DEFAULT_THRESHOLD", "Crossing", "Diagnosis", "diagnose"]
 # An ActNorm scale of 100 multiplies a unit-variance input a hundredfold; a few such layers in a row
 # reach the paper's 1e8 within one forward pass.
 LARGE_INIT_SCALE = 100.0
-# Drift of Σlog|u| (the log-det over h·w) of one nat: |det W| grew or shrank by a factor e at every
-# position, which is what the penalty exists to stop.
+# 1 nat per position: a drift of Σlog|u| (a 1x1 conv's log-det over h·w) of one nat means |det W| grew
+# or shrank by a factor e at every position, which is what the penalty exists to stop. This is the
+# evidence the report needs before it recommends the penalty: only `rule_logdet_drift` (a drift this
+# large with λ = 0) and `rule_inverse_failure` (the inverse failed) ever name --lam.
 LARGE_DRIFT_PER_POSITION = 1.0
 RECOMMENDED_INIT_BATCHES = 256  # the paper's M
 

@@ -1,13 +1,10 @@
-"""Drawing the per-layer figures and the grid; the data come from `per_layer` and `cells`, already
-extracted."""
+"""Drawing the per-layer figures; the data come from `per_layer`, already extracted."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
@@ -31,7 +28,6 @@ from flowdiag.report.canvas import (
     save,
     whole_steps,
 )
-from flowdiag.report.cells import GridCell
 from flowdiag.report.per_layer import (
     MIN_DECADES,
     ColourScale,
@@ -40,7 +36,6 @@ from flowdiag.report.per_layer import (
     LayerHeatmap,
     cell_states,
 )
-from flowdiag.report.runs import NOT_GIVEN
 
 Color = tuple[float, float, float, float]
 MapScales = tuple[ColourScale, ColourScale]  # (log10 max |output|, signed-log log-det)
@@ -215,60 +210,4 @@ def draw_layer_maps(maps: list[LayerHeatmap], scales: MapScales, path: Path) -> 
         y -= _XTICKS
     pair[0].set_xlabel("training step (a column pools consecutive steps)", fontsize="small", labelpad=1)
     pair[1].set_xlabel("training step", fontsize="small", labelpad=1)
-    return save(figure, path)
-
-
-def _grid_panel(
-    axes: Axes, cells: list[GridCell], batch: int | None, rate: bool, bpd_range: tuple[float, float] | None
-) -> None:
-    ms = sorted({c.key.init_batches for c in cells}, key=_not_given_last)
-    lams = sorted({c.key.lam for c in cells}, key=_not_given_last)
-    values = np.full((len(ms), len(lams)), np.nan)
-    for cell in cells:
-        if cell.key.batch_size != batch:
-            continue
-        i, j = ms.index(cell.key.init_batches), lams.index(cell.key.lam)
-        values[i, j] = cell.divergence_rate if rate else cell.best_bpd
-        if rate:
-            text = f"{cell.n_diverged}/{cell.n_runs}"
-        else:
-            text = f"{cell.best_bpd:.3f}" if math.isfinite(cell.best_bpd) else "all\ndiverged"
-        # A white box keeps the number readable on the darkest and the lightest colours alike.
-        box = {"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 2}
-        axes.text(j, i, text, ha="center", va="center", fontsize="small", bbox=box)
-    palette = colormaps["Reds" if rate else "viridis_r"].with_extremes(bad="#dddddd")
-    # One colour scale for every batch size, so that equal colours mean equal values across panels.
-    limits = (
-        {"vmin": 0.0, "vmax": 1.0} if rate else dict(zip(("vmin", "vmax"), bpd_range or (), strict=False))
-    )
-    image = axes.imshow(np.ma.masked_invalid(values), cmap=palette, aspect="auto", **limits)
-    label = "divergence rate over seeds" if rate else "best held-out bpd (bits/dim)"
-    axes.figure.colorbar(image, ax=axes, label=label)
-    axes.set_xticks(range(len(lams)), [NOT_GIVEN if lam is None else f"{lam:g}" for lam in lams])
-    axes.set_yticks(range(len(ms)), [NOT_GIVEN if m is None else str(m) for m in ms])
-    axes.set_xlabel("λ (log-det penalty)")
-    axes.set_ylabel("M (ActNorm init minibatches)")
-    batch_text = f"batch {batch}" if batch is not None else f"batch size {NOT_GIVEN}"
-    axes.set_title(
-        f"{batch_text}: " + ("diverged / runs" if rate else "best held-out bpd"), fontsize="medium"
-    )
-
-
-def _not_given_last(value: float | None) -> tuple[bool, float]:
-    return value is None, value or 0.0
-
-
-def draw_grid(cells: list[GridCell], path: Path) -> Path:
-    """Per batch size, M × λ maps of the divergence rate and of the best held-out bpd."""
-    batches = sorted({c.key.batch_size for c in cells}, key=_not_given_last)
-    figure = new_figure(max(5.5 * len(batches), 7.0), 7.5)
-    panels = figure.subplots(2, len(batches), squeeze=False)
-    bpds = [c.best_bpd for c in cells if math.isfinite(c.best_bpd)]
-    bpd_range = (min(bpds), max(bpds)) if bpds else None
-    for column, batch in enumerate(batches):
-        _grid_panel(panels[0][column], cells, batch, rate=True, bpd_range=None)
-        _grid_panel(panels[1][column], cells, batch, rate=False, bpd_range=bpd_range)
-    figure.suptitle(
-        "Ablation grid by batch size\ntop: diverged / runs; bottom: best held-out bpd (non-diverged runs)"
-    )
     return save(figure, path)

@@ -22,7 +22,7 @@ from flowdiag.report.canvas import (
     save,
     whole_steps,
 )
-from flowdiag.report.cells import LambdaPoint
+from flowdiag.report.cells import LambdaPoint, lambda_means
 from flowdiag.report.curves import BpdFigureData, EndLane, PenaltyCurves, end_lanes, use_log_scale
 
 Color = tuple[float, float, float, float]
@@ -182,7 +182,8 @@ def draw_penalty(runs: list[PenaltyCurves], path: Path, colors: dict[str, Color]
 
 
 def draw_lambda(points: list[LambdaPoint], path: Path) -> Path:
-    """λ against best held-out bpd; diverged trials as red X (on the top edge when never evaluated)."""
+    """λ against best held-out bpd: every run (every seed) as a point, diverged ones as red X (on the top
+    edge when never evaluated), and the mean per λ over the runs that did not diverge."""
     figure = new_figure(7.0, 4.4)
     axes = figure.add_subplot()
     lams = np.array([p.lam for p in points], dtype=np.float64)
@@ -192,7 +193,9 @@ def draw_lambda(points: list[LambdaPoint], path: Path) -> Path:
     # symlog, linear below the smallest positive λ: λ = 0 (no penalty) stays on the axis.
     axes.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1e-8)
     ok = ~diverged & np.isfinite(bpds)
-    axes.plot(lams[ok], bpds[ok], "o", color="tab:blue", label="completed")
+    axes.plot(lams[ok], bpds[ok], "o", color="tab:blue", alpha=0.6, label="completed (one point per seed)")
+    means = np.array(lambda_means(points), dtype=np.float64).reshape(-1, 2)
+    axes.plot(means[:, 0], means[:, 1], "_-", color="black", markersize=18, label="mean per λ (completed)")
     seen = np.isfinite(bpds)
     if seen.any():
         low, high = float(bpds[seen].min()), float(bpds[seen].max())
@@ -216,7 +219,7 @@ def draw_lambda(points: list[LambdaPoint], path: Path) -> Path:
     axes.set_ylim(ylim)
     axes.set_xlabel("λ, weight of the log-det penalty (symlog axis; 0 = no penalty)")
     axes.set_ylabel("best held-out bpd (bits/dim)")
-    axes.set_title("λ sweep: best held-out bpd per trial")
+    axes.set_title("λ sweep: best held-out bpd per seed, and the mean per λ")
     axes.grid(alpha=0.3)
     deduplicated_legend(axes, fontsize="small", loc="best")
     return save(figure, path)

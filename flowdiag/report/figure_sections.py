@@ -48,10 +48,10 @@ def layer_maps(runs: list[RunDigest], labels: list[str], cap: int, threshold: fl
     return LayerMaps(chosen, map_scales(maps, threshold, [c.cells() for c in inverse]), inverse)
 
 
-def steps_sections(
+def bpd_section(
     doc: Document, figures: list[Path], runs: list[RunDigest], labels: list[str], out_dir: Path
 ) -> None:
-    """Fig. 4 (bpd) and Fig. 5 (coupling outputs at one step)."""
+    """Fig. 4: training bpd per run."""
     doc.add(Heading("Training bpd (paper Fig. 4)"))
     data = bpd_curves(runs, labels)
     figures.append(draw_bpd(data, out_dir / "bpd.png"))
@@ -68,6 +68,12 @@ def steps_sections(
             "X where it diverged, a bar where it was interrupted, at the step the run file records.",
         )
     )
+
+
+def coupling_section(
+    doc: Document, figures: list[Path], runs: list[RunDigest], labels: list[str], out_dir: Path
+) -> None:
+    """Fig. 5: coupling outputs at one step."""
     peaks = coupling_peaks(runs, labels)
     step = peaks.step
     doc.add(Heading(f"Coupling outputs at step {step} (paper Fig. 5)"))

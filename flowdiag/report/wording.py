@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from flowdiag.report.diagnose import Diagnosis
+from flowdiag.report.runs import NOT_GIVEN
 
 MAX_DRIFTS_LISTED = 3
 
@@ -111,3 +113,73 @@ def onset_place(onset: str) -> str:
     if onset == "loss":
         return "in the loss (every layer output finite)"
     return f"layer {onset}" if onset else "(not recorded)"
+
+
+# --- the ablation's comparisons (`statistics.comparisons`' entries) ---------------------------------
+
+AXIS_NAMES = {"init_batches": "M", "lam": "λ", "batch_size": "batch"}  # as every table heads them
+
+
+def fmt_setting(value: object) -> str:
+    """A setting's value: 0.001 as 0.001, 256 as 256, None as not given."""
+    if value is None:
+        return NOT_GIVEN
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
+def fmt_interval(interval: tuple[float, float] | list[float] | None, digits: int = 2) -> str:
+    """A 95 % interval as "0.61 to 1.00" (a dash would read as a minus); "-" without one."""
+    if interval is None:
+        return "-"
+    low, high = interval
+    return f"{_signed(low, digits)} to {_signed(high, digits)}"
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}".replace("-", "−")  # a real minus sign: "−0.03", not a hyphen
+
+
+def comparison_where(entry: dict[str, Any]) -> str:
+    """The comparison's other settings, in words: "at λ 0.001, batch 1"; "" when there are none."""
+    held = ", ".join(f"{AXIS_NAMES.get(k, k)} {fmt_setting(v)}" for k, v in entry["where"].items())
+    return f"at {held}" if held else ""
+
+
+def comparison_evidence(entry: dict[str, Any]) -> tuple[str, str]:
+    """(counts or paired difference, p-value or 95 % interval) of one comparison, for its table row."""
+    if entry["metric"] == "diverged":
+        (k1, n1), (k2, n2) = entry["from_counts"], entry["to_counts"]
+        return f"diverged {k1}/{n1} → {k2}/{n2}", f"Fisher p = {entry['p_value']:.2g}"
+    if entry["difference"] is None:
+        return "no seed with a bpd in both", "-"
+    seeds = f"{entry['n']} paired seed{'s' * (entry['n'] != 1)}"
+    interval = "no interval" if entry["ci95"] is None else f"95 % CI {fmt_interval(entry['ci95'])}"
+    return f"best held-out bpd {_signed(entry['difference'], 3)}", f"{interval}, {seeds}"
+
+
+def comparison_sentence(entry: dict[str, Any]) -> str:
+    """One comparison with its verdict, e.g. "M 1 → 256 at λ 0.001: diverged 6/6 → 0/6, Fisher p = 0.0022:
+    better."; a verdict that cannot be told says with how few runs.
+
+    >>> comparison_sentence({"axis": "init_batches", "from": 1, "to": 256, "where": {"lam": 0.001},
+    ...     "metric": "diverged", "verdict": "better", "from_counts": [6, 6], "to_counts": [0, 6],
+    ...     "p_value": 0.0021645})
+    'M 1 → 256 at λ 0.001: diverged 6/6 → 0/6, Fisher p = 0.0022: better.'
+    """
+    axis = AXIS_NAMES.get(entry["axis"], entry["axis"])
+    where = comparison_where(entry)
+    head = f"{axis} {fmt_setting(entry['from'])} → {fmt_setting(entry['to'])}" + (
+        f" {where}" if where else ""
+    )
+    what, evidence = comparison_evidence(entry)
+    if entry["metric"] == "best_bpd" and entry["difference"] is None:
+        return f"{head}: best held-out bpd: no seed has one in both cells: {entry['verdict']}."
+    verdict = entry["verdict"]
+    if verdict == "cannot tell":
+        if entry["metric"] == "diverged":
+            verdict = f"cannot tell with {entry['from_counts'][1]} and {entry['to_counts'][1]} runs"
+        else:
+            verdict = f"cannot tell with {entry['n']} seed{'s' * (entry['n'] != 1)}"
+    if entry["metric"] == "diverged":
+        return f"{head}: {what}, {evidence}: {verdict}."
+    return f"{head}: {what} ({evidence}): {verdict}."
