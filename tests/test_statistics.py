@@ -55,17 +55,25 @@ def test_divergence_verdicts_follow_p_and_direction() -> None:
 
 
 def test_paired_bpd_difference_is_scipys_bootstrap_of_the_mean() -> None:
-    before = [5.0, 5.3, 5.1, 5.2]
-    after = [4.8, 5.0, 5.05, 4.9]
+    before = [5.0, 5.3, 5.1, 5.2, 5.15]
+    after = [4.8, 5.0, 5.05, 4.9, 4.95]
     result = paired_difference(before, after)
     differences = np.subtract(after, before)
     expected = stats.bootstrap(
         (differences,), np.mean, confidence_level=0.95, rng=np.random.default_rng(BOOTSTRAP_SEED)
     ).confidence_interval
-    assert result.n == 4 and result.difference == pytest.approx(differences.mean())
+    assert result.n == 5 and result.difference == pytest.approx(differences.mean())
     assert result.ci95 == (pytest.approx(expected.low), pytest.approx(expected.high))
     assert result.ci95[1] < 0 and result.verdict == "better"
     assert paired_difference(after, before).verdict == "worse"
+
+
+def test_fewer_than_five_pairs_report_their_interval_but_cannot_tell() -> None:
+    """Four seeds all better by 0.2-0.3: the interval is scipy's and excludes 0, yet four pairs are
+    too few for a bootstrap to carry a verdict (MIN_PAIRS_FOR_VERDICT)."""
+    few = paired_difference([5.0, 5.3, 5.1, 5.2], [4.8, 5.0, 5.05, 4.9])
+    assert few.n == 4 and few.ci95 is not None and few.ci95[1] < 0
+    assert few.verdict == "cannot tell"
 
 
 def test_a_bpd_difference_that_crosses_zero_or_has_no_pairs_cannot_tell() -> None:

@@ -105,8 +105,10 @@ def draw_grid(cells: list[GridCell], path: Path) -> Path:
         _grid_panel(figure.add_subplot(grid[1, column]), cells, batch, rate=False, bpd_range=bpd_range)
     _rate_bars(figure.add_subplot(grid[2, :]), cells)
     figure.suptitle(
-        "Ablation grid by batch size\ntop: diverged / runs; middle: best held-out bpd (non-diverged runs, "
-        f"colour range at least {MIN_BPD_SPAN:g} bpd)\nbottom: divergence rates with their 95 % intervals"
+        "Ablation grid by batch size\ntop: diverged / runs; middle: best held-out bpd of the runs that\n"
+        f"did not diverge (colour range at least {MIN_BPD_SPAN:g} bpd); bottom: divergence rates with\n"
+        "their Wilson 95 % intervals",
+        fontsize="medium",
     )
     return save(figure, path)
 

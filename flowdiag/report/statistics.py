@@ -26,6 +26,12 @@ Verdict = Literal["better", "worse", "cannot tell"]
 ALPHA = 0.05  # the level of every test and interval here (95 %)
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0  # a fixed stream: the same runs give the same interval in every report
+# Fewest seed pairs whose bootstrap interval may carry a verdict. Resampling n values gives few distinct
+# means (3 for n = 2, 10 for n = 3, 35 for n = 4) and no allowance for the unseen spread, so with fewer
+# pairs the interval is about the range of the differences: "2 of 2 seeds got worse" would read as a
+# result. From 5 pairs (126 distinct means) on, the interval is reported with its verdict; below, the
+# interval is still reported, the verdict is "cannot tell".
+MIN_PAIRS_FOR_VERDICT = 5
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,13 @@ def paired_difference(
 ) -> PairedDifference:
     """Mean of the seed-paired differences to - from (lower bpd is better) and its bootstrap interval.
 
-    "better" only when the whole interval is below 0, "worse" when above, else "cannot tell".
+    "better" only when the whole interval is below 0, "worse" when above, else "cannot tell"; always
+    "cannot tell" with fewer than MIN_PAIRS_FOR_VERDICT pairs.
     >>> paired_difference([5.0, 5.2, 5.1], [None, None, None]).verdict
+    'cannot tell'
+    >>> paired_difference([5.0, 5.2, 5.1, 5.3, 5.0], [4.8, 5.0, 4.95, 5.0, 4.9]).verdict
+    'better'
+    >>> paired_difference([5.0, 5.2], [4.8, 5.0]).verdict  # two seeds both better: not yet a result
     'cannot tell'
     """
     pairs = [(a, b) for a, b in zip(from_values, to_values, strict=True) if a is not None and b is not None]
@@ -111,6 +122,8 @@ def paired_difference(
         return PairedDifference(len(pairs), mean, None, "cannot tell")
     low, high = interval
     verdict: Verdict = "better" if high < 0 else "worse" if low > 0 else "cannot tell"
+    if len(pairs) < MIN_PAIRS_FOR_VERDICT:
+        verdict = "cannot tell"
     return PairedDifference(len(pairs), mean, interval, verdict)
 
 
