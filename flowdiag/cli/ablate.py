@@ -106,8 +106,21 @@ def finished_line(trial: optuna.trial.FrozenTrial) -> str:
         if onset is not None and onset >= 0
         else ""
     )
-    best = attrs.get("best_bpd")
-    return f"{trial_name(trial)}: {status}{where}, best held-out bpd {_fmt(best)}"
+    return (
+        f"{trial_name(trial)}: {status}{where}, best held-out bpd {best_text(status, attrs.get('best_bpd'))}"
+    )
+
+
+def best_text(status: str, best: float | None) -> str:
+    """A best held-out bpd as a result only for a completed run: a diverged run's evaluations before
+    its onset, or a part-trained run's, are labelled as such (the report leaves both out of its cells).
+
+    >>> best_text("completed", 8.2551), best_text("diverged", 4.578), best_text("interrupted", 7.7)
+    ('8.255', '4.578 (before the onset)', '7.7 (part-trained)')
+    """
+    if best is None or status == "completed":
+        return _fmt(best)
+    return f"{_fmt(best)} ({'before the onset' if status == 'diverged' else 'part-trained'})"
 
 
 def trial_name(trial: optuna.Trial | optuna.trial.FrozenTrial) -> str:
@@ -269,7 +282,7 @@ def print_summary(rows: list[CellRow]) -> None:
             row.onset_layer or "-",
             _fmt(row.step2_peak, ".3g"),
             _fmt(row.early_peak, ".3g"),
-            _fmt(row.best_bpd),
+            best_text(row.status, row.best_bpd),
         )
     console.print(table)
     console.print(PEAKS_EXPLAINED)
