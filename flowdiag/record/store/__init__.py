@@ -18,9 +18,10 @@ RunRecord. Writing: `RunWriter`, one row (`append_step`) or a block of rows (`ap
 
 from flowdiag.record.store.inverse_rows import InverseRecord, InverseRow
 from flowdiag.record.store.layout import FORMAT_VERSION, LAYER_KINDS, STATUSES
+from flowdiag.record.store.null_writer import NullWriter
 from flowdiag.record.store.reader import RunRecord, bytes_per_step, is_run_file, read_run, record_of
 from flowdiag.record.store.scan import RunFile, RunHead, StepBlock, open_run, read_evals, read_head
-from flowdiag.record.store.writer import NullWriter, RunWriter
+from flowdiag.record.store.writer import RunWriter
 
 __all__ = [
     "FORMAT_VERSION",
