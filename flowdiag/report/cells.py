@@ -12,6 +12,7 @@ import numpy as np
 from flowdiag.report.digest import RunDigest
 from flowdiag.report.runs import CellKey, best_eval_bpd, is_diverged, run_settings
 from flowdiag.report.study_stats import StudyCell, interval_of, is_counted, study_cells
+from flowdiag.report.wording import fmt_bpd
 from flowdiag.settings.config import placement_fields
 
 # Two runs that differ only in where or how they were done (the placement settings), in λ and in
@@ -29,6 +30,17 @@ class GridCell(NamedTuple):
     # are not its result); NaN when every run diverged or none was evaluated.
     best_bpd: float
     mean_best_bpd: float  # mean over those runs of their best held-out bpd; NaN likewise
+
+    def bpd_text(self, value: float) -> str:
+        """`best_bpd` or `mean_best_bpd` in a table: four decimals, or why there is none.
+
+        >>> cell = GridCell(CellKey(1, 0.001, 1), 6, 6, 1.0, (0.61, 1.0), math.nan, math.nan)
+        >>> cell.bpd_text(cell.best_bpd), cell._replace(n_diverged=0).bpd_text(math.nan)
+        ('all diverged', 'not evaluated')
+        """
+        if math.isfinite(value):
+            return fmt_bpd(value)
+        return "all diverged" if self.n_diverged == self.n_runs else "not evaluated"
 
 
 def grid_cell(cell: StudyCell) -> GridCell:

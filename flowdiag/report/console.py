@@ -10,7 +10,6 @@ from flowdiag.report.build import ReportSummary, headline_counts
 from flowdiag.report.wording import (
     comparison_sentence,
     diagnosis_lines,
-    fmt_bpd,
     fmt_interval,
     fmt_rate,
     fmt_setting,
@@ -53,7 +52,7 @@ def grid_table(summary: ReportSummary) -> Table:
         k = cell.key
         rate = fmt_rate(cell.n_diverged, cell.n_runs)
         m, lam, batch = (fmt_setting(v) for v in (k.init_batches, k.lam, k.batch_size))
-        table.add_row(m, lam, batch, rate, fmt_interval(cell.ci95), fmt_bpd(cell.best_bpd))
+        table.add_row(m, lam, batch, rate, fmt_interval(cell.ci95), cell.bpd_text(cell.best_bpd))
     return table
 
 

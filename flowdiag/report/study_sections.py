@@ -29,7 +29,6 @@ from flowdiag.report.wording import (
     comparison_evidence,
     comparison_sentence,
     comparison_where,
-    fmt_bpd,
     fmt_interval,
     fmt_rate,
     fmt_setting,
@@ -71,8 +70,8 @@ def grid_table(cells: list[GridCell]) -> Table:
             str(c.n_diverged),
             fmt_rate(c.n_diverged, c.n_runs),
             fmt_interval(c.ci95),
-            fmt_bpd(c.best_bpd),
-            fmt_bpd(c.mean_best_bpd),
+            c.bpd_text(c.best_bpd),
+            c.bpd_text(c.mean_best_bpd),
         ]
         for c in cells
     ]
