@@ -140,8 +140,17 @@ def test_importance_ranks_the_axis_that_decides_divergence() -> None:
     found = importance(grid)
     assert found["diverged"]["init_batches"] > found["diverged"]["lam"]
     assert math.isclose(sum(found["diverged"].values()), 1.0)
+    # Every M = 1 run diverged, so only λ varies among the runs with a best bpd: nothing to rank.
+    assert found["best_bpd"] == "cannot tell: among the runs with a value only lam varies"
 
 
 def test_importance_says_when_there_are_too_few_trials() -> None:
-    found = importance([cell({"M": 1}, [True]), cell({"M": 256}, [False])])
-    assert "not enough trials" in found["note"]
+    few = [cell({"M": m, "lam": 0.0}, [m == 1]) for m in (1, 256)]
+    few += [cell({"M": m, "lam": 1e-3}, [m == 1]) for m in (1, 256)]
+    assert "not enough trials" in importance(few)["note"]
+
+
+def test_a_lone_swept_axis_has_no_importance_to_rank() -> None:
+    """fANOVA's normalized importances sum to 1: one axis would read 1.00 whether it matters or not."""
+    found = importance([cell({"M": 1}, [True] * 6), cell({"M": 256}, [False] * 6)])
+    assert "one swept axis (M)" in found["note"] and "diverged" not in found

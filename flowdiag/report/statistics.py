@@ -277,6 +277,11 @@ def importance(cells: Sequence[CellResult]) -> dict[str, Any]:
     or a note saying why there is none. The cells' runs are given to an in-memory study as trials."""
     axes = swept_axes(cells)
     runs = sum(cell.runs for cell in cells)
+    if len(axes) == 1:  # normalized importances sum to 1: a lone axis gets 1 whatever the data say
+        return {
+            "note": f"one swept axis ({axes[0]}): its importance is 1 by construction; the comparisons "
+            "say whether it matters"
+        }
     if not axes or runs < MIN_RUNS_PER_CELL * len(cells):
         return {
             "note": f"not enough trials: {runs} runs over {len(cells)} cell(s) and {len(axes)} swept "
@@ -308,6 +313,9 @@ def _importance_of(cells: Sequence[CellResult], axes: list[str], metric: str) ->
     finite = [t.value for t in study.trials if t.value is not None and math.isfinite(t.value)]
     if len(finite) < MIN_RUNS_PER_CELL * len(cells) or len(set(finite)) < 2:
         return f"cannot tell: {len(finite)} run(s) with a value, {len(set(finite))} distinct"
+    varying = [axis for axis in axes if len({repr(t.params[axis]) for t in study.trials}) > 1]
+    if len(varying) < 2:  # e.g. every M = 1 run diverged: only λ varies among the best bpds, and gets 1
+        return f"cannot tell: among the runs with a value only {', '.join(varying) or 'no axis'} varies"
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     found = optuna.importance.get_param_importances(study, evaluator=evaluator, normalize=True)
     return {axis: float(found.get(axis, 0.0)) for axis in axes}
