@@ -1,7 +1,8 @@
 """A y0ast-style Glow on the 8x8 digits, trained by PyTorch Lightning and recorded by flowdiag in one line.
 
-Run time here (one CPU core): about 28 s (300 optimizer steps of 2 x 4 images); --tiny about 7 s, most of it
-importing Lightning (6 steps of a smaller Glow: the test suite runs this).
+Run time here (one CPU core): 18 s idle, about 28 s with other work running (300 optimizer steps of
+2 x 4 images); --tiny about 7 s, most of it importing Lightning (6 steps of a smaller Glow: the test
+suite runs this).
 
     python examples/lightning_glow.py
     python examples/lightning_glow.py --resume runs/lightning-glow/checkpoints/last.ckpt --steps 400

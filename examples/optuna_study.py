@@ -1,7 +1,8 @@
 """Your own Optuna study of a flow, with flowdiag pruning the trials whose flow goes unstable.
 
-Run time here (one CPU core): about 20 s (6 trials of up to 150 steps); --tiny about 7 s, most of it
-imports and the study's creation (2 trials of 12 steps: the test suite runs this).
+Run time here (one CPU core): 10 s idle, about 20 s with other work running (6 trials of up to 150
+steps); --tiny about 7 s, most of it imports and the study's creation (2 trials of 12 steps: the test
+suite runs this).
 
     python examples/optuna_study.py
     flowdiag report runs/optuna-study       # every trial's run file
