@@ -20,6 +20,7 @@ from flowdiag.record.store.layout import (
     _STRING,
     _WALL_TIME,
     FORMAT_VERSION,
+    LAYER_KINDS,
     _check_run,
     _create_text,
     _growing,
@@ -127,3 +128,21 @@ def _put_in_place(partial: Path, path: Path, overwrite: bool) -> None:
     except OSError:  # a file system without hard links: claim the name, then put the file there
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         os.replace(partial, path)
+
+
+def check_settings(
+    names: list[str], kinds: list[str], pixels: list[int], flush_every: int, flush_seconds: float
+) -> None:
+    """A writer's layers and flush settings, checked before a file exists (ValueError)."""
+    if flush_every < 1:
+        raise ValueError(f"flush_every must be at least 1, got {flush_every}")
+    if not flush_seconds > 0:
+        raise ValueError(f"flush_seconds must be positive, got {flush_seconds}")
+    if not names or len(names) != len(kinds) or len(pixels) != len(names):
+        raise ValueError(
+            f"need one kind and one h·w per layer and at least one layer; got {len(names)} names, "
+            f"{len(kinds)} kinds, {len(pixels)} h·w"
+        )
+    unknown = sorted(set(kinds) - set(LAYER_KINDS))
+    if unknown:
+        raise ValueError(f"unknown layer kinds {unknown}; expected one of {LAYER_KINDS}")

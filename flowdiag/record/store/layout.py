@@ -160,6 +160,20 @@ def _reserve(path: Path, nbytes: int) -> None:
         os.close(fd)
 
 
+def flush_room(n_layers: int, n_rows: int, n_evals: int, n_inverse: int, init: bool) -> int:
+    """Bytes a flush may add to the file: its rows and whatever new chunks they start, at most (what
+    `_reserve` claims first). Attributes alone are rewritten in place: 0."""
+    if not (n_rows or n_evals or n_inverse or init):
+        return 0
+    step_row = 8 * 8 + 4 + n_layers * 10  # per _STEP_DATASETS' types (`bytes_per_step`)
+    inverse_row = 8 * 3 + n_layers * 5 + 16 * n_layers
+    room = (n_rows + 2 * _CHUNK_ROWS) * step_row if n_rows else 0
+    room += (n_evals + 2 * _CHUNK_ROWS) * 16 if n_evals else 0
+    room += (n_inverse + 2 * _CHUNK_ROWS) * inverse_row if n_inverse else 0
+    room += 256 * (n_layers + 1) if init else 0
+    return room + _RESERVE_MARGIN
+
+
 def _flush_file(f: h5py.File) -> None:
     """Have HDF5 write out everything written so far (data, chunk index, file end): what the counts
     then say is on disk."""

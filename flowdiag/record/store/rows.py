@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from flowdiag.record.store.layout import _FORWARDS, _LAYER_ARRAYS, _SCALARS, _WALL_TIME
 
@@ -75,6 +76,32 @@ class StepRows:
             rows.layers[name] = values.astype(dtype, copy=False)
         return rows
 
+    @classmethod
+    def given(
+        cls,
+        step: ArrayLike,
+        n_layers: int,
+        clock: float,
+        scalars: dict[str, ArrayLike],
+        per_layer: dict[str, ArrayLike | None],
+        forwards: ArrayLike | None,
+        wall_time: ArrayLike | None,
+    ) -> StepRows:
+        """A block as a caller gives it (`RunWriter.append_steps`), every array checked against its
+        shape: per-step (n,), per-layer (n, N); `ran` default all, `forwards` 1, `wall_time` `clock`."""
+        steps = np.asarray(step, dtype=np.int64)
+        n = len(steps)
+        values = np.column_stack([shaped(name, scalars[name], (n,)) for name in _SCALARS])
+        times = np.full(n, clock) if wall_time is None else shaped("wall_time", wall_time, (n,))
+        counts = np.ones(n, np.int32) if forwards is None else shaped("forwards", forwards, (n,))
+        ran = per_layer.get("ran")
+        layers = {
+            name: shaped(name, per_layer[name], (n, n_layers)) for name in ("max_abs", "logdet", "nonfinite")
+        }
+        layers["nonfinite"] = layers["nonfinite"].astype(bool, copy=False)
+        layers["ran"] = np.ones((n, n_layers), bool) if ran is None else shaped("ran", ran, (n, n_layers))
+        return cls.of_block(steps, times, counts, values, layers)
+
     def blocks(self) -> Iterator[tuple[str, np.ndarray]]:
         """(dataset, rows) for each step dataset, "steps/step" last: a reader counts complete rows."""
         n = self.n
@@ -92,6 +119,14 @@ class StepRows:
             _grown(a, rows) for a in (self.step, self.wall_time, self.forwards, self.scalars)
         )
         self.layers = {name: _grown(block, rows) for name, block in self.layers.items()}
+
+
+def shaped(name: str, values: ArrayLike | None, shape: tuple[int, ...]) -> np.ndarray:
+    """`values` as an array of `shape`; ValueError naming the array otherwise."""
+    array = np.asarray(values)
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}; expected {shape}, the block's rows (and layers)")
+    return array
 
 
 def _grown(block: np.ndarray, rows: int) -> np.ndarray:

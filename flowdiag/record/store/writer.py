@@ -14,18 +14,12 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from flowdiag.record.store import inverse_rows
-from flowdiag.record.store.create import RunHeader, create_run_file
+from flowdiag.record.store.create import RunHeader, check_settings, create_run_file
+from flowdiag.record.store.init_group import init_entries, replace_init
 from flowdiag.record.store.layout import (
-    _CHUNK_ROWS,
     _COMMITTED,
     _EVAL_DATASETS,
-    _INIT_FLOATS,
-    _INIT_INTS,
-    _RESERVE_MARGIN,
-    _STRING,
     _WALL_TIME,
-    EVALS,
-    LAYER_KINDS,
     PHASES,
     STATUSES,
     STEPS,
@@ -34,17 +28,16 @@ from flowdiag.record.store.layout import (
     _check_run,
     _complete_rows,
     _flush_file,
-    _init_entries,
     _open_for_append,
     _reserve,
     _rows_through,
     _step_datasets,
-    _strings,
-    _text,
     _unreadable,
     _update,
+    flush_room,
 )
 from flowdiag.record.store.onset_check import FlagWatch
+from flowdiag.record.store.resume_point import resume_point
 from flowdiag.record.store.rows import StepRows
 from flowdiag.runtime.errors import UserError, write_error
 
@@ -99,7 +92,7 @@ class RunWriter:
         path = Path(path)
         names, kinds = list(layer_names), list(layer_kinds)
         pixels = [-1] * len(names) if layer_pixels is None else [int(p) for p in layer_pixels]
-        _check_settings(names, kinds, pixels, flush_every, flush_seconds)  # before a file exists
+        check_settings(names, kinds, pixels, flush_every, flush_seconds)  # before a file exists
         started = time.time() if start_time is None else float(start_time)
         header = RunHeader(config_json, version, names, kinds, pixels, total_steps, started)
         create_run_file(path, header, overwrite=overwrite)
@@ -123,7 +116,7 @@ class RunWriter:
                         f"{path} was written by an older flowdiag (format 1) and cannot be resumed: "
                         "start the run afresh in another --out"
                     )
-                found = _on_disk(f)
+                found = resume_point(f)
                 if total_steps is not None:
                     _update(f, "total_steps", int(total_steps))
         except (OSError, RuntimeError, KeyError, ValueError):
@@ -241,23 +234,13 @@ class RunWriter:
         """Write a block of n rows at once, after anything buffered: per-step arrays (n,), per-layer
         arrays (n, N); `ran` default all, `forwards` default 1, `wall_time` (seconds since the run
         started) default the writer's clock. One open of the file for the whole block."""
-        steps = np.asarray(step, dtype=np.int64)
-        rows = len(steps)
-        given = {"loss": loss, "bpd": bpd, "penalty": penalty, "grad_norm": grad_norm, "lr": lr}
-        scalars = np.column_stack([_shaped(name, v, (rows,)) for name, v in given.items()])
         clock = self._clock_offset + _monotonic() - self._started
-        times = np.full(rows, clock) if wall_time is None else _shaped("wall_time", wall_time, (rows,))
-        counts = np.ones(rows, np.int32) if forwards is None else _shaped("forwards", forwards, (rows,))
-        shape = (rows, len(self.layer_names))
-        per_layer = {
-            "max_abs": _shaped("max_abs", max_abs, shape),
-            "logdet": _shaped("logdet", logdet, shape),
-            "nonfinite": _shaped("nonfinite", nonfinite, shape).astype(bool, copy=False),
-            "ran": np.ones(shape, bool) if ran is None else _shaped("ran", ran, shape),
-        }
+        scalars = {"loss": loss, "bpd": bpd, "penalty": penalty, "grad_norm": grad_norm, "lr": lr}
+        per_layer = {"max_abs": max_abs, "logdet": logdet, "nonfinite": nonfinite, "ran": ran}
+        rows = StepRows.given(step, len(self.layer_names), clock, scalars, per_layer, forwards, wall_time)
         self.flush()
-        self._flags.see(steps, per_layer["nonfinite"])
-        self._flush(StepRows.of_block(steps, times, counts, scalars, per_layer))
+        self._flags.see(rows.step, rows.layers["nonfinite"])
+        self._flush(rows)
 
     def append_eval(self, step: int, bpd: float) -> None:
         """Buffer one held-out evaluation; it reaches the file with the next flush of the steps."""
@@ -281,19 +264,7 @@ class RunWriter:
         pixels: ArrayLike | None = None,
     ) -> None:
         """Record the ActNorm init statistics (one entry per ActNorm), written at once."""
-        init: dict[str, Any] = {"name": [str(n) for n in names]}
-        for key, values in zip(_INIT_FLOATS, (log_scale_min, log_scale_max, min_input_var), strict=True):
-            init[key] = np.asarray(values, dtype=np.float64)
-        init["n_values"] = np.asarray(n_values, dtype=np.int64)
-        init["pixels"] = np.asarray(
-            np.full(len(init["name"]), -1) if pixels is None else pixels, dtype=np.int64
-        )
-        for key, values in init.items():
-            if len(values) != len(init["name"]) or (key != "name" and values.ndim != 1):
-                raise ValueError(
-                    f"init {key} has {len(values)} entries; expected {len(init['name'])}, one per name"
-                )
-        self._init = init
+        self._init = init_entries(names, log_scale_min, log_scale_max, min_input_var, n_values, pixels)
         self.flush()
 
     def set_status(self, status: str, *, onset_step: int = -1, onset_layer: str = "") -> None:
@@ -362,17 +333,9 @@ class RunWriter:
             return self._last_disk_step
 
     def _room(self, n_rows: int) -> int:
-        """Bytes a flush may add to the file: its rows and whatever new chunks they start, at most."""
-        if not (n_rows or self._evals or self._inverse or self._init is not None):
-            return 0  # attributes alone are rewritten in place
-        n = len(self.layer_names)
-        step_row = 8 * 8 + 4 + n * 10  # per _STEP_DATASETS' types (`bytes_per_step`)
-        inverse_row = 8 * 3 + n * 5 + 16 * n
-        room = (n_rows + 2 * _CHUNK_ROWS) * step_row if n_rows else 0
-        room += (len(self._evals) + 2 * _CHUNK_ROWS) * 16 if self._evals else 0
-        room += (len(self._inverse) + 2 * _CHUNK_ROWS) * inverse_row if self._inverse else 0
-        room += 256 * (n + 1) if self._init is not None else 0
-        return room + _RESERVE_MARGIN
+        """Bytes a flush may add to the file (`flush_room`)."""
+        init = self._init is not None
+        return flush_room(len(self.layer_names), n_rows, len(self._evals), len(self._inverse), init)
 
     def flush(self) -> None:
         """Write everything buffered (rows, evaluations, init, status) in one open of the file."""
@@ -394,7 +357,8 @@ class RunWriter:
             if self._inverse:
                 inverse_rows.append(f, self._n_inverse_disk, self._inverse)
             if self._init is not None:
-                self._replace_init(f, self._init)
+                counts = [self._n_disk, self._n_evals_disk, self._n_inverse_disk]
+                replace_init(f, self._init, counts)
             if n or self._evals or self._inverse or self._init is not None:
                 _flush_file(f)  # what was written, its index and the file's end on disk before it counts
                 n_init = len(self._init["name"]) if self._init is not None else self._n_init_disk
@@ -413,19 +377,6 @@ class RunWriter:
         rows.n, self._evals, self._init, self._attrs_dirty = 0, [], None, False
         self._inverse = []
         self._last_flush = _monotonic()
-
-    def _replace_init(self, f: h5py.File, init: dict[str, Any]) -> None:
-        # The group was made with the file, so the root's links never change after it; an init
-        # written before stops counting before its datasets go.
-        group = f.require_group("init")
-        if len(group):
-            _update(f, _COMMITTED, [self._n_disk, self._n_evals_disk, self._n_inverse_disk, 0])
-            _flush_file(f)
-            for key in list(group):
-                del group[key]
-        group.create_dataset("name", data=init["name"], dtype=_STRING)
-        for key in (*_INIT_FLOATS, *_INIT_INTS):
-            group.create_dataset(key, data=init[key])
 
     def _write_attrs(self, f: h5py.File) -> None:
         if self._phase is not None:
@@ -485,51 +436,3 @@ class RunWriter:
             return
         # A run that dies with an exception while still "running" must not look alive in the file.
         self._close("failed" if self._status == "running" else None)
-
-
-def _check_settings(
-    names: list[str], kinds: list[str], pixels: list[int], flush_every: int, flush_seconds: float
-) -> None:
-    if flush_every < 1:
-        raise ValueError(f"flush_every must be at least 1, got {flush_every}")
-    if not flush_seconds > 0:
-        raise ValueError(f"flush_seconds must be positive, got {flush_seconds}")
-    if not names or len(names) != len(kinds) or len(pixels) != len(names):
-        raise ValueError(
-            f"need one kind and one h·w per layer and at least one layer; got {len(names)} names, "
-            f"{len(kinds)} kinds, {len(pixels)} h·w"
-        )
-    unknown = sorted(set(kinds) - set(LAYER_KINDS))
-    if unknown:
-        raise ValueError(f"unknown layer kinds {unknown}; expected one of {LAYER_KINDS}")
-
-
-def _on_disk(f: h5py.File) -> dict[str, Any]:
-    """What a resumed writer continues from: the layers, the counts, the status and the clock."""
-    names = _strings(f["layers/name"])
-    n_steps = _complete_rows(f, _step_datasets(f), STEPS)
-    return {
-        "names": names,
-        "n_steps": n_steps,
-        "n_evals": _complete_rows(f, _EVAL_DATASETS, EVALS),
-        "n_inverse": inverse_rows.rows_on_disk(f),
-        "n_init": _init_entries(f),
-        "inverse_onset": (
-            int(f.attrs.get("reverse_onset_step", -1)),
-            _text(f.attrs.get("reverse_onset_layer", "")),
-        ),
-        "status": (
-            _text(f.attrs["status"]),
-            int(f.attrs["nan_onset_step"]),
-            _text(f.attrs["nan_onset_layer"]),
-        ),
-        "clock": float(f[_WALL_TIME][n_steps - 1]) if n_steps else 0.0,
-        "last_step": int(f["steps/step"][n_steps - 1]) if n_steps else 0,
-    }
-
-
-def _shaped(name: str, values: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
-    array = np.asarray(values)
-    if array.shape != shape:
-        raise ValueError(f"{name} has shape {array.shape}; expected {shape}, the block's rows (and layers)")
-    return array
